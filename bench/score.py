@@ -1,0 +1,74 @@
+"""A neutral quality scorer, independent of the optimizer's loss code.
+
+It uses the Caffe VGG-19 network (the network only: its own Gram and MSE below), and reports
+
+* style_ratio: mean over relu1_1..relu5_1 of MSE(G(output), G(style)) / MSE(G(content), G(style)),
+  with G = F F^T / (C*H*W) computed at each image's own size (0 = the style's statistics, 1 = no
+  better than the content image);
+* content_ratio: MSE(relu4_2(output), relu4_2(content)) / MSE(relu4_2(style resized to the content's
+  shape), relu4_2(content)) (0 = the content's features, about 1 = no closer than the style image).
+
+The output is compared with the content resized to the output's size; the style is scored at its
+file's size capped to the same longer side as the output, so runs at different sizes compare fairly.
+Usage: python bench/score.py OUTPUT CONTENT STYLE
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from nsf.image import load_image, pil_to_tensor, target_size
+from nsf.vgg import FeatureExtractor, freeze
+from nsf.weights import Normalize, load_weights
+
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+CONTENT_LAYER = "relu4_2"
+
+
+class Scorer:
+    def __init__(self, device: str = "cpu"):
+        w = load_weights("caffe")
+        self.net = FeatureExtractor(Normalize(w.preprocessing), freeze(w.features), (*STYLE_LAYERS, CONTENT_LAYER))
+        self.net.to(device)
+        self.device = device
+
+    @staticmethod
+    def _gram(f: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = f.shape
+        m = f[0].reshape(c, h * w).double()
+        return m @ m.T / (c * h * w)
+
+    def _load(self, src, hw=None, long_side=None) -> torch.Tensor:
+        t = pil_to_tensor(load_image(src)) if not isinstance(src, torch.Tensor) else src
+        if long_side is not None and max(t.shape[-2:]) > long_side:
+            hw = target_size(t.shape[-2], t.shape[-1], long_side)
+        if hw is not None and tuple(t.shape[-2:]) != tuple(hw):
+            t = F.interpolate(t, size=hw, mode="bilinear", antialias=True, align_corners=False)
+        return t.to(self.device)
+
+    @torch.no_grad()
+    def score(self, output, content, style) -> dict[str, float]:
+        out = self._load(output)
+        hw = tuple(out.shape[-2:])
+        con = self._load(content, hw)
+        sty = self._load(style, long_side=max(hw))
+        sty_as_content = self._load(style, hw)
+        fo, fc, fs, fsc = (self.net(t) for t in (out, con, sty, sty_as_content))
+        ratios = []
+        for n in STYLE_LAYERS:
+            go, gc, gs = self._gram(fo[n]), self._gram(fc[n]), self._gram(fs[n])
+            ratios.append(float(F.mse_loss(go, gs) / F.mse_loss(gc, gs)))
+        c_out = F.mse_loss(fo[CONTENT_LAYER].double(), fc[CONTENT_LAYER].double())
+        c_ref = F.mse_loss(fsc[CONTENT_LAYER].double(), fc[CONTENT_LAYER].double())
+        return {"style_ratio": sum(ratios) / len(ratios), "content_ratio": float(c_out / c_ref),
+                **{f"style_{n}": r for n, r in zip(STYLE_LAYERS, ratios)}}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        sys.exit(__doc__)
+    s = Scorer().score(*sys.argv[1:4])
+    print(" ".join(f"{k}={v:.4f}" for k, v in s.items()))

@@ -1,0 +1,198 @@
+"""Every option of a style transfer run, with its one default, and the named presets.
+
+The CLI builds its flags from these fields and the TorchServe handler reads the same
+class: a default is written here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .losses import GRAM_NORMS
+from .vgg import validate_layers
+
+OPTIMIZERS = ("lbfgs", "adam")
+INITS = ("content", "noise")
+RESIZES = ("long_side", "square")
+
+# Hard bounds that keep a typo from allocating the machine away; the handler sets tighter ones.
+MAX_STEPS = 100_000
+MAX_SIZE = 8192
+MAX_WEIGHT = 1e12
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        raise TypeError("use immutable defaults")
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class StyleConfig:
+    """Options of one style transfer run. Build with :func:`make_config` to validate."""
+
+    size: int = _opt(512, "output size in pixels: the longer side (the content's aspect ratio is kept)")
+    steps: int = _opt(300, "optimizer steps in all, summed over the scales of the coarse-to-fine schedule")
+    content_weight: float = _opt(1.0, "weight of the content loss (MSE of content-layer features)")
+    style_weight: float = _opt(1.0, "weight of the style loss (MSE of Gram matrices)")
+    tv_weight: float = _opt(0.0, "weight of the total-variation smoothness loss")
+    content_layers: tuple[str, ...] = _opt(("relu4_2",), "VGG-19 layers matched to the content")
+    content_layer_weights: tuple[float, ...] | None = _opt(None, "per content layer weights (default: 1 each)")
+    style_layers: tuple[str, ...] = _opt(("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
+                                         "VGG-19 layers whose Gram matrices are matched to the style")
+    style_layer_weights: tuple[float, ...] | None = _opt(None, "per style layer weights (default: 1 each)")
+    normalize_losses: bool = _opt(True, "divide each layer's loss by its value at the content image, so every layer "
+                                  "counts alike and the weights mean the same for any image")
+    gram_norm: str = _opt("chw", f"Gram normalization: {' or '.join(GRAM_NORMS)} (F F^T / (C*H*W), or plain)")
+    optimizer: str = _opt("lbfgs", f"optimizer: {' or '.join(OPTIMIZERS)}")
+    lr: float = _opt(1.0, "learning rate (L-BFGS step length, or Adam's lr on [0, 1] pixels)")
+    init: str = _opt("content", f"start image: {' or '.join(INITS)} or the path of an image")
+    style_blend_weights: tuple[float, ...] | None = _opt(None, "blend weights of several styles (default: equal)")
+    style_scale: float = _opt(1.0, "style image size relative to the output size")
+    preserve_color: bool = _opt(False, "keep the content's colours: transfer luminance only")
+    seed: int = _opt(0, "random seed: the same seed on the same device gives the same image")
+    scales: tuple[float, ...] = _opt((0.25, 0.5, 1.0), "coarse-to-fine schedule: sizes relative to size, ascending")
+    scale_steps: tuple[float, ...] = _opt((0.6, 0.3, 0.1), "share of the steps spent at each scale")
+    tol: float = _opt(1e-4, "stop a scale early when the loss improved by less than this fraction "
+                      "over the last `patience` steps (0 disables)")
+    patience: int = _opt(20, "window, in steps, of the early-stop test")
+    resize: str = _opt("long_side", f"how the content is resized: {' or '.join(RESIZES)} (square squashes to size x size)")
+    max_pixels: int = _opt(50_000_000, "refuse input images with more pixels than this before decoding them")
+
+    def replace(self, **changes: Any) -> StyleConfig:
+        """A validated copy with ``changes`` applied."""
+        return make_config(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(StyleConfig))
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    bad = not math.isfinite(value) or value > hi or (value <= lo if lo_open else value < lo)
+    if bad:
+        low = f"> {lo}" if lo_open else f">= {lo}"
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {low} and <= {hi:g}")
+
+
+def _as_tuple(name: str, value: Any, kind: type) -> tuple | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        value = (value,) if kind is float or isinstance(value, str) else value
+    try:
+        return tuple(kind(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}={value!r} must be a sequence of {kind.__name__}") from e
+
+
+def validate(cfg: StyleConfig) -> StyleConfig:
+    """Check every option; raise ``ValueError`` naming the bad value and what is allowed."""
+    for name in ("size", "steps", "patience", "max_pixels", "seed"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name}={v!r} must be an integer")
+    _check_range("size", cfg.size, 16, MAX_SIZE)
+    _check_range("steps", cfg.steps, 1, MAX_STEPS)
+    _check_range("patience", cfg.patience, 1, MAX_STEPS)
+    _check_range("max_pixels", cfg.max_pixels, 256, 2**40)
+    _check_range("seed", cfg.seed, 0, 2**63 - 1)
+    for name in ("content_weight", "style_weight", "tv_weight"):
+        _check_range(name, float(getattr(cfg, name)), 0.0, MAX_WEIGHT)
+    if cfg.content_weight == 0 and cfg.style_weight == 0:
+        raise ValueError("content_weight and style_weight are both 0: nothing to optimize; allowed: either > 0")
+    _check_range("lr", float(cfg.lr), 0.0, 1e6, lo_open=True)
+    _check_range("style_scale", float(cfg.style_scale), 0.0, 16.0, lo_open=True)
+    _check_range("tol", float(cfg.tol), 0.0, 1.0)
+    validate_layers(cfg.content_layers, "content layer")
+    validate_layers(cfg.style_layers, "style layer")
+    for layers, weights, what in ((cfg.content_layers, cfg.content_layer_weights, "content_layer_weights"),
+                                  (cfg.style_layers, cfg.style_layer_weights, "style_layer_weights")):
+        if weights is not None:
+            if len(weights) != len(layers):
+                raise ValueError(f"{what} has {len(weights)} values for {len(layers)} layers; give one per layer")
+            for w in weights:
+                _check_range(what, float(w), 0.0, MAX_WEIGHT)
+    if cfg.style_blend_weights is not None:
+        for w in cfg.style_blend_weights:
+            _check_range("style_blend_weights", float(w), 0.0, MAX_WEIGHT)
+        if sum(cfg.style_blend_weights) <= 0:
+            raise ValueError("style_blend_weights sum to 0; allowed: non-negative values with a positive sum")
+    for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("gram_norm", cfg.gram_norm, GRAM_NORMS),
+                                 ("resize", cfg.resize, RESIZES)):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+    if not isinstance(cfg.init, str) or not cfg.init:
+        raise ValueError(f"init={cfg.init!r}; allowed: {', '.join(INITS)} or an image path")
+    if not cfg.scales or list(cfg.scales) != sorted(cfg.scales) or cfg.scales[-1] != 1.0 or cfg.scales[0] <= 0:
+        raise ValueError(f"scales={cfg.scales!r}; allowed: ascending fractions in (0, 1] ending with 1.0")
+    if len(cfg.scale_steps) != len(cfg.scales) or any(s < 0 for s in cfg.scale_steps) or sum(cfg.scale_steps) <= 0:
+        raise ValueError(f"scale_steps={cfg.scale_steps!r}; allowed: one non-negative share per scale "
+                         f"({len(cfg.scales)} here) with a positive sum")
+    return cfg
+
+
+_TUPLE_FIELDS = {"content_layers": str, "style_layers": str, "content_layer_weights": float,
+                 "style_layer_weights": float, "style_blend_weights": float, "scales": float, "scale_steps": float}
+
+
+def make_config(base: StyleConfig | str | None = None, **overrides: Any) -> StyleConfig:
+    """A validated config: ``base`` (a preset name or a config) with ``overrides`` applied.
+
+    Unknown option names raise ``ValueError`` listing the valid ones. Layers may be given
+    as a mapping ``{"relu1_1": 0.5, ...}`` to set names and weights together.
+    """
+    if base is None:
+        base = PRESETS["default"]
+    elif isinstance(base, str):
+        base = preset(base)
+    unknown = sorted(set(overrides) - set(FIELD_NAMES))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(FIELD_NAMES)}")
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in ("content_layers", "style_layers") and isinstance(value, Mapping):
+            changes[key] = tuple(str(k) for k in value)
+            changes[key[:-1] + "_weights"] = tuple(float(v) for v in value.values())
+            continue
+        if key in _TUPLE_FIELDS:
+            value = _as_tuple(key, value, _TUPLE_FIELDS[key])
+        changes[key] = value
+    for key in ("content_layers", "style_layers"):
+        # new layers without new weights: drop weights that belonged to the old layers
+        if key in changes and key[:-1] + "_weights" not in changes:
+            changes[key[:-1] + "_weights"] = None
+    return validate(dataclasses.replace(base, **changes))
+
+
+_SEED_STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+PRESETS: dict[str, StyleConfig] = {
+    "default": StyleConfig(),
+    # Reproduces the notebook this project grew from. It asked for conv1_1..conv5_1 and conv4_2,
+    # but torchvision's in-place ReLU overwrote the stored conv outputs, so what it used were
+    # relu1_1..relu5_1 and relu4_2: we name those.
+    "seed": StyleConfig(
+        size=400, resize="square", steps=2000, optimizer="adam", lr=0.02,
+        content_weight=100.0, style_weight=40.0, tv_weight=0.0,
+        content_layers=("relu4_2",), style_layers=_SEED_STYLE,
+        style_layer_weights=(0.85, 0.56, 0.11, 0.15, 0.2), gram_norm="none", normalize_losses=False,
+        scales=(1.0,), scale_steps=(1.0,), tol=0.0,
+    ),
+    "fast": StyleConfig(size=256, steps=150),
+    "quality": StyleConfig(steps=600, scales=(0.25, 0.5, 1.0), scale_steps=(0.5, 0.3, 0.2), tol=1e-5),
+}
+
+
+def preset(name: str) -> StyleConfig:
+    """The named preset; ``ValueError`` lists the names for an unknown one."""
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}") from None

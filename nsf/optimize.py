@@ -1,0 +1,223 @@
+"""The optimization loop: targets, the per-step objective, coarse-to-fine L-BFGS/Adam.
+
+Pure tensors in, tensors out: no files, no printing, no device choice (everything runs
+on the device of the tensors it is given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import losses
+from .config import StyleConfig
+from .image import MIN_SIDE, resize, target_size
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a progress callback receives after each step."""
+
+    step: int  # 1-based, counted over all scales
+    total: int  # steps planned over all scales (early stopping may end sooner)
+    scale: int  # index into config.scales
+    size: tuple[int, int]  # (H, W) being optimized at this scale
+    loss: float
+    content: float
+    style: float
+    tv: float
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def _layer_weights(layers: Sequence[str], weights: Sequence[float] | None) -> dict[str, float]:
+    return dict(zip(layers, weights if weights is not None else [1.0] * len(layers)))
+
+
+class Objective(nn.Module):
+    """``forward(x) -> (total, parts)``: the loss of a batch ``x`` in [0, 1] and its
+    ``(content, style, tv)`` parts, summed over the batch. This is the function that
+    ``torch.compile`` wraps; AOTAutograd then compiles its backward too.
+    """
+
+    def __init__(self, extractor: nn.Module, cfg: StyleConfig, content: Tensor, style_grams: dict[str, Tensor],
+                 content_for_norm: Tensor | None = None):
+        super().__init__()
+        self.extractor = extractor
+        self.gram_norm = cfg.gram_norm
+        self.cw, self.sw, self.tvw = float(cfg.content_weight), float(cfg.style_weight), float(cfg.tv_weight)
+        self.content_w = _layer_weights(cfg.content_layers, cfg.content_layer_weights)
+        self.style_w = _layer_weights(cfg.style_layers, cfg.style_layer_weights)
+        with torch.no_grad():
+            feats = extractor(content)
+            self.content_targets = {n: feats[n].detach() for n in self.content_w}
+            self.style_targets = style_grams
+            # Departure from the paper: with normalize_losses each layer's loss is divided by its
+            # value at the content image, so layers count alike and weights transfer across images.
+            self.content_scale: dict[str, Tensor | float] = {n: 1.0 for n in self.content_w}
+            self.style_scale: dict[str, Tensor | float] = {n: 1.0 for n in self.style_w}
+            if cfg.normalize_losses:
+                for n, f in self.content_targets.items():
+                    self.content_scale[n] = 1.0 / f.float().pow(2).flatten(1).mean(1).clamp_min(1e-12)
+                for n, g in style_grams.items():
+                    d = losses.style_loss(feats[n], g, self.gram_norm)
+                    floor = 1e-6 * g.float().pow(2).flatten(1).mean(1)
+                    self.style_scale[n] = 1.0 / torch.maximum(d, floor).clamp_min(1e-20)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.extractor(x)
+        c = sum(w * (losses.content_loss(feats[n], self.content_targets[n]) * self.content_scale[n]).sum()
+                for n, w in self.content_w.items())
+        s = sum(w * (losses.style_loss(feats[n], self.style_targets[n], self.gram_norm) * self.style_scale[n]).sum()
+                for n, w in self.style_w.items())
+        tv = losses.tv_loss(x).sum() if self.tvw > 0 else x.new_zeros(())
+        c, s = self.cw * c, self.sw * s
+        tv = self.tvw * tv
+        return c + s + tv, torch.stack([c, s, tv]).detach()
+
+
+def style_grams(extractor: nn.Module, styles: Sequence[Tensor], blend: Sequence[float], layers: Sequence[str],
+                gram_norm: str) -> dict[str, Tensor]:
+    """Blended target Gram matrices: ``sum_k w_k G(style_k)`` per layer (weights normalized to sum 1).
+
+    Blending the Grams is equivalent to weighting each style's loss for MSE (up to a constant).
+    """
+    total = float(sum(blend))
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for style, w in zip(styles, blend):
+            feats = extractor(style)
+            for n in layers:
+                g = losses.gram(feats[n], gram_norm) * (w / total)
+                out[n] = out[n] + g if n in out else g
+    return out
+
+
+def split_steps(steps: int, shares: Sequence[float]) -> list[int]:
+    """Split ``steps`` over the scales by ``shares``, exactly (largest remainder), at least 1 at the last scale."""
+    total = float(sum(shares))
+    raw = [steps * s / total for s in shares]
+    out = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - out[i], reverse=True)[: steps - sum(out)]:
+        out[i] += 1
+    if out[-1] == 0:
+        donor = max(range(len(out)), key=out.__getitem__)
+        out[donor] -= 1
+        out[-1] += 1
+    return out
+
+
+def schedule(h: int, w: int, cfg: StyleConfig) -> list[tuple[int, tuple[int, int], int]]:
+    """``[(scale index, (H, W), steps)]``: scales too small for VGG fold their steps into the next."""
+    plan: list[tuple[int, tuple[int, int], int]] = []
+    carry = 0
+    for i, (scale, n) in enumerate(zip(cfg.scales, split_steps(cfg.steps, cfg.scale_steps))):
+        hw = target_size(h, w, max(1, round(cfg.size * scale)), cfg.resize)
+        if i < len(cfg.scales) - 1 and min(hw) < 4 * MIN_SIDE:
+            carry += n
+            continue
+        if n + carry > 0:
+            plan.append((i, hw, n + carry))
+        carry = 0
+    return plan
+
+
+def run(extractor: nn.Module, content: Tensor, styles: Sequence[Tensor], cfg: StyleConfig, *,
+        init: Tensor | None = None, callback: ProgressCallback | None = None,
+        compile_fn: Callable[[nn.Module], Callable] | None = None,
+        generator: torch.Generator | None = None) -> Tensor:
+    """Optimize pixels so their features match ``content`` and their Grams match ``styles``.
+
+    Args:
+        extractor: maps ``(B, 3, H, W)`` [0, 1] images to ``{layer: features}``; frozen.
+        content: ``(B, 3, H, W)`` in [0, 1], any size: it is resized per scale.
+        styles: one or more ``(B|1, 3, h, w)`` style batches, blended by ``cfg.style_blend_weights``.
+        init: a start image ``(B|1, 3, h, w)``; else ``cfg.init`` (``content`` or ``noise``).
+        compile_fn: wraps the :class:`Objective` (e.g. ``torch.compile``); ``None`` runs eagerly.
+
+    Returns:
+        ``(B, 3, H, W)`` in [0, 1] at the last scale's size: the best iterate of the last scale.
+    """
+    b, _, h0, w0 = content.shape
+    blend = cfg.style_blend_weights or (1.0,) * len(styles)
+    if len(blend) != len(styles):
+        raise ValueError(f"style_blend_weights has {len(blend)} values for {len(styles)} style images; "
+                         "give one per style")
+    plan = schedule(h0, w0, cfg)
+    total = sum(n for _, _, n in plan)
+    step = 0
+    x: Tensor | None = None
+    for scale_index, hw, n_steps in plan:
+        c = resize(content, hw)
+        style_long = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
+        sized = [resize(s, target_size(s.shape[-2], s.shape[-1], style_long, cfg.resize)) for s in styles]
+        grams = style_grams(extractor, sized, blend, cfg.style_layers, cfg.gram_norm)
+        objective = Objective(extractor, cfg, c, grams)
+        loss_fn = compile_fn(objective) if compile_fn is not None else objective
+        if x is None:
+            if init is not None:
+                x = resize(init.to(c), hw).expand(b, -1, -1, -1)
+            elif cfg.init == "noise":
+                x = torch.rand(c.shape, generator=generator, dtype=torch.float32).to(c)
+            else:
+                x = c
+        else:
+            x = resize(x, hw)
+        x = x.detach().clone().contiguous().requires_grad_(True)
+        x, step = _optimize_scale(loss_fn, x, cfg, n_steps, step, total, scale_index, callback)
+    if x is None:  # pragma: no cover - schedule() always keeps the last scale
+        raise RuntimeError("empty schedule")
+    return x.detach().clamp(0, 1)
+
+
+def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int, step: int, total: int,
+                    scale_index: int, callback: ProgressCallback | None) -> tuple[Tensor, int]:
+    best_loss, best_x = float("inf"), x.detach().clone()
+    history: list[float] = []
+    last_parts: list[Tensor] = []
+
+    def closure() -> Tensor:
+        nonlocal best_loss, best_x
+        opt.zero_grad(set_to_none=True)
+        loss, parts = loss_fn(x)
+        loss.backward()
+        value = float(loss.detach())
+        if value < best_loss:  # the loss is of x before this step's update: keep that x
+            best_loss, best_x = value, x.detach().clone()
+        last_parts[:] = [parts]
+        history.append(value)
+        return loss
+
+    if cfg.optimizer == "lbfgs":
+        # One L-BFGS iteration per .step() call, so we can report progress and stop early;
+        # the curvature history persists across calls (as in a single long call).
+        opt: torch.optim.Optimizer = torch.optim.LBFGS([x], lr=cfg.lr, max_iter=1, history_size=100,
+                                                       tolerance_grad=0.0, tolerance_change=0.0)
+    else:
+        opt = torch.optim.Adam([x], lr=cfg.lr)
+    for _ in range(n_steps):
+        opt.step(closure)
+        step += 1
+        if callback is not None:
+            c, s, tv = (float(v) for v in last_parts[0])
+            callback(Progress(step, total, scale_index, tuple(x.shape[-2:]), history[-1], c, s, tv))
+        if not all(map(_finite, history[-1:])):
+            break
+        if cfg.tol > 0 and len(history) > cfg.patience:
+            past = history[-1 - cfg.patience]
+            if past - best_loss <= cfg.tol * abs(past):
+                break
+    # the final update was never evaluated; evaluate it so the best iterate includes it
+    # (with grad mode on, as in the steps, so a compiled objective is not recompiled)
+    final = float(loss_fn(x)[0].detach())
+    if final < best_loss:
+        best_x = x.detach().clone()
+    return best_x, step
+
+
+def _finite(v: float) -> bool:
+    return v == v and abs(v) != float("inf")

@@ -1,0 +1,114 @@
+"""VGG-19 feature extraction by layer name (``conv4_2``, ``relu4_2``, ``pool3``...).
+
+The network is torchvision's ``vgg19().features`` layout; the names are computed
+from the modules themselves, so no index is written by hand anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from torchvision.models.vgg import cfgs, make_layers
+
+
+def vgg19_features() -> nn.Sequential:
+    """An untrained VGG-19 ``features`` stack, in torchvision's layout and key names.
+
+    ReLUs are made out-of-place: with torchvision's in-place ReLU a stored ``convX_Y``
+    output would be overwritten by the following ReLU (the seed notebook's bug).
+    """
+    features = make_layers(cfgs["E"], batch_norm=False)
+    for module in features:
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return features
+
+
+def layer_names(features: nn.Sequential) -> list[str]:
+    """Caffe-style names (``conv1_1``, ``relu1_1``, ..., ``pool5``) for each module of ``features``."""
+    names: list[str] = []
+    block, conv = 1, 0
+    for module in features:
+        if isinstance(module, nn.Conv2d):
+            conv += 1
+            names.append(f"conv{block}_{conv}")
+        elif isinstance(module, nn.ReLU):
+            names.append(f"relu{block}_{conv}")
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+            names.append(f"pool{block}")
+            block, conv = block + 1, 0
+        else:
+            raise ValueError(f"unexpected module in VGG features: {module!r}")
+    return names
+
+
+VGG19_LAYERS: tuple[str, ...] = tuple(layer_names(vgg19_features()))
+"""Every layer name of VGG-19's feature stack, in network order."""
+
+CONV_LAYERS: tuple[str, ...] = tuple(n for n in VGG19_LAYERS if n.startswith("conv"))
+
+
+def validate_layers(names: Sequence[str], what: str = "layer") -> None:
+    """Raise ``ValueError`` naming any unknown layer and listing the valid ones."""
+    unknown = [n for n in names if n not in VGG19_LAYERS]
+    if unknown:
+        raise ValueError(
+            f"unknown VGG-19 {what} name(s) {', '.join(map(repr, unknown))}; "
+            f"valid names: {', '.join(VGG19_LAYERS)}"
+        )
+    if not names:
+        raise ValueError(f"at least one {what} name is needed; valid names: {', '.join(VGG19_LAYERS)}")
+
+
+class FeatureExtractor(nn.Module):
+    """Runs ``normalize`` then VGG-19 only up to the deepest requested layer.
+
+    ``forward(images)`` takes RGB images in [0, 1], ``(B, 3, H, W)``, and returns a dict
+    of the requested layers' activations. The truncated stack shares its parameters
+    with the full one: building an extractor copies no weights.
+    """
+
+    def __init__(self, normalize: nn.Module, features: nn.Sequential, layers: Sequence[str]):
+        super().__init__()
+        validate_layers(list(layers))
+        names = layer_names(features)
+        deepest = max(names.index(n) for n in layers)
+        self.normalize = normalize
+        self.body = features[: deepest + 1]
+        self._names = names[: deepest + 1]
+        self.layers = tuple(dict.fromkeys(layers))
+        self._wanted = frozenset(self.layers)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        x = self.normalize(images)
+        out: dict[str, Tensor] = {}
+        for name, module in zip(self._names, self.body):
+            x = module(x)
+            if name in self._wanted:
+                out[name] = x
+        return out
+
+    @property
+    def depth(self) -> int:
+        """How many modules of the VGG stack this extractor runs."""
+        return len(self._names)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode, no parameter gradients: the network is fixed, only the pixels move."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+__all__ = [
+    "CONV_LAYERS",
+    "FeatureExtractor",
+    "VGG19_LAYERS",
+    "freeze",
+    "layer_names",
+    "validate_layers",
+    "vgg19_features",
+]
