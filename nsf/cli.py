@@ -1,0 +1,155 @@
+"""Command line: ``nsf stylize``, ``nsf demo`` (``python -m nsf`` works the same).
+
+Every option flag is generated from :class:`nsf.StyleConfig`: defaults and help live there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, StyleConfig
+from .version import __version__
+
+DEMO_CONTENT = "astronaut.jpg"
+DEMO_STYLE = "starry_night.jpg"
+_DEFAULTS = StyleConfig()
+
+
+def _parse_list(kind: type) -> Any:
+    def parse(text: str) -> tuple:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            return tuple(kind(t) for t in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+    return parse
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("options (defaults are the default preset's; --preset changes them)")
+    hints = typing.get_type_hints(StyleConfig)
+    for f in dataclasses.fields(StyleConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(_DEFAULTS, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f.metadata["help"] if default is None else f"{f.metadata['help']} (default: {shown})"
+        help_text = help_text.replace("%", "%%")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif hint in (int, float, str):
+            group.add_argument(flag, type=hint, default=None, metavar=f.name.upper(), help=help_text)
+        else:  # tuple[str, ...] / tuple[float, ...] | None
+            inner = typing.get_args(args[0])[0] if type(None) in args else args[0]
+            group.add_argument(flag, type=_parse_list(inner), default=None, metavar="A,B,...", help=help_text)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named option set")
+    parser.add_argument("--weights", default="caffe", help="caffe (default), torchvision, or a state-dict path")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
+    parser.add_argument("--compile", default="auto",
+                        help="auto (CUDA only), true, false, or a torch.compile mode (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nsf", description="Neural Style Fusion: neural style transfer "
+                                     "(Gatys et al.) with VGG-19, on CPU or GPU.")
+    parser.add_argument("--version", action="version", version=f"nsf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("stylize", help="stylize CONTENT with one or more STYLE images")
+    p.add_argument("content", help="content image")
+    p.add_argument("styles", nargs="+", metavar="style", help="style image(s); blend with --style-blend-weights")
+    p.add_argument("-o", "--output", required=True, help="output image (.png carries provenance metadata)")
+    p.add_argument("--init-image", default=None, help="start from this image (overrides --init)")
+    _add_run_flags(p)
+    d = sub.add_parser("demo", help="stylize the bundled sample images (no files of your own needed)")
+    d.add_argument("-o", "--output", default="nsf-demo.png", help="output image (default: nsf-demo.png)")
+    _add_run_flags(d)
+    return parser
+
+
+def _compile_arg(text: str) -> Any:
+    lowered = text.lower()
+    return {"true": True, "false": False, "auto": "auto"}.get(lowered, text)
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def callback(p: Any) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=p.total, unit="step", dynamic_ncols=True)
+        b = bar["bar"]
+        b.set_postfix_str(f"{p.size[1]}x{p.size[0]} loss={p.loss:.4g} content={p.content:.3g} style={p.style:.3g}",
+                          refresh=False)
+        b.update(p.step - b.n)
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return callback, close
+
+
+def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init: Any = None) -> int:
+    import torch
+
+    from .image import save_png
+    from .model import style_fusion
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)
+               if getattr(args, f.name) is not None}
+    model = style_fusion(weights=args.weights, device=args.device, compile=_compile_arg(args.compile),
+                         preset=args.preset)
+    callback, close = _progress(not args.no_progress)
+    start = time.perf_counter()
+    try:
+        img = model.stylize(content, list(styles), init=init, callback=callback, **options)
+    finally:
+        close()
+    elapsed = time.perf_counter() - start
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**model.last_metadata, "seconds": round(elapsed, 2)}
+    if out.suffix.lower() == ".png":
+        save_png(img, out, meta)
+    else:
+        img.save(out)
+    device = model.device if model.device.type != "cuda" else torch.cuda.get_device_name(model.device)
+    print(f"wrote {out} ({img.size[0]}x{img.size[1]}) in {elapsed:.1f} s on {device}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "stylize":
+            return _run(args, args.content, args.styles, init=args.init_image)
+        assets = resources.files("nsf") / "assets"
+        with resources.as_file(assets / DEMO_CONTENT) as c, resources.as_file(assets / DEMO_STYLE) as s:
+            print(f"demo: {DEMO_CONTENT} in the style of {DEMO_STYLE} (credits: nsf/assets/CREDITS.md)")
+            return _run(args, c, [s])
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"nsf: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The command line, end to end in subprocesses: stylize, demo, python -m nsf, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nsf.cli import build_parser
+from nsf.config import FIELD_NAMES
+from nsf.image import read_metadata
+from nsf.weights import VGG19Weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_nsf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "nsf", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    content = tmp_path / "content.png"
+    style = tmp_path / "style.jpg"
+    Image.linear_gradient("L").resize((64, 48)).convert("RGB").save(content)
+    Image.effect_noise((50, 50), 80).convert("RGB").save(style)
+    return content, style
+
+
+def test_every_config_field_has_a_flag():
+    parser = build_parser()
+    args = parser.parse_args(["stylize", "c", "s", "-o", "o.png"])
+    assert set(FIELD_NAMES) <= set(vars(args))
+    assert all(getattr(args, f) is None for f in FIELD_NAMES)  # unset flags defer to the preset
+
+
+def test_list_flags_parse():
+    args = build_parser().parse_args(["stylize", "c", "s", "t", "-o", "o.png", "--style-layers", "relu1_1,relu2_1",
+                                      "--style-blend-weights", "0.7,0.3", "--preserve-color"])
+    assert args.style_layers == ("relu1_1", "relu2_1")
+    assert args.style_blend_weights == (0.7, 0.3)
+    assert args.preserve_color is True
+    assert args.styles == ["s", "t"]
+
+
+def test_stylize_writes_png_with_provenance(pair, tmp_path):
+    content, style = pair
+    out = tmp_path / "sub" / "out.png"
+    r = run_nsf("stylize", str(content), str(style), "-o", str(out), "--size", "40", "--steps", "4",
+                "--seed", "7", "--device", "cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout
+    assert "step" in r.stderr  # the tqdm progress bar
+    img = Image.open(out)
+    assert img.size == (40, 30)
+    meta = read_metadata(out)
+    import nsf
+
+    assert meta["nsf_version"] == nsf.__version__
+    assert meta["weights"] == "caffe"
+    assert meta["weights_sha256"] == VGG19Weights.CAFFE.value.sha256
+    assert meta["seed"] == 7
+    assert meta["params"]["steps"] == 4 and meta["params"]["size"] == 40
+    assert set(FIELD_NAMES) == set(meta["params"])
+
+
+def test_demo_runs_on_bundled_images(tmp_path):
+    r = run_nsf("demo", "--size", "48", "--steps", "3", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "nsf-demo.png"
+    assert Image.open(out).size == (48, 48)  # the bundled astronaut is square
+    assert read_metadata(out)["params"]["size"] == 48
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--steps", "-3"], "steps=-3"),
+        (["--size", "100000"], "size=100000"),
+        (["--style-layers", "relu9_9"], "relu9_9"),
+        (["--weights", "nonsense"], "unknown weights 'nonsense'"),
+        (["--style-weight", "-1"], "style_weight=-1"),
+    ],
+)
+def test_bad_options_exit_2_with_a_message(pair, tmp_path, extra, needle):
+    content, style = pair
+    r = run_nsf("stylize", str(content), str(style), "-o", str(tmp_path / "o.png"), "--no-progress", *extra,
+                cwd=tmp_path)
+    assert r.returncode == 2
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_and_non_image_files(pair, tmp_path):
+    content, style = pair
+    r = run_nsf("stylize", str(tmp_path / "nope.jpg"), str(style), "-o", "o.png", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "nope.jpg" in r.stderr
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    r = run_nsf("stylize", str(content), str(text), "-o", "o.png", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "not a readable image" in r.stderr

@@ -1,0 +1,72 @@
+"""hubconf.py: offline local load, the public entry points, and the docstring torch.hub.help shows."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty $TORCH_HOME and no network: any connection attempt fails the test."""
+    home = tmp_path / "torch_home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    return home
+
+
+@pytest.fixture
+def local_repo(monkeypatch):
+    """Make torch.hub.list/help (GitHub-only in this torch) resolve to this checkout."""
+    monkeypatch.setattr(torch.hub, "_get_cache_or_reload", lambda *a, **k: str(REPO))
+
+
+def test_local_load_offline_and_stylize(offline, tmp_path):
+    model = torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu")
+    assert type(model).__name__ == "StyleFusion"
+    assert model.weights_name == "caffe"
+    content = Image.new("RGB", (48, 32), (200, 60, 60))
+    style = Image.effect_noise((40, 40), 60).convert("RGB")
+    out = model.stylize(content, style, size=40, steps=3, seed=0)
+    assert isinstance(out, Image.Image)
+    assert out.size == (40, 27)  # longer side = size, aspect kept (48x32 -> 40x26.7)
+    assert list(offline.iterdir()) == []  # nothing was downloaded or cached
+
+
+def test_list_shows_only_public_entry_points(local_repo):
+    assert torch.hub.list("owner/nsf", trust_repo=True) == ["style_fusion"]
+
+
+def test_help_documents_args_returns_and_offline_example(local_repo):
+    doc = torch.hub.help("owner/nsf", "style_fusion", trust_repo=True)
+    for needle in ("Args:", "Returns:", "weights", "device", "compile", 'source="local"', "stylize("):
+        assert needle in doc
+
+
+def test_hubconf_declares_dependencies_that_import():
+    import importlib.util
+
+    ns: dict = {}
+    exec((REPO / "hubconf.py").read_text(), ns)
+    assert {"torch", "torchvision", "PIL"} <= set(ns["dependencies"])
+    assert all(importlib.util.find_spec(d) is not None for d in ns["dependencies"])
+
+
+def test_entry_point_is_keyword_only():
+    ns: dict = {}
+    exec((REPO / "hubconf.py").read_text(), ns)
+    with pytest.raises(TypeError):
+        ns["style_fusion"]("caffe")
