@@ -46,9 +46,12 @@ def main() -> None:
         for pair in args.pairs:
             c_name, s_name = pair.split(":")
             c, s = Path(args.images) / f"{c_name}.jpg", Path(args.images) / f"{s_name}.jpg"
-            steps_done = []
+            steps_done: list[int] = []
+
+            def count(p: nsf.Progress, steps_done: list[int] = steps_done) -> None:
+                steps_done.append(p.step)
             t0 = time.perf_counter()
-            img = model.stylize(c, s, size=size, callback=lambda p: steps_done.append(p.step), **overrides)
+            img = model.stylize(c, s, size=size, callback=count, **overrides)
             secs = time.perf_counter() - t0
             path = out_dir / f"{args.preset}_{size}_{c_name}_{s_name}.png"
             img.save(path)

@@ -77,7 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="stylize the bundled sample images (no files of your own needed)")
     d.add_argument("-o", "--output", default="nsf-demo.png", help="output image (default: nsf-demo.png)")
     _add_run_flags(d)
+    _add_serving_commands(sub)
     return parser
+
+
+def _add_serving_commands(sub: Any) -> None:
+    """``nsf archive`` and ``nsf serve`` (TorchServe; needs the ``serve`` extra and a checkout)."""
+    a = sub.add_parser("archive", help="build model_store/style_fusion.mar for TorchServe (+ sha256, model card)")
+    a.add_argument("--export-path", default="model_store", help="where the .mar goes (default: model_store)")
+    a.add_argument("--root", default=None, help="checkout holding handlers/ and deploy/ (default: found)")
+    s = sub.add_parser("serve", help="run TorchServe in the foreground with the style_fusion archive")
+    s.add_argument("--model-store", default="model_store", help="folder holding style_fusion.mar (default: model_store)")
+    s.add_argument("--port", type=int, default=None,
+                   help="inference port N; management, metrics and gRPC take N+1..N+4 (default: as in "
+                        "deploy/config.properties, 8080-8082, 7070-7071)")
+    s.add_argument("--workdir", default=None,
+                   help="where TorchServe runs: key_file.json, logs/ (default: MODEL_STORE/run)")
+    s.add_argument("--root", default=None, help="checkout holding handlers/ and deploy/ (default: found)")
 
 
 def _compile_arg(text: str) -> Any:
@@ -140,6 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "archive":
+            from .serve import build_archive
+
+            built = build_archive(args.export_path, root=args.root)
+            print(f"wrote {built.mar} (sha256 {built.sha256})\n      {built.sha256_file}\n      {built.card}")
+            return 0
+        if args.command == "serve":
+            from .serve import serve
+
+            return serve(args.model_store, workdir=args.workdir, port=args.port, root=args.root)
         if args.command == "stylize":
             return _run(args, args.content, args.styles, init=args.init_image)
         assets = resources.files("nsf") / "assets"

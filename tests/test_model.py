@@ -1,0 +1,271 @@
+"""nsf.model: StyleFusion.stylize()/forward() end to end, on tiny images and a shallow slice of VGG-19."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, pil_rgb, random_image, smooth_image
+from PIL import Image
+from torch.testing import assert_close
+
+import nsf
+from nsf import image as im
+from nsf.weights import WeightsError
+
+
+def test_tensor_in_tensor_out_keeps_aspect(model):
+    content = smooth_image(30, 45, seed=1)  # H=30, W=45
+    out = model.stylize(content, random_image(32, 32, seed=2), **{**FAST, "size": 64})
+    assert isinstance(out, torch.Tensor)
+    assert out.shape == (1, 3, 43, 64)  # round(30 * 64 / 45) = 43
+    assert out.dtype == torch.float32
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    # Portrait content: the long side is the height.
+    out = model.stylize(content.transpose(-1, -2), random_image(32, 32, seed=2), **{**FAST, "size": 64})
+    assert out.shape == (1, 3, 64, 43)
+
+
+def test_three_dim_tensor_content(model):
+    out = model.stylize(smooth_image(32, 32)[0], smooth_image(32, 32, seed=3)[0], **FAST)
+    assert out.shape == (1, 3, 32, 32)
+
+
+def test_square_resize(model):
+    out = model.stylize(smooth_image(30, 45), smooth_image(32, 32, seed=3), **{**FAST, "resize": "square"})
+    assert out.shape == (1, 3, 32, 32)
+
+
+def test_default_layers_and_schedule_end_to_end(model):
+    # The default options (relu1_1..relu5_1, relu4_2, L-BFGS, three scales folded into one at 64 px).
+    content, style = smooth_image(48, 64, seed=4), random_image(48, 48, seed=5)
+    calls = []
+    out = model.stylize(content, style, size=64, steps=3, callback=calls.append)
+    assert out.shape == (1, 3, 48, 64)
+    assert [p.step for p in calls] == [1, 2, 3]
+    assert calls[-1].style < calls[0].style
+
+
+def test_pil_in_pil_out(model):
+    out = model.stylize(pil_rgb(45, 30, seed=6), pil_rgb(32, 32, seed=7), **FAST)
+    assert isinstance(out, Image.Image)
+    assert out.mode == "RGB"
+    assert out.size == (32, 21)  # (W, H): round(30 * 32 / 45) = 21
+
+
+def test_path_and_bytes_inputs_and_metadata(model, tmp_path):
+    content_path, style_path = tmp_path / "content.png", tmp_path / "style.jpg"
+    pil_rgb(40, 40, seed=8).save(content_path)
+    pil_rgb(32, 32, seed=9).save(style_path)
+    out = model.stylize(str(content_path), style_path, **FAST, seed=5)
+    assert isinstance(out, Image.Image) and out.size == (32, 32)
+    meta = model.last_metadata
+    assert meta["weights"] == "caffe"
+    assert meta["weights_sha256"] == model.weights_sha256
+    assert meta["seed"] == 5
+    assert meta["params"]["steps"] == FAST["steps"]
+    assert meta["nsf_version"] == nsf.__version__
+    # Bytes give the same image as the path.
+    again = model.stylize(content_path.read_bytes(), style_path.read_bytes(), **FAST, seed=5)
+    assert np.array_equal(np.asarray(again), np.asarray(out))
+
+
+def test_same_seed_same_output(model):
+    content, style = smooth_image(32, 32, seed=10), random_image(32, 32, seed=11)
+    runs = [model.stylize(content, style, **FAST, seed=3) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    # With noise init the seed picks the start image: same seed, same output, twice.
+    noisy = [model(content, style, **FAST, init="noise", seed=3) for _ in range(2)]
+    assert torch.equal(noisy[0], noisy[1])
+
+
+def test_noise_init_differs_by_seed(model):
+    content, style = smooth_image(32, 32, seed=12), random_image(32, 32, seed=13)
+    a = model(content, style, **FAST, init="noise", seed=0)
+    b = model(content, style, **FAST, init="noise", seed=1)
+    assert not torch.allclose(a, b, atol=1e-2)
+    assert (a - content).abs().mean() > 0.1  # it did start from noise
+    c = model(content, style, **FAST, init="content", seed=0)
+    d = model(content, style, **FAST, init="content", seed=1)
+    assert torch.equal(c, d)  # content init: the seed has nothing to draw
+
+
+def test_stylize_accepts_the_init_option(model):
+    # nsf bug: stylize() has its own `init` keyword (a start image) that shadows the StyleConfig
+    # option of the same name, so the documented values "noise"/"content" are opened as files.
+    content, style = smooth_image(32, 32, seed=12), random_image(32, 32, seed=13)
+    out = model.stylize(content, style, **FAST, init="noise", seed=0)
+    assert torch.equal(out, model(content, style, **FAST, init="noise", seed=0))
+    assert model.last_metadata["params"]["init"] == "noise"
+
+
+def test_init_image_path(model, tmp_path):
+    init_path = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(init_path)
+    opts = {**FAST, "steps": 1, "optimizer": "adam", "lr": 1e-3}
+    content, style = smooth_image(32, 32, seed=14), smooth_image(32, 32, seed=15)
+    for out in (model.stylize(content, style, init=init_path, **opts),
+                model.stylize(content, style, **{**opts, "init": str(init_path)})):
+        assert_close(out[0, :, 5, 5], torch.tensor([0.0, 0.0, 1.0]), atol=5e-3, rtol=0)
+
+
+def test_forward_batch(model):
+    content = smooth_image(24, 40, seed=16, batch=2)
+    style = random_image(32, 32, seed=17)
+    out = model(content, style, **FAST)
+    assert out.shape == (2, 3, 24, 40)  # forward keeps the input size
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_forward_batch_matches_single_images_with_adam(model):
+    # Adam's update is elementwise and the batch loss is a sum of per-image losses, so each
+    # image of a batch follows the same path as it would alone.
+    opts = {**FAST, "steps": 3, "optimizer": "adam", "lr": 0.01}
+    content = smooth_image(32, 32, seed=18, batch=2)
+    style = random_image(32, 32, seed=19)
+    both = model(content, style, **opts)
+    for i in range(2):
+        assert_close(both[i : i + 1], model(content[i : i + 1], style, **opts), atol=1e-5, rtol=0)
+
+
+def test_forward_refuses_mismatched_style_batch(model):
+    with pytest.raises(ValueError, match="style batch of 2 for a content batch of 3"):
+        model(smooth_image(32, 32, batch=3), smooth_image(32, 32, batch=2), **FAST)
+
+
+def test_multiple_styles_blend(model):
+    content = smooth_image(32, 32, seed=20)
+    s1, s2 = random_image(32, 32, seed=21), smooth_image(32, 32, seed=22)
+    only_s1 = model.stylize(content, s1, **FAST)
+    # A zero blend weight drops a style entirely.
+    assert torch.equal(model.stylize(content, [s1, s2], **FAST, style_blend_weights=(1.0, 0.0)), only_s1)
+    # Only the ratio of the blend weights matters.
+    assert_close(model.stylize(content, [s1, s2], **FAST, style_blend_weights=(1.0, 3.0)),
+                 model.stylize(content, [s1, s2], **FAST, style_blend_weights=(0.5, 1.5)), atol=1e-5, rtol=0)
+    equal = model.stylize(content, [s1, s2], **FAST)
+    assert not torch.allclose(equal, only_s1, atol=1e-4)
+    with pytest.raises(ValueError, match="2 style images"):
+        model.stylize(content, [s1, s2], **FAST, style_blend_weights=(1.0,))
+
+
+def test_preserve_color_keeps_content_chroma(model):
+    content = smooth_image(32, 32, seed=23, lo=0.3, hi=0.7)
+    style = random_image(32, 32, seed=24)
+    opts = {**FAST, "steps": 3, "style_weight": 100.0}
+    out = model.stylize(content, style, **opts, preserve_color=True)
+    yiq_out, yiq_content = im.rgb_to_yiq(out), im.rgb_to_yiq(content)
+    assert (yiq_out[:, 1:] - yiq_content[:, 1:]).abs().max() < 0.02
+    # Without it the random-coloured style's chroma comes through.
+    plain = model.stylize(content, style, **opts)
+    assert (im.rgb_to_yiq(plain)[:, 1:] - yiq_content[:, 1:]).abs().mean() > \
+        (yiq_out[:, 1:] - yiq_content[:, 1:]).abs().mean()
+
+
+def test_model_level_options_are_defaults(model):
+    m = nsf.style_fusion(device="cpu", preset="fast", steps=7)
+    assert m.config == nsf.make_config("fast", steps=7)
+    assert m.resolve_config().steps == 7
+    assert m.resolve_config(steps=2).steps == 2
+    assert m.resolve_config("seed").size == 400
+    assert m.device == torch.device("cpu")
+    # Weights are not copied between models: same values, frozen.
+    assert torch.equal(m.features[0].weight, model.features[0].weight)
+    assert not any(p.requires_grad for p in m.parameters())
+
+
+def test_compile_auto_is_eager_on_cpu():
+    from nsf.model import _compile_fn
+
+    assert _compile_fn("auto", torch.device("cpu")) is None
+    assert _compile_fn(False, torch.device("cuda")) is None
+    assert _compile_fn("auto", torch.device("cuda")) is not None
+    assert _compile_fn(True, torch.device("cpu")) is not None
+
+
+@pytest.mark.slow
+def test_compiled_matches_eager(model, monkeypatch):
+    # torch.compile through the real objective (Inductor on CPU), at 32 px over conv1_1..relu2_1 so
+    # compiling costs seconds, not minutes. Adam keeps the path deterministic.
+    compiled_modules = []
+    real_compile = torch.compile
+
+    def spy(module, *args, **kwargs):
+        compiled_modules.append(type(module).__name__)
+        return real_compile(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    compiled = nsf.style_fusion(device="cpu", compile=True)
+    opts = {**FAST, "steps": 3, "optimizer": "adam", "lr": 0.02}
+    content, style = smooth_image(32, 32, seed=25), random_image(32, 32, seed=26)
+    eager = model.stylize(content, style, **opts)
+    assert compiled_modules == []  # compile="auto" stays eager on CPU
+    out = compiled.stylize(content, style, **opts)
+    assert compiled_modules == ["Objective"]
+    assert (eager - content).abs().max() > 0.01  # the run did move the pixels
+    assert_close(out, eager, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"steps": -1}, ValueError, "steps=-1"),
+        ({"size": 10**6}, ValueError, "size=1000000"),
+        ({"size": 4}, ValueError, "size=4"),
+        ({"style_layers": ("relu1_1", "relu6_1")}, ValueError, "'relu6_1'"),
+        ({"content_layers": ("conv0_1",)}, ValueError, "'conv0_1'"),
+        ({"optimizer": "sgd"}, ValueError, "'sgd'"),
+        ({"stepz": 3}, ValueError, "stepz"),
+        ({"preset": "ultra"}, ValueError, "'ultra'"),
+        ({"style_weight": float("nan")}, ValueError, "style_weight=nan"),
+    ],
+)
+def test_bad_options(model, kwargs, error, needle):
+    with pytest.raises(error, match=needle):
+        model.stylize(smooth_image(32, 32), smooth_image(32, 32), **kwargs)
+
+
+def test_bad_images(model, tmp_path):
+    good = smooth_image(32, 32)
+    missing = tmp_path / "missing.png"
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        model.stylize(missing, good, **FAST)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        model.stylize(good, missing, **FAST)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        model.stylize(good, good, init=missing, **FAST)
+    bad_tensors = [
+        (torch.zeros(1, 1, 32, 32), "shape"),  # one channel
+        (torch.zeros(2, 32, 32), "shape"),
+        (torch.zeros(3, 32), "shape"),
+        (torch.full((1, 3, 32, 32), float("nan")), "NaN"),
+        (torch.full((1, 3, 32, 32), 255.0), "values in"),  # 0..255 instead of [0, 1]
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "dtype"),
+        (torch.zeros(1, 3, 8, 32), "at least 16"),
+    ]
+    for bad, needle in bad_tensors:
+        with pytest.raises(ValueError, match=needle):
+            model.stylize(bad, good, **FAST)
+        with pytest.raises(ValueError, match=needle):
+            model.stylize(good, bad, **FAST)
+    with pytest.raises(ValueError, match="no style image"):
+        model.stylize(good, [], **FAST)
+    with pytest.raises(ValueError, match="list|int"):
+        model.stylize(good, 42, **FAST)
+    with pytest.raises(im.ImageTooLargeError):
+        model.stylize(pil_rgb(64, 64), good, **FAST, max_pixels=1000)
+
+
+def test_bad_builder_arguments():
+    with pytest.raises(ValueError, match="'vgg16'") as e:
+        nsf.style_fusion(weights="vgg16", device="cpu")
+    assert "'caffe'" in str(e.value) and "'torchvision'" in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        nsf.style_fusion(weights="/nonexistent/vgg.pth", device="cpu")
+    with pytest.raises(ValueError, match="compile=3"):
+        nsf.style_fusion(compile=3, device="cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'nope'"):
+        nsf.style_fusion(preset="nope", device="cpu")
+    with pytest.raises(ValueError, match="steps=0"):
+        nsf.style_fusion(steps=0, device="cpu")
+    assert issubclass(WeightsError, RuntimeError)

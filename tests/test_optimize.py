@@ -1,0 +1,299 @@
+"""nsf.optimize: step splitting, the coarse-to-fine schedule, the objective's formula, the loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_image, smooth_image
+from torch.testing import assert_close
+
+from nsf import optimize as O
+from nsf.config import make_config
+from nsf.vgg import VGG19_LAYERS
+
+STYLE = ("relu1_1", "relu2_1", "relu3_1")
+CONTENT = ("relu2_2",)
+SEED_LAYERS = ("relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+
+def small_cfg(**overrides):
+    """One 32 px scale over a shallow slice of VGG-19."""
+    base = {"size": 32, "scales": (1.0,), "scale_steps": (1.0,), "tol": 0.0, "content_layers": CONTENT,
+            "style_layers": STYLE}
+    return make_config(**{**base, **overrides})
+
+
+def objective_for(extractor, cfg, content, style):
+    grams = O.style_grams(extractor, [style], (1.0,), cfg.style_layers, cfg.gram_norm)
+    return O.Objective(extractor, cfg, content, grams)
+
+
+def hand_features(model, x, names):
+    """VGG-19 activations computed here: Caffe preprocessing written out, modules run one by one."""
+    mean = torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
+    h = x.flip(1) * 255.0 - mean
+    out = {}
+    with torch.no_grad():
+        for name, module in zip(VGG19_LAYERS, model.features, strict=True):
+            h = module(h)
+            if name in names:
+                out[name] = h.clone()
+            if len(out) == len(names):
+                break
+    return out
+
+
+# --- split_steps / schedule ---------------------------------------------------------------------------
+
+
+def test_split_steps_hand_values():
+    assert O.split_steps(10, (0.6, 0.3, 0.1)) == [6, 3, 1]
+    assert O.split_steps(300, (0.6, 0.3, 0.1)) == [180, 90, 30]
+    assert O.split_steps(7, (0.5, 0.5)) in ([4, 3], [3, 4])
+    assert O.split_steps(1, (0.6, 0.3, 0.1)) == [0, 0, 1]
+    assert O.split_steps(5, (1.0, 0.0)) == [4, 1]
+
+
+@pytest.mark.parametrize("shares", [(0.6, 0.3, 0.1), (0.5, 0.3, 0.2), (1.0,), (0.1, 0.9), (1.0, 1.0, 0.0), (3, 2, 1)])
+def test_split_steps_sums_exactly_and_feeds_the_last_scale(shares):
+    for steps in range(1, 60):
+        out = O.split_steps(steps, shares)
+        assert sum(out) == steps, (steps, out)
+        assert out[-1] >= 1, (steps, out)
+        assert all(n >= 0 for n in out)
+        assert len(out) == len(shares)
+
+
+def test_schedule_keeps_all_scales_when_big_enough():
+    cfg = make_config(size=256, steps=10)
+    assert O.schedule(256, 256, cfg) == [(0, (64, 64), 6), (1, (128, 128), 3), (2, (256, 256), 1)]
+
+
+def test_schedule_keeps_aspect():
+    # 100x200 content at size 256: 0.25 -> 32x64 (short side under 64, folded), 0.5 -> 64x128, 1 -> 128x256.
+    cfg = make_config(size=256, steps=10)
+    assert O.schedule(100, 200, cfg) == [(1, (64, 128), 9), (2, (128, 256), 1)]
+
+
+def test_schedule_folds_too_small_scales():
+    # 0.25 * 100 = 25 px and 0.5 * 100 = 50 px are below 4 * MIN_SIDE = 64: their steps go to 100 px.
+    cfg = make_config(size=100, steps=10)
+    assert O.schedule(100, 100, cfg) == [(2, (100, 100), 10)]
+    # A square 256 px run keeps its 64 px scale, but a 4:1 content's short side there is 16 px,
+    # and 32 px at the 0.5 scale: both fold into the last scale.
+    cfg = make_config(size=256, steps=10)
+    assert O.schedule(256, 256, cfg)[0] == (0, (64, 64), 6)
+    assert O.schedule(400, 100, cfg) == [(2, (256, 64), 10)]
+    # Folded steps go to the next kept scale, not straight to the last one.
+    assert O.schedule(200, 100, cfg) == [(1, (128, 64), 9), (2, (256, 128), 1)]
+
+
+def test_schedule_respects_square_resize():
+    cfg = make_config(size=64, steps=4, resize="square", scales=(1.0,), scale_steps=(1.0,))
+    assert O.schedule(30, 90, cfg) == [(0, (64, 64), 4)]
+
+
+# --- Objective --------------------------------------------------------------------------------------
+
+
+def test_seed_preset_loss_formula(model):
+    cfg = make_config("seed", size=32)
+    content, style, x = smooth_image(32, 32, seed=1), smooth_image(32, 32, seed=2), smooth_image(32, 32, seed=3)
+    fc = hand_features(model, content, SEED_LAYERS)
+    fs = hand_features(model, style, SEED_LAYERS)
+    fx = hand_features(model, x, SEED_LAYERS)
+
+    def plain_gram(f):
+        flat = f.reshape(f.shape[1], -1)
+        return flat @ flat.T  # F F^T, not normalized
+
+    targets = {n: plain_gram(fs[n]).unsqueeze(0) for n in cfg.style_layers}
+    objective = O.Objective(model.extractor(SEED_LAYERS), cfg, content, targets)
+    total, parts = objective(x)
+
+    content_term = 100 * ((fx["relu4_2"] - fc["relu4_2"]) ** 2).mean()
+    layers = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    weights = dict(zip(layers, (0.85, 0.56, 0.11, 0.15, 0.2), strict=True))
+    style_term = 40 * sum(w * ((plain_gram(fx[n]) - targets[n][0]) ** 2).mean() for n, w in weights.items())
+    assert_close(parts[0], content_term, rtol=1e-4, atol=0)
+    assert_close(parts[1], style_term, rtol=1e-4, atol=0)
+    assert float(parts[2]) == 0.0
+    assert_close(total.detach(), content_term + style_term, rtol=1e-4, atol=0)
+    # And nsf's own target Grams are the same plain F F^T.
+    grams = O.style_grams(model.extractor(SEED_LAYERS), [style], (1.0,), cfg.style_layers, cfg.gram_norm)
+    for n in cfg.style_layers:
+        assert_close(grams[n], targets[n], rtol=1e-5, atol=0)
+
+
+def test_normalized_losses_count_each_layer_alike(model):
+    # With normalize_losses each layer's style loss is divided by its value at the content image,
+    # so at x = content the style part is style_weight * sum(layer weights), the content part 0.
+    cfg = small_cfg(style_weight=2.5, style_layer_weights=(1.0, 2.0, 3.0), content_weight=7.0)
+    assert cfg.normalize_losses
+    content, style = smooth_image(32, 32, seed=4), random_image(32, 32, seed=5)
+    objective = objective_for(model.extractor(CONTENT + STYLE), cfg, content, style)
+    total, parts = objective(content)
+    assert float(parts[0]) == 0.0
+    assert_close(parts[1], torch.tensor(2.5 * 6.0), rtol=1e-5, atol=0)
+    assert_close(total.detach(), torch.tensor(15.0), rtol=1e-5, atol=0)
+    # The content part is normalized by the mean square of the content features.
+    x = smooth_image(32, 32, seed=6)
+    fx, fc = hand_features(model, x, CONTENT)["relu2_2"], hand_features(model, content, CONTENT)["relu2_2"]
+    expected = 7.0 * ((fx - fc) ** 2).mean() / (fc**2).mean()
+    assert_close(objective(x)[1][0], expected, rtol=1e-4, atol=0)
+
+
+def test_tv_part(model):
+    cfg = small_cfg(tv_weight=0.5)
+    content, style = smooth_image(32, 32, seed=7), smooth_image(32, 32, seed=8)
+    objective = objective_for(model.extractor(CONTENT + STYLE), cfg, content, style)
+    x = random_image(32, 32, seed=9)
+    total, parts = objective(x)
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    assert_close(parts[2], 0.5 * (dx + dy), rtol=1e-5, atol=0)
+    assert_close(total.detach(), parts.sum(), rtol=1e-5, atol=0)
+
+
+def test_batched_objective_sums_per_image_losses(model):
+    cfg = small_cfg(normalize_losses=False)
+    ex = model.extractor(CONTENT + STYLE)
+    content = smooth_image(32, 32, seed=10, batch=2)
+    style = smooth_image(32, 32, seed=11)
+    grams = O.style_grams(ex, [style], (1.0,), STYLE, cfg.gram_norm)
+    x = smooth_image(32, 32, seed=12, batch=2)
+    both = O.Objective(ex, cfg, content, grams)(x)[0]
+    singles = sum(O.Objective(ex, cfg, content[i : i + 1], grams)(x[i : i + 1])[0] for i in range(2))
+    assert_close(both.detach(), singles.detach(), rtol=1e-5, atol=0)
+
+
+def test_style_grams_blend(model):
+    ex = model.extractor(STYLE)
+    s1, s2 = smooth_image(32, 32, seed=13), random_image(32, 32, seed=14)
+    g1 = O.style_grams(ex, [s1], (1.0,), STYLE, "chw")
+    g2 = O.style_grams(ex, [s2], (5.0,), STYLE, "chw")  # a single style's weight normalizes to 1
+    blend = O.style_grams(ex, [s1, s2], (3.0, 1.0), STYLE, "chw")
+    for n in STYLE:
+        assert_close(blend[n], 0.75 * g1[n] + 0.25 * g2[n], rtol=1e-5, atol=0)
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+def test_tiny_run_lowers_the_style_loss(model):
+    cfg = small_cfg(steps=10, style_weight=10.0)
+    ex = model.extractor(CONTENT + STYLE)
+    content, style = smooth_image(32, 32, seed=15), random_image(32, 32, seed=16)
+    out = O.run(ex, content, [style], cfg)
+    assert out.shape == (1, 3, 32, 32)
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    objective = objective_for(ex, cfg, content, style)
+    with torch.no_grad():
+        start_total, start = objective(content)
+        end_total, end = objective(out)
+    assert float(end[1]) < 0.5 * float(start[1]), (start, end)
+    assert float(end_total) < float(start_total)
+
+
+def test_progress_is_reported_once_per_step(model):
+    cfg = small_cfg(steps=4)
+    calls = []
+    O.run(model.extractor(CONTENT + STYLE), smooth_image(32, 32, seed=17), [smooth_image(32, 32, seed=18)], cfg,
+          callback=calls.append)
+    assert [p.step for p in calls] == [1, 2, 3, 4]
+    assert all(p.total == 4 and p.scale == 0 and p.size == (32, 32) for p in calls)
+    for p in calls:
+        assert isinstance(p, O.Progress)
+        assert p.loss == pytest.approx(p.content + p.style + p.tv, rel=1e-5)
+
+
+def test_progress_over_two_scales(model):
+    cfg = make_config(size=128, steps=4, scales=(0.5, 1.0), scale_steps=(0.5, 0.5), tol=0.0,
+                      content_layers=("relu1_2",), style_layers=("relu1_1",))
+    calls = []
+    out = O.run(model.extractor(("relu1_2", "relu1_1")), smooth_image(96, 96, seed=19),
+                [smooth_image(64, 64, seed=20)], cfg, callback=calls.append)
+    assert out.shape == (1, 3, 128, 128)
+    assert [p.step for p in calls] == [1, 2, 3, 4]
+    assert [p.scale for p in calls] == [0, 0, 1, 1]
+    assert [p.size for p in calls] == [(64, 64), (64, 64), (128, 128), (128, 128)]
+
+
+def test_early_stopping(model):
+    # tol=1 means "stop unless the loss fell by 100 % over `patience` steps": it stops at patience + 1.
+    cfg = small_cfg(steps=10, tol=1.0, patience=2)
+    calls = []
+    O.run(model.extractor(CONTENT + STYLE), smooth_image(32, 32, seed=21), [random_image(32, 32, seed=22)], cfg,
+          callback=calls.append)
+    assert len(calls) == 3 < cfg.steps
+    assert calls[-1].total == 10
+
+
+def test_no_early_stop_when_tol_is_zero(model):
+    cfg = small_cfg(steps=5, tol=0.0, patience=1)
+    calls = []
+    O.run(model.extractor(CONTENT + STYLE), smooth_image(32, 32, seed=21), [random_image(32, 32, seed=22)], cfg,
+          callback=calls.append)
+    assert len(calls) == 5
+
+
+def test_optimize_scale_returns_the_best_iterate():
+    # Adam with lr=1 on a quadratic overshoots: the loss goes 4.32, 23.5, 3.76, 2.89, 11.5 and the
+    # final iterate is worse again; the best one (2.89) must be returned, not the last.
+    cfg = make_config(optimizer="adam", lr=1.0, tol=0.0)
+
+    def loss_fn(x):
+        return ((x - 0.3) ** 2).sum(), torch.zeros(3)
+
+    x = torch.zeros(1, 3, 4, 4, requires_grad=True)
+    seen = []
+    best, step = O._optimize_scale(loss_fn, x, cfg, 5, 0, 5, 0, lambda p: seen.append(p.loss))
+    assert step == 5 and len(seen) == 5
+    best_loss = float(loss_fn(best)[0])
+    assert best_loss == pytest.approx(min(seen))
+    assert best_loss < seen[-1]
+    assert best_loss < float(loss_fn(x.detach())[0])  # the final iterate is worse
+
+
+def test_run_returns_an_image_no_worse_than_the_last_step(model):
+    # nsf bug: the best iterate is chosen on unclamped pixels, then clamped to [0, 1] on return; with
+    # pixels pushed out of range the returned image can score worse than every step reported.
+    cfg = small_cfg(steps=8, optimizer="adam", lr=0.3)
+    ex = model.extractor(CONTENT + STYLE)
+    content, style = smooth_image(32, 32, seed=1), random_image(32, 32, seed=2)
+    seen = []
+    out = O.run(ex, content, [style], cfg, callback=lambda p: seen.append(p.loss))
+    with torch.no_grad():
+        returned = float(objective_for(ex, cfg, content, style)(out)[0])
+    assert returned <= seen[-1] * (1 + 1e-5), (returned, seen)
+
+
+def test_noise_init_follows_the_generator(model):
+    cfg = small_cfg(steps=1, init="noise", optimizer="adam", lr=0.01)
+    ex = model.extractor(CONTENT + STYLE)
+    content, style = smooth_image(32, 32, seed=23), smooth_image(32, 32, seed=24)
+
+    def go(seed):
+        return O.run(ex, content, [style], cfg, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = go(0), go(0), go(1)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    # Noise init: far from the content after a single small step.
+    assert (a - content).abs().mean() > 0.1
+
+
+def test_init_image_is_used(model):
+    cfg = small_cfg(steps=1, optimizer="adam", lr=1e-4)
+    ex = model.extractor(CONTENT + STYLE)
+    init = smooth_image(64, 64, seed=25)
+    out = O.run(ex, smooth_image(32, 32, seed=26), [smooth_image(32, 32, seed=27)], cfg, init=init)
+    # One Adam step moves each pixel by at most ~lr.
+    assert_close(out, torch.nn.functional.interpolate(init, size=(32, 32), mode="bilinear", antialias=True),
+                 atol=2e-3, rtol=0)
+
+
+def test_blend_weights_must_match_styles(model):
+    cfg = small_cfg(steps=1, style_blend_weights=(1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match="3 values for 2 style images"):
+        O.run(model.extractor(CONTENT + STYLE), smooth_image(32, 32), [smooth_image(32, 32)] * 2, cfg)

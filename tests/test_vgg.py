@@ -1,0 +1,137 @@
+"""nsf.vgg: layer names computed from the modules, truncation, conv outputs kept apart from ReLUs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import smooth_image
+from torch import nn
+from torch.testing import assert_close
+
+from nsf import vgg
+
+
+def test_vgg19_layers_names_and_count():
+    names = vgg.VGG19_LAYERS
+    assert len(names) == 37
+    assert names[:5] == ("conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1")
+    assert names[-3:] == ("conv5_4", "relu5_4", "pool5")
+    assert len(set(names)) == 37
+    # VGG-19: 2, 2, 4, 4, 4 convolutions per block, 16 in all, one ReLU after each, 5 pools.
+    for block, n_conv in zip(range(1, 6), (2, 2, 4, 4, 4), strict=True):
+        assert [n for n in names if n.startswith(f"conv{block}_")] == [f"conv{block}_{i}" for i in range(1, n_conv + 1)]
+    assert vgg.CONV_LAYERS == tuple(n for n in names if n.startswith("conv"))
+    assert len(vgg.CONV_LAYERS) == 16
+    assert sum(n.startswith("pool") for n in names) == 5
+
+
+def test_names_are_computed_from_the_modules():
+    features = vgg.vgg19_features()
+    assert len(features) == len(vgg.VGG19_LAYERS)
+    assert vgg.layer_names(features) == list(vgg.VGG19_LAYERS)
+    kinds = {"conv": nn.Conv2d, "relu": nn.ReLU, "pool": nn.MaxPool2d}
+    for name, module in zip(vgg.VGG19_LAYERS, features, strict=True):
+        assert isinstance(module, kinds[name[:4]]), (name, module)
+    assert isinstance(features[vgg.VGG19_LAYERS.index("relu4_2")], nn.ReLU)
+    assert isinstance(features[vgg.VGG19_LAYERS.index("conv4_2")], nn.Conv2d)
+    assert features[vgg.VGG19_LAYERS.index("conv4_2")].out_channels == 512
+    assert features[vgg.VGG19_LAYERS.index("conv1_1")].in_channels == 3
+    assert features[vgg.VGG19_LAYERS.index("conv3_1")].out_channels == 256
+
+
+def test_relus_are_out_of_place():
+    assert all(not m.inplace for m in vgg.vgg19_features() if isinstance(m, nn.ReLU))
+
+
+def test_layer_names_rejects_unexpected_modules():
+    with pytest.raises(ValueError, match="unexpected module"):
+        vgg.layer_names(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+def test_unknown_layer_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        vgg.validate_layers(["relu4_2", "relu9_9"])
+    msg = str(e.value)
+    assert "'relu9_9'" in msg
+    assert "relu4_2'" not in msg.split("valid names")[0]  # only the bad name is reported as unknown
+    for name in ("conv1_1", "relu4_2", "pool5"):
+        assert name in msg
+
+
+def test_empty_layer_list_is_refused():
+    with pytest.raises(ValueError, match="at least one"):
+        vgg.validate_layers([])
+
+
+def test_extractor_rejects_unknown_layer(model):
+    with pytest.raises(ValueError, match="valid names: conv1_1"):
+        vgg.FeatureExtractor(model.normalize, model.features, ["conv6_1"])
+
+
+@pytest.mark.parametrize("layers", [("relu1_1",), ("conv3_1", "relu2_2"), ("relu4_2", "relu1_1"), ("pool5",)])
+def test_extractor_truncates_at_deepest_layer(model, layers):
+    ex = vgg.FeatureExtractor(model.normalize, model.features, layers)
+    deepest = max(vgg.VGG19_LAYERS.index(n) for n in layers)
+    assert ex.depth == deepest + 1
+    assert len(ex.body) == deepest + 1
+    out = ex(smooth_image(32, 32))
+    assert set(out) == set(layers)
+
+
+def test_extractor_outputs_match_the_full_stack(model):
+    x = smooth_image(32, 48, seed=1)
+    layers = ("relu1_1", "conv2_1", "relu3_1")
+    out = model.extractor(layers)(x)
+    h = model.normalize(x)
+    expected = {}
+    with torch.no_grad():
+        for name, module in zip(vgg.VGG19_LAYERS, model.features, strict=True):
+            h = module(h)
+            if name in layers:
+                expected[name] = h.clone()
+            if name == "relu3_1":
+                break
+    for name in layers:
+        assert_close(out[name], expected[name])
+    assert out["relu3_1"].shape == (1, 256, 8, 12)
+
+
+def test_conv_outputs_are_not_overwritten_by_relu(model):
+    ex = model.extractor(("conv1_1", "relu1_1", "conv4_2", "relu4_2"))
+    out = ex(smooth_image(32, 32, seed=2))
+    for conv, relu in (("conv1_1", "relu1_1"), ("conv4_2", "relu4_2")):
+        assert out[conv].min() < 0, f"{conv} lost its negative values"
+        assert out[relu].min() >= 0
+        assert_close(out[relu], out[conv].clamp_min(0))
+        assert out[conv].data_ptr() != out[relu].data_ptr()
+
+
+def test_duplicate_layers_are_collapsed(model):
+    ex = vgg.FeatureExtractor(model.normalize, model.features, ["relu1_1", "relu1_1", "relu2_1"])
+    assert ex.layers == ("relu1_1", "relu2_1")
+
+
+def test_extractor_shares_parameters_with_full_stack(model):
+    ex = model.extractor(("relu4_2",))
+    full = dict(model.features.named_parameters())
+    for name, p in ex.body.named_parameters():
+        assert p.data_ptr() == full[name].data_ptr(), name
+    assert ex.normalize is model.normalize
+    # Truncation copies no weights: the extractor has a prefix of the full stack's parameters.
+    assert sum(p.numel() for p in ex.body.parameters()) < sum(p.numel() for p in model.features.parameters())
+
+
+def test_model_caches_extractors(model):
+    assert model.extractor(("relu1_1", "relu2_1")) is model.extractor(("relu1_1", "relu2_1"))
+
+
+def test_freeze_turns_off_grads_and_training():
+    f = vgg.freeze(vgg.vgg19_features())
+    assert not f.training
+    assert not any(p.requires_grad for p in f.parameters())
+
+
+def test_extractor_is_differentiable_wrt_pixels(model):
+    x = smooth_image(32, 32).requires_grad_(True)
+    model.extractor(("relu2_1",))(x)["relu2_1"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
