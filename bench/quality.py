@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 from score import Scorer  # noqa: E402
 
 import nsf  # noqa: E402
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     ap.add_argument("--json", default=None, help="append results as JSON lines here")
+    ap.add_argument("--record", action="store_true", help="write the table into bench/RESULTS.md")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (python literals)")
     args = ap.parse_args()
     import ast
@@ -64,11 +66,22 @@ def main() -> None:
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
-    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print("| preset | size | pair | steps | seconds | style_ratio | content_ratio |\n|---|---|---|---|---|---|---|")
+    from speed import device_name
+
+    cmd = " ".join(["python bench/quality.py"] + [a for a in sys.argv[1:] if a != "--record"])
+    lines = [f"`{cmd}` on {device_name('cpu')}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.", "",
+             "| preset | size | pair | steps | seconds | style_ratio | content_ratio | image |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['preset']} | {r['size']} | {r['pair']} | {r['steps']} | {r['seconds']} | {r['style_ratio']} | "
-              f"{r['content_ratio']} |")
+        lines.append(f"| {r['preset']} | {r['size']} | {r['pair']} | {r['steps']} | {r['seconds']} | "
+                     f"{r['style_ratio']} | {r['content_ratio']} | {os.path.relpath(r['image'], REPO)} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.record:
+        from results import record
+
+        sizes = ",".join(map(str, args.size))
+        record(f"quality {args.preset} {sizes} {' '.join(args.set)}".strip(), table)
 
 
 if __name__ == "__main__":
