@@ -87,7 +87,8 @@ def _add_serving_commands(sub: Any) -> None:
     a.add_argument("--export-path", default="model_store", help="where the .mar goes (default: model_store)")
     a.add_argument("--root", default=None, help="checkout holding handlers/ and deploy/ (default: found)")
     s = sub.add_parser("serve", help="run TorchServe in the foreground with the style_fusion archive")
-    s.add_argument("--model-store", default="model_store", help="folder holding style_fusion.mar (default: model_store)")
+    s.add_argument("--model-store", default="model_store",
+                   help="folder holding style_fusion.mar (default: model_store)")
     s.add_argument("--port", type=int, default=None,
                    help="inference port N; management, metrics and gRPC take N+1..N+4 (default: as in "
                         "deploy/config.properties, 8080-8082, 7070-7071)")

@@ -155,7 +155,7 @@ def _check_limits(limits: ServingLimits) -> StyleConfig:
     bad = SERVER_ONLY & set(limits.overrides)
     if bad:
         raise ValueError(f"model-config.yaml: nsf.overrides may not set {', '.join(sorted(bad))} (server-only)")
-    base = make_config(limits.preset, **limits.overrides)
+    base = make_config(limits.preset, **limits.overrides, max_pixels=limits.max_pixels)
     for name in limits.fields:
         if name not in FIELD_NAMES:
             raise ValueError(f"model-config.yaml: nsf.fields names {name!r}, not a StyleConfig field; "
@@ -310,7 +310,8 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
 def resolve(preset: str, options: Mapping[str, Any], limits: ServingLimits) -> StyleConfig:
     """The run's config: ``preset`` + the server's overrides + the client's options, within the limits."""
     try:
-        cfg = make_config(preset, **{**limits.overrides, **options})
+        # max_pixels: the cap the images were checked against, so the provenance record tells the truth
+        cfg = make_config(preset, **{**limits.overrides, **options, "max_pixels": limits.max_pixels})
     except ValueError as e:
         raise _from_config_error(e) from None
     for name, top in (("size", limits.max_size), ("steps", limits.max_steps)):

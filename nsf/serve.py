@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -290,6 +291,7 @@ def serve(model_store: str | os.PathLike[str] = "model_store", *, workdir: str |
         if key_file.exists():
             os.chmod(key_file, 0o600)
             print(_how_to_call(url, props, key_file), flush=True)
+            threading.Thread(target=_report_ready, args=(url, key_file, props, proc), daemon=True).start()
         code = proc.wait()
     finally:
         for s, handler in old.items():
@@ -298,6 +300,17 @@ def serve(model_store: str | os.PathLike[str] = "model_store", *, workdir: str |
         key_file.unlink(missing_ok=True)  # its keys died with the server
         shutil.rmtree(tmp, ignore_errors=True)
     return 0 if stopping["signal"] is not None else code
+
+
+def _report_ready(url: str, key_file: Path, props: dict[str, str], proc: subprocess.Popen) -> None:
+    try:
+        time.sleep(0.5)  # the frontend writes the key file as it starts
+        seconds = wait_ready(url, json.loads(key_file.read_text()), props["management_address"], timeout=900,
+                             proc=proc)
+        print(f"nsf serve: {MODEL_NAME} is ready ({seconds:.0f} s after the key file appeared)", flush=True)
+    except (RuntimeError, TimeoutError, OSError, ValueError) as e:
+        if proc.poll() is None:
+            print(f"nsf serve: {e}; see the logs", flush=True)
 
 
 def _signal_group(pgid: int, sig: int) -> bool:
@@ -327,7 +340,7 @@ def _stop_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
 def _how_to_call(url: str, props: dict[str, str], key_file: Path) -> str:
     key = f"$(python -c \"import json; print(json.load(open('{key_file}'))['inference']['key'])\")"
     return f"""
-nsf serve: TorchServe is starting {MODEL_NAME} (ready when /ping answers "Healthy").
+nsf serve: TorchServe is starting {MODEL_NAME}; a line below says when it is ready.
   inference API   {url}   (management {props.get('management_address')}, metrics {props.get('metrics_address')})
   token           {key_file}  ("inference" key; it expires: see README, "Serving with TorchServe")
 
@@ -340,23 +353,35 @@ Ctrl-C stops the server.
 """
 
 
-def wait_ready(url: str, key: str, timeout: float = 180.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``/ping`` with the inference key until TorchServe says Healthy (for tests and scripts)."""
+def wait_ready(url: str, keys: dict[str, Any], management_url: str, timeout: float = 180.0,
+               proc: subprocess.Popen | None = None) -> float:
+    """Wait until style_fusion has a READY worker; return the seconds waited.
+
+    ``/ping`` answers "Healthy" as soon as the frontend is up, before any worker has loaded the
+    model, so readiness is read from the management API's model description (allowed with the
+    management key even though registering models is off). ``keys`` is key_file.json's content.
+    """
     import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
     last = ""
-    while time.monotonic() < deadline:
+    while time.monotonic() - start < timeout:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
-        req = urllib.request.Request(f"{url}/ping", headers={"Authorization": f"Bearer {key}"})
         try:
-            with urllib.request.urlopen(req, timeout=5) as r:
+            ping = urllib.request.Request(f"{url}/ping",
+                                          headers={"Authorization": f"Bearer {keys['inference']['key']}"})
+            with urllib.request.urlopen(ping, timeout=5) as r:
                 last = r.read().decode()
-                if json.loads(last).get("status") == "Healthy":
-                    return
-        except (urllib.error.URLError, OSError, ValueError) as e:
+            describe = urllib.request.Request(f"{management_url}/models/{MODEL_NAME}",
+                                              headers={"Authorization": f"Bearer {keys['management']['key']}"})
+            with urllib.request.urlopen(describe, timeout=5) as r:
+                last = r.read().decode()
+            workers = [w for m in json.loads(last) for w in m.get("workers", [])]
+            if any(w.get("status") == "READY" for w in workers):
+                return time.monotonic() - start
+        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as e:
             last = str(e)
-        time.sleep(1.0)
-    raise TimeoutError(f"TorchServe at {url} not ready after {timeout:.0f} s (last answer: {last})")
+        time.sleep(0.5)
+    raise TimeoutError(f"{MODEL_NAME} at {url} not ready after {timeout:.0f} s (last answer: {last[:500]})")

@@ -1,0 +1,206 @@
+"""TorchServe handler of the ``style_fusion`` model: request bytes -> nsf -> image bytes.
+
+A thin adapter. Request parsing and validation are pure functions in ``nsf.protocol``; the
+model is ``nsf.style_fusion``, the same library code as the torch.hub model. This file only maps
+TorchServe's context (device, model-config.yaml, per-request status and content type) onto them.
+
+Inputs per request (see README, "Serving with TorchServe"):
+
+* multipart/form-data: file fields ``content``, ``style`` (``style_2``... with ``style_weights``) and
+  option fields ``size``, ``steps``, ``seed``... -> the image bytes (``image/png`` or ``image/jpeg``);
+* a JSON body with the same keys, images as base64 -> the image bytes;
+* under TorchServe's KServe envelopes (``kserve``/``kservev2``), the same keys as a v1 instance or
+  as v2 inputs -> the image base64-encoded in the envelope's output.
+
+A bad request gets its own 4xx status and a JSON body ``{"error", "field", "allowed"}``; the other
+requests of the batch and the worker carry on.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.isdir(os.path.join(_HERE, "nsf")) and sys.path[:1] != [_HERE]:
+    # Inside the .mar: use the nsf code packed next to this file, not another one on the path.
+    sys.path.insert(0, _HERE)
+
+import torch  # noqa: E402
+
+import nsf  # noqa: E402
+from nsf import protocol  # noqa: E402
+from nsf.image import encode, pil_to_tensor, tensor_to_pil  # noqa: E402
+from nsf.weights import CAFFE_FILENAME  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class StyleFusionHandler:
+    """TorchServe entry point: ``initialize(context)`` once per worker, ``handle(data, context)`` per batch."""
+
+    def __init__(self) -> None:
+        self.model: nsf.StyleFusion | None = None
+        self.limits: protocol.ServingLimits | None = None
+        self.device = torch.device("cpu")
+        self.initialized = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def initialize(self, context) -> None:
+        props = context.system_properties
+        gpu_id = props.get("gpu_id")
+        if gpu_id is not None and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{int(gpu_id)}")
+            torch.cuda.set_device(self.device)
+        self.limits = protocol.ServingLimits.from_model_config(context.model_yaml_config, self.device.type)
+        # The weights inside the archive, checked against their sha256 as they load; no download.
+        weights = os.path.join(props["model_dir"], CAFFE_FILENAME)
+        self.model = nsf.style_fusion(weights=weights, device=self.device, compile=self.limits.compile,
+                                      preset=self.limits.preset, **self.limits.overrides)
+        logger.info("style_fusion: nsf %s from %s on %s, weights %s sha256 %s, limits %s", nsf.__version__,
+                    os.path.dirname(nsf.__file__), self.device, self.model.weights_name,
+                    self.model.weights_sha256, self.limits.to_dict())
+        self._warm_up()
+        self.initialized = True
+
+    def _warm_up(self) -> None:
+        """Compile (on CUDA) and run the step once per configured size, so requests do not pay for it."""
+        limits = self.limits
+        for size in limits.warmup_sizes:
+            start = time.perf_counter()
+            cfg = protocol.resolve(limits.preset, {"size": size, "steps": max(1, limits.warmup_steps)}, limits)
+            g = torch.Generator().manual_seed(size)
+            content = torch.rand(1, 3, 8, 8, generator=g)
+            content = torch.nn.functional.interpolate(content, size=(size, size), mode="bilinear")
+            self.model.transfer(content.clamp(0, 1), [content.flip(-1).clamp(0, 1)], cfg)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            logger.info("style_fusion: warm-up at %d px, %d steps: %.1f s", size, cfg.steps,
+                        time.perf_counter() - start)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def handle(self, data, context):
+        """One answer per request, in order: image bytes, base64 text (KServe envelopes) or a JSON error."""
+        if not data:  # a KServe body without instances/inputs: answer the one request it was
+            data = [protocol.RequestError("the KServe request has no instances/inputs", field="body",
+                                          allowed="KServe v1 instances or v2 inputs with content and style")]
+            data[0].envelope = "any"
+        envelope = getattr(data[0], "envelope", None) if len(data) == 1 else None
+        if envelope or _is_kserve_v2(data):
+            try:
+                rows = [data[0] if envelope else protocol.from_kserve_v2(data)]
+            except protocol.RequestError as e:
+                rows = [e]
+            answers = [self._answer(0, rows[0], context, v2=True)]
+            # The kservev2 envelope names each output after the input at the same index: name ours.
+            context.input_names = ["error" if isinstance(answers[0], dict) else "image"]
+            return answers
+        return [self._answer(i, row, context) for i, row in enumerate(data)]
+
+    def _answer(self, idx: int, row, context, v2: bool = False):
+        start = time.perf_counter()
+        as_text = v2  # answer in JSON-safe form (base64 image, error object) for a KServe envelope
+        try:
+            if isinstance(row, protocol.RequestError):
+                raise row
+            fields = row
+            if not v2:
+                fields, as_text = protocol.request_fields(row)
+            job = protocol.parse_request(fields, self.limits)
+            out = self._run(job)
+            logger.info("style_fusion: request %d: content %dx%d -> %d px, %d steps, seed %d, %.2f s", idx,
+                        *job.content.size, job.config.size, job.config.steps, job.config.seed,
+                        time.perf_counter() - start)
+            if as_text:
+                _set_content_type(context, idx, "application/json")  # the envelope's JSON
+                return base64.b64encode(out).decode("ascii")
+            _set_content_type(context, idx, job.content_type)
+            return out
+        except protocol.RequestError as e:
+            logger.info("style_fusion: request %d refused (%d): %s", idx, e.status, e.message)
+            return _error(context, idx, e.status, e.phrase, e.to_dict(), as_text)
+        except torch.cuda.OutOfMemoryError:
+            logger.exception("style_fusion: request %d ran out of GPU memory", idx)
+            torch.cuda.empty_cache()
+            return _error(context, idx, 507, "Insufficient Storage",
+                          {"error": "out of GPU memory; try a smaller size", "field": "size", "allowed": None},
+                          as_text)
+        except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
+            logger.exception("style_fusion: request %d failed", idx)
+            return _error(context, idx, 500, "Internal Server Error",
+                          {"error": f"internal error: {type(e).__name__}: {e}", "field": None, "allowed": None},
+                          as_text)
+
+    def _run(self, job: protocol.Job) -> bytes:
+        content = pil_to_tensor(job.content)
+        styles = [pil_to_tensor(s) for s in job.styles]
+        out = self.model.transfer(content, styles, job.config)
+        return encode(tensor_to_pil(out), job.format, self.model.metadata(job.config))
+
+
+def _is_kserve_v2(data) -> bool:
+    """TorchServe's kservev2 envelope hands over the inputs of one request: dicts with a datatype."""
+    return (isinstance(data, list) and len(data) > 0
+            and all(isinstance(d, dict) and "datatype" in d and "name" in d for d in data))
+
+
+def _n_requests(context) -> int:
+    processors = getattr(context, "request_processor", None)
+    return len(processors) if processors else 0
+
+
+def _set_content_type(context, idx: int, value: str) -> None:
+    n = _n_requests(context)
+    if n:
+        context.set_response_content_type(idx if idx < n else 0, value)
+
+
+def _error(context, idx: int, status: int, phrase: str, body: dict, as_object: bool) -> str | dict:
+    """Set this request's status and return its JSON body (an object inside a KServe envelope's JSON).
+
+    Under the KServe v1 envelope the answers are the instances of one request: the status goes to it.
+    """
+    n = _n_requests(context)
+    if n:
+        target = idx if idx < n else 0
+        context.set_response_status(status, phrase, target)
+        context.set_response_content_type(target, "application/json")
+    return body if as_object else json.dumps(body, default=str)
+
+
+def _guard_kserve_envelopes() -> None:
+    """Make TorchServe's KServe envelopes pass a malformed body on to the handler as a 400.
+
+    Their ``parse_input`` runs before the handler; left alone, a body without a proper ``inputs``/
+    ``instances`` list raises there and TorchServe answers 503 "Prediction failed". Wrapped, the
+    error reaches :meth:`StyleFusionHandler.handle` as a request error and gets a 400 with a JSON body.
+    """
+    for module_name, class_name in (("kserve", "KServeEnvelope"), ("kservev2", "KServev2Envelope")):
+        try:
+            cls = getattr(importlib.import_module(f"ts.torch_handler.request_envelope.{module_name}"), class_name)
+        except (ImportError, AttributeError):
+            continue
+        if getattr(cls.parse_input, "nsf_guarded", False):
+            continue
+
+        def parse_input(self, data, _parse=cls.parse_input, _name=module_name):
+            try:
+                return _parse(self, data)
+            except Exception as e:  # noqa: BLE001 - any malformed envelope is the client's error
+                error = protocol.RequestError(f"malformed {_name} request: {type(e).__name__}: {e}", field="body",
+                                              allowed="KServe v1 {instances: [...]} or v2 {inputs: [...]}")
+                error.envelope = _name
+                return [error]
+
+        parse_input.nsf_guarded = True
+        cls.parse_input = parse_input
+
+
+_guard_kserve_envelopes()

@@ -1,0 +1,390 @@
+"""End to end: `nsf serve` runs a real TorchServe (Java frontend + Python worker) on free loopback
+ports with token authorization on; real HTTP requests go through it.
+
+Images are 64-96 px and runs take 2-4 steps, so each request costs about a second on a small CPU.
+Every server is stopped in a finalizer (also when a test fails) and no java or worker process of
+it may be left behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from nsf.image import read_metadata
+from nsf.serve import build_archive, effective_properties, wait_ready
+from nsf.weights import VGG19Weights
+
+pytest.importorskip("ts", reason="TorchServe (the 'serve' extra) is not installed")
+if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+    pytest.skip("TorchServe needs Java 17 and there is no java here", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "style_fusion"
+BIN = Path(sys.executable).parent
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def free_port_block(n: int = 5) -> int:
+    """A port P with P..P+n-1 all free on 127.0.0.1 (the five listeners `nsf serve --port P` opens)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 45000)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def png(w: int, h: int, seed: int = 0) -> bytes:
+    a = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+CONTENT, STYLE, STYLE2 = png(96, 72, 0), png(64, 64, 1), png(48, 48, 2)
+
+
+def multipart_body(fields: dict[str, bytes | str]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        if isinstance(value, bytes):
+            head = (f'Content-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
+                    "Content-Type: application/octet-stream\r\n\r\n")
+            parts.append(f"--{boundary}\r\n{head}".encode() + value + b"\r\n")
+        else:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@dataclass
+class Reply:
+    status: int
+    content_type: str | None
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@dataclass
+class Server:
+    url: str
+    key: str
+    proc: subprocess.Popen
+    workdir: Path
+
+    def request(self, path: str, data: bytes | None = None, content_type: str | None = None,
+                key: str | None = "default", timeout: float = 300) -> Reply:
+        headers = {}
+        if key is not None:
+            headers["Authorization"] = f"Bearer {self.key if key == 'default' else key}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        req = urllib.request.Request(self.url + path, data=data, headers=headers, method="POST" if data else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return Reply(r.status, r.headers.get("Content-Type"), r.read())
+        except urllib.error.HTTPError as e:
+            return Reply(e.code, e.headers.get("Content-Type"), e.read())
+
+    def status_for_length(self, path: str, length: int) -> int:
+        """The status TorchServe answers to the headers of a POST of ``length`` bytes (Expect: 100-continue)."""
+        host, port = self.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {self.key}\r\n"
+                      f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n"
+                      "Expect: 100-continue\r\n\r\n".encode())
+            return int(s.recv(4096).split(b" ", 2)[1])
+
+    def multipart(self, fields: dict, **kw) -> Reply:
+        body, ctype = multipart_body(fields)
+        return self.request(f"/predictions/{NAME}", body, ctype, **kw)
+
+    def json(self, path: str, obj, **kw) -> Reply:
+        return self.request(path, json.dumps(obj).encode(), "application/json", **kw)
+
+    def processes(self) -> list[psutil.Process]:
+        """This server's processes: nsf serve, torchserve, java and the workers (found by the workdir)."""
+        found = []
+        for p in psutil.process_iter(["cmdline", "environ"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                env = p.info["environ"] or {}
+            except (psutil.Error, TypeError):
+                continue
+            if str(self.workdir) in cmd or str(self.workdir) in env.get("TMPDIR", ""):
+                found.append(p)
+        return found
+
+    def stop(self) -> None:
+        """Ctrl-C's path (SIGTERM to `nsf serve`), then kill anything of this server still alive."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: `nsf serve`, or torchserve's group
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+        _, alive = psutil.wait_procs(self.processes(), timeout=30)  # java and workers finish shutting down
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=30)
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@contextmanager
+def running_server(store: Path, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    port = free_port_block()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "nsf-serve.log", "wb")
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "nsf", "serve", "--model-store", str(store), "--workdir",
+                             str(workdir), "--port", str(port)], cwd=workdir, env=full_env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", "", proc, workdir)
+    try:
+        key_file = workdir / "key_file.json"
+        deadline = time.monotonic() + 120
+        while not key_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert key_file.exists(), (workdir / "nsf-serve.log").read_text()[-4000:]
+        time.sleep(0.2)  # let the frontend finish writing it
+        keys = json.loads(key_file.read_text())
+        server.key = keys["inference"]["key"]
+        try:
+            wait_ready(server.url, keys, f"http://127.0.0.1:{port + 1}", timeout=180, proc=proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n{(workdir / 'nsf-serve.log').read_text()[-4000:]}") from None
+        yield server
+    finally:
+        server.stop()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("model_store")
+    build_archive(d, quiet=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory) -> Iterator[Server]:
+    with running_server(store, tmp_path_factory.mktemp("serve")) as s:
+        yield s
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def test_calls_without_the_token_are_refused(server):
+    for key in (None, "wrong-key"):
+        assert 400 <= server.request("/ping", key=key).status < 500
+        r = server.multipart({"content": CONTENT, "style": STYLE, "size": "64", "steps": "2"}, key=key)
+        assert 400 <= r.status < 500 and b"InvalidKeyException" in r.body
+    assert server.request("/ping").json()["status"] == "Healthy"
+
+
+def test_nsf_serve_prints_how_to_call_and_when_ready(server):
+    key_file = server.workdir / "key_file.json"
+    assert key_file.stat().st_mode & 0o077 == 0  # the keys are the caller's alone
+    deadline = time.monotonic() + 30
+    while f"{NAME} is ready" not in (log := (server.workdir / "nsf-serve.log").read_text()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert f"{NAME} is ready" in log
+    assert str(key_file) in log and "Authorization: Bearer" in log and f"{server.url}/predictions/{NAME}" in log
+
+
+def test_multipart_request(server):
+    r = server.multipart({"content": CONTENT, "style": STYLE, "style_2": STYLE2, "style_weights": "0.6,0.4",
+                          "size": "96", "steps": "4", "seed": "5"})
+    assert r.status == 200, r.body[:500]
+    assert r.content_type == "image/png"
+    img = Image.open(io.BytesIO(r.body))
+    assert img.format == "PNG" and img.size == (96, 72)
+    meta = read_metadata(r.body)
+    assert meta["weights_sha256"] == VGG19Weights.CAFFE.value.sha256
+    assert meta["seed"] == 5 and meta["params"]["steps"] == 4 and meta["params"]["style_blend_weights"] == [0.6, 0.4]
+
+
+def test_json_request_jpeg(server):
+    body = {"content": base64.b64encode(CONTENT).decode(), "style": base64.b64encode(STYLE).decode(),
+            "size": 64, "steps": 2, "preserve_color": True, "format": "jpeg"}
+    r = server.json(f"/predictions/{NAME}", body)
+    assert r.status == 200, r.body[:500]
+    assert r.content_type == "image/jpeg"
+    img = Image.open(io.BytesIO(r.body))
+    assert img.format == "JPEG" and img.size == (64, 48)
+
+
+def test_same_request_same_seed_same_image(server):
+    fields = {"content": CONTENT, "style": STYLE, "size": "64", "steps": "3", "seed": "9"}
+    a, b = server.multipart(fields), server.multipart(fields)
+    assert a.status == b.status == 200
+    assert a.body == b.body
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (6000, 5000)).save(buf, format="PNG")  # 30 MP declared in a ~30 KB file
+    return buf.getvalue()
+
+
+BAD = {
+    "missing content": ({"style": STYLE, "size": "64"}, 400, "content"),
+    "missing style": ({"content": CONTENT, "size": "64"}, 400, "style"),
+    "not an image": ({"content": b"hello, world", "style": STYLE}, 400, "content"),
+    "truncated image": ({"content": CONTENT[: len(CONTENT) // 2], "style": STYLE}, 400, "content"),
+    "image over the pixel cap": ({"content": _bomb(), "style": STYLE}, 413, "content"),
+    "fields over the size limit": ({"content": CONTENT, "style": STYLE, "style_2": b"\0" * (33 * 2**20)}, 413,
+                                   "body"),
+    "unknown parameter": ({"content": CONTENT, "style": STYLE, "colour": "blue"}, 400, "colour"),
+    "size out of range": ({"content": CONTENT, "style": STYLE, "size": "100000"}, 400, "size"),
+    "steps out of range": ({"content": CONTENT, "style": STYLE, "steps": "0"}, 400, "steps"),
+    "negative weight": ({"content": CONTENT, "style": STYLE, "style_weight": "-3"}, 400, "style_weight"),
+    "unknown preset": ({"content": CONTENT, "style": STYLE, "preset": "picasso"}, 400, "preset"),
+}
+
+
+def test_bad_requests_get_4xx_and_the_worker_keeps_serving(server):
+    for what, (fields, status, field) in BAD.items():
+        r = server.multipart(fields)
+        assert r.status == status, (what, r.status, r.body[:300])
+        assert r.content_type == "application/json", what
+        assert r.json()["field"] == field, (what, r.body[:300])
+        assert r.json()["allowed"] is not None, what
+    # Over the frontend's max_request_size (40 MiB): TorchServe refuses it from its Content-Length.
+    assert server.status_for_length(f"/predictions/{NAME}", 41 * 2**20) == 413
+    r = server.json(f"/predictions/{NAME}", {"content": "@@", "style": "@@"})
+    assert r.status == 400 and r.json()["field"] in ("content", "style")
+    r = server.multipart({"content": CONTENT, "style": STYLE, "size": "64", "steps": "2"})
+    assert r.status == 200 and Image.open(io.BytesIO(r.body)).size == (64, 48)
+
+
+def test_model_management_api_is_off(server):
+    mgmt = server.url.rsplit(":", 1)[0] + ":" + str(int(server.url.rsplit(":", 1)[1]) + 1)
+    keys = json.loads((server.workdir / "key_file.json").read_text())
+    req = urllib.request.Request(f"{mgmt}/models?url=https://example.invalid/evil.mar", data=b"", method="POST",
+                                 headers={"Authorization": f"Bearer {keys['management']['key']}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert 400 <= e.value.code < 500
+
+
+def test_stopping_leaves_no_process_behind(server):
+    assert server.processes(), "the server's processes should be found while it runs"
+    server.stop()
+    deadline = time.monotonic() + 30
+    while server.processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server.processes() == []
+    assert not (server.workdir / "key_file.json").exists()
+
+
+def test_kservev2_envelope(store, tmp_path):
+    """TS_SERVICE_ENVELOPE=kservev2 (with enable_envvars_config=true in config.properties)."""
+    with running_server(store, tmp_path / "kserve", env={"TS_SERVICE_ENVELOPE": "kservev2"}) as server:
+        inputs = [{"name": "content", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(CONTENT).decode()]},
+                  {"name": "style", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(STYLE).decode()]},
+                  {"name": "size", "datatype": "INT64", "shape": [1], "data": [64]},
+                  {"name": "steps", "datatype": "INT64", "shape": [1], "data": [2]}]
+        r = server.json(f"/v2/models/{NAME}/infer", {"id": "req-1", "inputs": inputs})
+        assert r.status == 200, r.body[:500]
+        out = r.json()
+        assert out["id"] == "req-1" and out["model_name"] == NAME
+        (output,) = out["outputs"]
+        assert output["name"] == "image" and output["datatype"] == "BYTES"
+        img = Image.open(io.BytesIO(base64.b64decode(output["data"][0])))
+        assert img.format == "PNG" and img.size == (64, 48)
+        r = server.json(f"/v2/models/{NAME}/infer", {"inputs": inputs[:1]})
+        assert r.status == 400 and r.json()["outputs"][0]["data"][0]["field"] == "style"
+        r = server.json(f"/v2/models/{NAME}/infer", {"inputs": "not a list"})
+        assert r.status == 400
+        assert server.json(f"/v2/models/{NAME}/infer", {"inputs": inputs}, key=None).status in (400, 401, 403)
+        assert server.json(f"/v2/models/{NAME}/infer", {"inputs": inputs}).status == 200
+    assert server.processes() == []
+
+
+def test_kserve_config_serves_v2_without_a_token(store, tmp_path):
+    """deploy/kserve/config.properties as KServe's runtime starts it (model_snapshot, kservev2 envelope,
+    token auth off behind the wrapper), on loopback ports, with the test's model store."""
+    port = free_port_block()
+    text, _ = effective_properties(REPO / "deploy" / "kserve" / "config.properties", port)
+    text = text.replace("http://0.0.0.0:", "http://127.0.0.1:").replace("/mnt/models/model-store", str(store))
+    work = tmp_path / "kserve-runtime"
+    (work / "tmp").mkdir(parents=True)
+    (work / "config.properties").write_text(text)
+    env = {**os.environ, "TMPDIR": str(work / "tmp"), "TEMP": str(work / "tmp"), "LOG_LOCATION": str(work / "logs"),
+           "METRICS_LOCATION": str(work / "logs"), "OMP_NUM_THREADS": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("TS_SERVICE_ENVELOPE", None)
+    with open(work / "torchserve.log", "wb") as log:
+        proc = subprocess.Popen([str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config",
+                                 str(work / "config.properties"), "--model-store", str(store)], cwd=work, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = Server(f"http://127.0.0.1:{port}", "", proc, work)
+        try:
+            no_keys = {"inference": {"key": ""}, "management": {"key": ""}}
+            try:
+                wait_ready(server.url, no_keys, f"http://127.0.0.1:{port + 1}", timeout=180, proc=proc)
+            except (RuntimeError, TimeoutError) as e:
+                raise AssertionError(f"{e}\n{(work / 'torchserve.log').read_text()[-4000:]}") from None
+            assert not (work / "key_file.json").exists()
+            inputs = [{"name": "content", "datatype": "BYTES", "shape": [1],
+                       "data": [base64.b64encode(CONTENT).decode()]},
+                      {"name": "style", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(STYLE).decode()]},
+                      {"name": "size", "datatype": "INT64", "shape": [1], "data": [64]},
+                      {"name": "steps", "datatype": "INT64", "shape": [1], "data": [2]}]
+            r = server.json(f"/v2/models/{NAME}/infer", {"inputs": inputs}, key=None)
+            assert r.status == 200, r.body[:500]
+            (output,) = r.json()["outputs"]
+            assert Image.open(io.BytesIO(base64.b64decode(output["data"][0]))).size == (64, 48)
+        finally:
+            server.stop()
+    assert server.processes() == []
