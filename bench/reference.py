@@ -4,7 +4,7 @@ It does what neural-style-pt does by default: Caffe VGG-19, pixels in Caffe spac
 mean subtracted) initialised with randn * 0.001, content relu4_2 (weight 5), style relu1_1..relu5_1
 (weight 100, Gram = F F^T / (C*H*W), MSE), TV weight 1e-3 (sum of absolute differences), one
 torch.optim.LBFGS run (lr 1, history 100, no line search), the style image at the content's size.
-Only the network weights come from nsf (nsf.weights.load_weights), since that is the file under test.
+Only the network (nsf.weights.load_weights, nsf.vgg.layer_names) comes from nsf: the file under test.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsf.image import load_image, pil_to_tensor, target_size, tensor_to_pil
+from nsf.vgg import layer_names
 from nsf.weights import load_weights
 
 CONTENT = ("relu4_2",)
@@ -26,16 +27,7 @@ MEAN_BGR = torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
 
 def _named_net() -> tuple[nn.Sequential, list[str]]:
     feats = load_weights("caffe").features.eval()
-    names, block, conv = [], 1, 0
-    for m in feats:
-        if isinstance(m, nn.Conv2d):
-            conv += 1
-            names.append(f"conv{block}_{conv}")
-        elif isinstance(m, nn.ReLU):
-            names.append(f"relu{block}_{conv}")
-        else:
-            names.append(f"pool{block}")
-            block, conv = block + 1, 0
+    names = layer_names(feats)
     last = names.index("relu5_1")
     for p in feats.parameters():
         p.requires_grad_(False)

@@ -138,6 +138,8 @@ def main() -> None:
             sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
         results[method] = json.loads(lines[-1][7:])
         print(f"{method}: {time.time() - t0:.0f} s wall, final {results[method]['final']}", flush=True)
+    raw = Path(args.out) / f"speed_{args.size}_{Path(args.content).stem}_{Path(args.style).stem}_{args.device}.json"
+    raw.write_text(json.dumps(results, indent=1))
     report(args, results)
 
 
@@ -154,8 +156,9 @@ def report(args: argparse.Namespace, results: dict) -> None:
     if threshold is not None:
         lines += [f"Threshold = reference after {ref['final']['step']} steps: style_ratio + content_ratio "
                   f"<= {threshold:.4f} (each also within {STYLE_BAR}/{CONTENT_BAR}).", ""]
-    lines += ["| method | steps | s/step | s/step vs ref | total s | time to threshold | vs ref time | "
-              "style_ratio | content_ratio | peak RSS MB | image |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | steps | s/step | s/step vs ref | total s | time to threshold | vs ref total | "
+              "vs ref time to threshold | style_ratio | content_ratio | peak RSS MB | image |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ref_tt = None
     if ref is not None:
         ref_tt = next((c["seconds"] for c in ref["curve"] if reached(c, threshold)), ref["seconds"])
@@ -163,9 +166,10 @@ def report(args: argparse.Namespace, results: dict) -> None:
         tt = next((c["seconds"] for c in r["curve"] if threshold is not None and reached(c, threshold)), None)
         sps = r["s_per_step"] / ref["s_per_step"] if ref else float("nan")
         tts = f"{tt:.1f}" if tt is not None else "not reached"
-        ratio = f"1/{ref_tt / tt:.1f}" if tt and ref_tt and m != "reference" else ("1" if m == "reference" else "-")
+        vs_total = f"1/{ref['seconds'] / tt:.1f}" if tt and ref and m != "reference" else "-"
+        vs_tt = f"1/{ref_tt / tt:.1f}" if tt and ref_tt and m != "reference" else "-"
         lines.append(f"| {m} | {r['steps']} | {r['s_per_step']:.3f} | {sps:.2f} | {r['seconds']:.1f} | {tts} | "
-                     f"{ratio} | {r['final']['style_ratio']:.4f} | {r['final']['content_ratio']:.4f} | "
+                     f"{vs_total} | {vs_tt} | {r['final']['style_ratio']:.4f} | {r['final']['content_ratio']:.4f} | "
                      f"{r['peak_rss_mb']} | {r['image']} |")
     table = "\n".join(lines) + "\n"
     print("\n" + table)

@@ -117,7 +117,7 @@ def schedule(h: int, w: int, cfg: StyleConfig) -> list[tuple[int, tuple[int, int
     carry = 0
     for i, (scale, n) in enumerate(zip(cfg.scales, split_steps(cfg.steps, cfg.scale_steps))):
         hw = target_size(h, w, max(1, round(cfg.size * scale)), cfg.resize)
-        if i < len(cfg.scales) - 1 and min(hw) < 4 * MIN_SIDE:
+        if i < len(cfg.scales) - 1 and min(hw) < 2 * MIN_SIDE:  # relu5_1 keeps >= 2x2 px
             carry += n
             continue
         if n + carry > 0:

@@ -70,22 +70,21 @@ def test_schedule_keeps_all_scales_when_big_enough():
 
 
 def test_schedule_keeps_aspect():
-    # 100x200 content at size 256: 0.25 -> 32x64 (short side under 64, folded), 0.5 -> 64x128, 1 -> 128x256.
+    # 100x200 content at size 256: 0.25 -> 32x64, 0.5 -> 64x128, 1 -> 128x256.
     cfg = make_config(size=256, steps=10)
-    assert O.schedule(100, 200, cfg) == [(1, (64, 128), 9), (2, (128, 256), 1)]
+    assert O.schedule(100, 200, cfg) == [(0, (32, 64), 6), (1, (64, 128), 3), (2, (128, 256), 1)]
 
 
 def test_schedule_folds_too_small_scales():
-    # 0.25 * 100 = 25 px and 0.5 * 100 = 50 px are below 4 * MIN_SIDE = 64: their steps go to 100 px.
+    # 0.25 * 100 = 25 px is below 2 * MIN_SIDE = 32 (relu5_1 would be under 2x2): its steps go to 50 px.
     cfg = make_config(size=100, steps=10)
-    assert O.schedule(100, 100, cfg) == [(2, (100, 100), 10)]
-    # A square 256 px run keeps its 64 px scale, but a 4:1 content's short side there is 16 px,
-    # and 32 px at the 0.5 scale: both fold into the last scale.
+    assert O.schedule(100, 100, cfg) == [(1, (50, 50), 9), (2, (100, 100), 1)]
+    # A 8:1 content at 256 px: short side 8 px at 0.25 and 16 px at 0.5, both fold into the last scale.
     cfg = make_config(size=256, steps=10)
     assert O.schedule(256, 256, cfg)[0] == (0, (64, 64), 6)
-    assert O.schedule(400, 100, cfg) == [(2, (256, 64), 10)]
+    assert O.schedule(512, 64, cfg) == [(2, (256, 32), 10)]
     # Folded steps go to the next kept scale, not straight to the last one.
-    assert O.schedule(200, 100, cfg) == [(1, (128, 64), 9), (2, (256, 128), 1)]
+    assert O.schedule(400, 100, cfg) == [(1, (128, 32), 9), (2, (256, 64), 1)]
 
 
 def test_schedule_respects_square_resize():
