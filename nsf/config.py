@@ -37,7 +37,7 @@ class StyleConfig:
 
     size: int = _opt(512, "output size in pixels: the longer side (the content's aspect ratio is kept)")
     steps: int = _opt(200, "optimizer steps in all, summed over the scales of the coarse-to-fine schedule")
-    content_weight: float = _opt(1.5, "weight of the content loss (MSE of content-layer features)")
+    content_weight: float = _opt(1.0, "weight of the content loss (MSE of content-layer features)")
     style_weight: float = _opt(1.0, "weight of the style loss (MSE of Gram matrices)")
     tv_weight: float = _opt(0.0, "weight of the total-variation smoothness loss")
     content_layers: tuple[str, ...] = _opt(("relu4_2",), "VGG-19 layers matched to the content")
