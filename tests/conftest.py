@@ -6,6 +6,8 @@ to stay quick on a 2-core CPU.
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,24 @@ FAST = {
     "content_layers": ("relu2_1",),
     "style_layers": ("relu1_1", "relu2_1"),
 }
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path, monkeypatch):
+    """An empty ``$TORCH_HOME`` and no network: every socket connection fails with OSError, so
+    torch.hub downloads fail with URLError and nothing can be fetched."""
+    home = tmp_path / "torch_home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+
+    def no_network(*args, **kwargs):
+        raise OSError(f"network disabled in tests {args[1:]}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert torch.hub.get_dir() == str(home / "hub")
+    return home
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,28 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """An empty $TORCH_HOME and no network: any connection attempt fails the test."""
-    home = tmp_path / "torch_home"
-    home.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-
-    def no_network(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    return home
-
-
-@pytest.fixture
 def local_repo(monkeypatch):
     """Make torch.hub.list/help (GitHub-only in this torch) resolve to this checkout."""
     monkeypatch.setattr(torch.hub, "_get_cache_or_reload", lambda *a, **k: str(REPO))
 
 
-def test_local_load_offline_and_stylize(offline, tmp_path):
+def test_local_load_offline_and_stylize(empty_torch_home, tmp_path):
     model = torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu")
     assert type(model).__name__ == "StyleFusion"
     assert model.weights_name == "caffe"
@@ -43,7 +26,7 @@ def test_local_load_offline_and_stylize(offline, tmp_path):
     out = model.stylize(content, style, size=40, steps=3, seed=0)
     assert isinstance(out, Image.Image)
     assert out.size == (40, 27)  # longer side = size, aspect kept (48x32 -> 40x26.7)
-    assert list(offline.iterdir()) == []  # nothing was downloaded or cached
+    assert list(empty_torch_home.iterdir()) == []  # nothing was downloaded or cached
 
 
 def test_list_shows_only_public_entry_points(local_repo):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -237,22 +236,6 @@ def test_non_dict_file_is_refused(tmp_path):
     torch.save([torch.zeros(1)], path)
     with pytest.raises(W.WeightsError, match="not a state dict"):
         W.load_path(path)
-
-
-@pytest.fixture
-def empty_torch_home(tmp_path, monkeypatch):
-    """An empty ``$TORCH_HOME`` and no network: torch.hub downloads fail with URLError."""
-    home = tmp_path / "torch_home"
-    home.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-
-    def no_network(url, *args, **kwargs):
-        raise urllib.error.URLError(f"network disabled in tests ({url})")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    assert torch.hub.get_dir() == str(home / "hub")
-    return home
 
 
 def test_torchvision_weights_offline_say_how_to_get_them(empty_torch_home):
