@@ -58,25 +58,15 @@ def test_cmyk_loads_as_rgb(tmp_path):
     assert tuple(out[3, 3]) == (255, 0, 0)
 
 
-def test_palette_loads_as_rgb(tmp_path):
+@pytest.mark.parametrize(("save_kw", "top"), [({}, (10, 200, 30)), ({"transparency": 1}, (255, 255, 255))])
+def test_palette_loads_as_rgb_and_transparency_becomes_white(tmp_path, save_kw, top):
     p = Image.new("P", (20, 20))
     p.putpalette([0, 0, 0, 10, 200, 30] + [0] * (256 * 3 - 6))
     p.paste(1, (0, 0, 20, 10))
     path = tmp_path / "pal.png"
-    p.save(path)
+    p.save(path, **save_kw)
     out = np.asarray(im.load_image(path))
-    assert tuple(out[0, 0]) == (10, 200, 30)
-    assert tuple(out[15, 0]) == (0, 0, 0)
-
-
-def test_palette_transparency_becomes_white(tmp_path):
-    p = Image.new("P", (20, 20))
-    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * (256 * 3 - 6))
-    p.paste(1, (0, 0, 20, 10))
-    path = tmp_path / "pal_t.png"
-    p.save(path, transparency=1)
-    out = np.asarray(im.load_image(path))
-    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert tuple(out[0, 0]) == top
     assert tuple(out[15, 0]) == (0, 0, 0)
 
 
