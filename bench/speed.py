@@ -53,6 +53,9 @@ def worker(args: argparse.Namespace) -> dict:
     import nsf
     from nsf.image import tensor_to_pil
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"{args.method}_{args.size}_{Path(args.content).stem}_{Path(args.style).stem}"
@@ -62,10 +65,19 @@ def worker(args: argparse.Namespace) -> dict:
         from reference import Reference
 
         ref = Reference(args.device)
-        x, per_step = ref.run(args.content, args.style, size=args.size, steps=args.ref_steps,
-                              checkpoint=lambda n, t, x: checkpoints.append((n, t, ref.to_image(x))), every=50)
+
+        def keep(n: int, t: float, x: torch.Tensor) -> None:
+            checkpoints.append((n, t, ref.to_image(x)))
+            print(f"reference step {n}: {t:.1f} s", file=sys.stderr, flush=True)
+
+        x, per_step = ref.run(args.content, args.style, size=args.size, steps=args.ref_steps, checkpoint=keep,
+                              every=50)
         img = ref.to_image(x)
         result.update(steps=checkpoints[-1][0], seconds=checkpoints[-1][1], s_per_step=per_step)
+    elif args.method == "pastiche":  # the peer's own PyPI package, its defaults but for the size
+        img = run_pastiche(args, checkpoints)
+        result.update(steps=checkpoints[-1][0], seconds=checkpoints[-1][1],
+                      s_per_step=checkpoints[-1][1] / checkpoints[-1][0])
     else:
         if args.method == "nsf":
             model, options = nsf.style_fusion(device=args.device), {"size": args.size}
@@ -106,6 +118,31 @@ def worker(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_pastiche(args: argparse.Namespace, checkpoints: list) -> object:
+    """pastiche 1.6.0 (its bundled Caffe VGG-19, L-BFGS from the content, 1000 steps), timed between checkpoints."""
+    import tempfile
+
+    from pastiche.pastiche import PasticheArtist, save_image
+    from PIL import Image
+
+    artist = PasticheArtist(args.content, [args.style], size=args.size, device=args.device)
+    elapsed, tmp = 0.0, Path(tempfile.mkdtemp())
+
+    def snapshot(n: int) -> Image.Image:
+        path = tmp / f"{n}.png"
+        save_image(artist.pastiche, str(path))
+        return Image.open(path).convert("RGB")
+
+    for n in range(1, args.ref_steps + 1):
+        t0 = time.perf_counter()
+        artist.draw()
+        elapsed += time.perf_counter() - t0
+        if n % 50 == 0 or n == args.ref_steps:
+            checkpoints.append((n, elapsed, snapshot(n)))
+            print(f"pastiche step {n}: {elapsed:.1f} s", file=sys.stderr, flush=True)
+    return checkpoints[-1][2]
+
+
 def reached(q: dict, threshold: float) -> bool:
     return (q["style_ratio"] + q["content_ratio"] <= threshold + 1e-9 and q["style_ratio"] <= STYLE_BAR
             and q["content_ratio"] <= CONTENT_BAR)
@@ -117,10 +154,13 @@ def main() -> None:
     ap.add_argument("--content", required=True)
     ap.add_argument("--style", required=True)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--methods", default="reference,nsf,nsf_single_scale,seed")
+    ap.add_argument("--methods", default="reference,pastiche,nsf,nsf_single_scale,seed")
     ap.add_argument("--ref-steps", type=int, default=1000)
     ap.add_argument("--seed-steps", type=int, default=2000, help="cap the seed preset's steps (CPU: it is slow)")
     ap.add_argument("--probe-steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per method (0: torch's default)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep earlier rows of this size/pair/device/threads for methods not run now")
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--record", action="store_true", help="write the table into bench/RESULTS.md")
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -128,18 +168,25 @@ def main() -> None:
     if args.method:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
-    results = {}
+    raw = Path(args.out) / (f"speed_{args.size}_{Path(args.content).stem}_{Path(args.style).stem}_{args.device}"
+                            f"{f'_{args.threads}t' if args.threads else ''}.json")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(raw.read_text()) if args.merge and raw.exists() else {}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--method", method] + [a for a in sys.argv[1:] if a != "--record"]
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        log = raw.with_suffix(f".{method}.log")
+        with log.open("w") as err:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
-        results[method] = json.loads(lines[-1][7:])
+            sys.exit(f"{method} failed:\n{log.read_text()[-3000:]}")
+        results[method] = {**json.loads(lines[-1][7:]), "measured_at": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0))}
         print(f"{method}: {time.time() - t0:.0f} s wall, final {results[method]['final']}", flush=True)
-    raw = Path(args.out) / f"speed_{args.size}_{Path(args.content).stem}_{Path(args.style).stem}_{args.device}.json"
-    raw.write_text(json.dumps(results, indent=1))
+        raw.write_text(json.dumps(results, indent=1))
     report(args, results)
 
 
@@ -151,14 +198,15 @@ def report(args: argparse.Namespace, results: dict) -> None:
     lines = [f"### {args.size} px, {pair}, {args.device}",
              "",
              f"`{' '.join(['python bench/speed.py'] + [a for a in sys.argv[1:] if a != '--record'])}` "
-             f"on {dev}, torch threads as default, {time.strftime('%Y-%m-%d')}.",
+             f"on {dev}, {time.strftime('%Y-%m-%d')}; rows measured one after another on this machine "
+             f"(start times UTC in the last column).",
              ""]
     if threshold is not None:
         lines += [f"Threshold = reference after {ref['final']['step']} steps: style_ratio + content_ratio "
                   f"<= {threshold:.4f} (each also within {STYLE_BAR}/{CONTENT_BAR}).", ""]
     lines += ["| method | steps | s/step | s/step vs ref | total s | time to threshold | vs ref total | "
-              "vs ref time to threshold | style_ratio | content_ratio | peak RSS MB | image |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "vs ref time to threshold | style_ratio | content_ratio | peak RSS MB | image | measured at |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ref_tt = None
     if ref is not None:
         ref_tt = next((c["seconds"] for c in ref["curve"] if reached(c, threshold)), ref["seconds"])
@@ -170,13 +218,14 @@ def report(args: argparse.Namespace, results: dict) -> None:
         vs_tt = f"1/{ref_tt / tt:.1f}" if tt and ref_tt and m != "reference" else "-"
         lines.append(f"| {m} | {r['steps']} | {r['s_per_step']:.3f} | {sps:.2f} | {r['seconds']:.1f} | {tts} | "
                      f"{vs_total} | {vs_tt} | {r['final']['style_ratio']:.4f} | {r['final']['content_ratio']:.4f} | "
-                     f"{r['peak_rss_mb']} | {r['image']} |")
+                     f"{r['peak_rss_mb']} | {r['image']} | {r.get('measured_at', '-')} |")
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     if args.record:
         from results import record
 
-        record(f"speed {args.size} {Path(args.content).stem} {Path(args.style).stem} {args.device}", table)
+        threads = f" {args.threads}t" if args.threads else ""
+        record(f"speed {args.size} {Path(args.content).stem} {Path(args.style).stem} {args.device}{threads}", table)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import losses
 from .config import StyleConfig
 from .image import MIN_SIDE, resize, target_size
+from .lbfgs import LBFGS
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,10 @@ def _layer_weights(layers: Sequence[str], weights: Sequence[float] | None) -> di
 
 
 class Objective(nn.Module):
-    """``forward(x) -> (total, parts)``: the loss of a batch ``x`` in [0, 1] and its
-    ``(content, style, tv)`` parts, summed over the batch. This is the function that
-    ``torch.compile`` wraps; AOTAutograd then compiles its backward too.
+    """``forward(x) -> (loss, parts)``: per-image losses ``(B,)`` of a batch ``x`` in [0, 1] and their
+    ``(content, style, tv)`` parts ``(B, 3)``. Images do not interact: the gradient of ``loss.sum()``
+    with respect to image ``b`` is that of its own loss. This is the function that ``torch.compile``
+    wraps; AOTAutograd then compiles its backward too.
     """
 
     def __init__(self, extractor: nn.Module, cfg: StyleConfig, content: Tensor, style_grams: dict[str, Tensor],
@@ -70,29 +72,34 @@ class Objective(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feats = self.extractor(x)
-        c = sum(w * (losses.content_loss(feats[n], self.content_targets[n]) * self.content_scale[n]).sum()
+        c = sum(w * losses.content_loss(feats[n], self.content_targets[n]) * self.content_scale[n]
                 for n, w in self.content_w.items())
-        s = sum(w * (losses.style_loss(feats[n], self.style_targets[n], self.gram_norm) * self.style_scale[n]).sum()
+        s = sum(w * losses.style_loss(feats[n], self.style_targets[n], self.gram_norm) * self.style_scale[n]
                 for n, w in self.style_w.items())
-        tv = losses.tv_loss(x).sum() if self.tvw > 0 else x.new_zeros(())
-        c, s = self.cw * c, self.sw * s
-        tv = self.tvw * tv
-        return c + s + tv, torch.stack([c, s, tv]).detach()
+        tv = losses.tv_loss(x) if self.tvw > 0 else x.new_zeros(x.shape[0])
+        c, s, tv = self.cw * c, self.sw * s, self.tvw * tv
+        return c + s + tv, torch.stack([c, s, tv], dim=1).detach()
 
 
-def style_grams(extractor: nn.Module, styles: Sequence[Tensor], blend: Sequence[float], layers: Sequence[str],
-                gram_norm: str) -> dict[str, Tensor]:
+StyleInput = Tensor | Sequence[Tensor]
+
+
+def style_grams(extractor: nn.Module, styles: Sequence[StyleInput], blend: Sequence[float],
+                layers: Sequence[str], gram_norm: str) -> dict[str, Tensor]:
     """Blended target Gram matrices: ``sum_k w_k G(style_k)`` per layer (weights normalized to sum 1).
 
-    Blending the Grams is equivalent to weighting each style's loss for MSE (up to a constant).
+    Each style is a ``(B|1, 3, h, w)`` batch, or a list of ``(1, 3, h_i, w_i)`` images of any sizes,
+    one per content image (a batch of requests with their own styles). Blending the Grams is
+    equivalent to weighting each style's loss for MSE (up to a constant).
     """
     total = float(sum(blend))
     out: dict[str, Tensor] = {}
     with torch.no_grad():
         for style, w in zip(styles, blend):
-            feats = extractor(style)
+            parts = [style] if isinstance(style, Tensor) else list(style)
+            feats = [extractor(p) for p in parts]
             for n in layers:
-                g = losses.gram(feats[n], gram_norm) * (w / total)
+                g = torch.cat([losses.gram(f[n], gram_norm) for f in feats]) * (w / total)
                 out[n] = out[n] + g if n in out else g
     return out
 
@@ -126,7 +133,7 @@ def schedule(h: int, w: int, cfg: StyleConfig) -> list[tuple[int, tuple[int, int
     return plan
 
 
-def run(extractor: nn.Module, content: Tensor, styles: Sequence[Tensor], cfg: StyleConfig, *,
+def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg: StyleConfig, *,
         init: Tensor | None = None, callback: ProgressCallback | None = None,
         compile_fn: Callable[[nn.Module], Callable] | None = None,
         generator: torch.Generator | None = None) -> Tensor:
@@ -135,7 +142,8 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[Tensor], cfg: St
     Args:
         extractor: maps ``(B, 3, H, W)`` [0, 1] images to ``{layer: features}``; frozen.
         content: ``(B, 3, H, W)`` in [0, 1], any size: it is resized per scale.
-        styles: one or more ``(B|1, 3, h, w)`` style batches, blended by ``cfg.style_blend_weights``.
+        styles: one or more styles, blended by ``cfg.style_blend_weights``; each a ``(B|1, 3, h, w)``
+            batch or a list of B ``(1, 3, h_i, w_i)`` images (one per content image).
         init: a start image ``(B|1, 3, h, w)``; else ``cfg.init`` (``content`` or ``noise``).
         compile_fn: wraps the :class:`Objective` (e.g. ``torch.compile``); ``None`` runs eagerly.
 
@@ -154,7 +162,7 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[Tensor], cfg: St
     for scale_index, hw, n_steps in plan:
         c = resize(content, hw)
         style_long = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
-        sized = [resize(s, target_size(s.shape[-2], s.shape[-1], style_long, cfg.resize)) for s in styles]
+        sized = [_resize_style(s, style_long, cfg) for s in styles]
         grams = style_grams(extractor, sized, blend, cfg.style_layers, cfg.gram_norm)
         objective = Objective(extractor, cfg, c, grams)
         loss_fn = compile_fn(objective) if compile_fn is not None else objective
@@ -174,58 +182,81 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[Tensor], cfg: St
     return x.detach().clamp(0, 1)
 
 
+def _resize_style(style: StyleInput, long_side: int, cfg: StyleConfig) -> StyleInput:
+    def one(s: Tensor) -> Tensor:
+        return resize(s, target_size(s.shape[-2], s.shape[-1], long_side, cfg.resize))
+
+    return one(style) if isinstance(style, Tensor) else [one(s) for s in style]
+
+
+# How often the loop reads losses back to the host (progress, early stop). Each read waits for the
+# device; on CUDA that leaves the GPU idle while Python queues the next step, so it reads every 10.
+SYNC_EVERY = {"cuda": 10}
+LBFGS_HISTORY = 100
+
+
 def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int, step: int, total: int,
                     scale_index: int, callback: ProgressCallback | None) -> tuple[Tensor, int]:
-    best_loss, best_x = float("inf"), x.detach().clone()
+    b, hw = x.shape[0], tuple(x.shape[-2:])
+    sync_every = SYNC_EVERY.get(x.device.type, 1)
     # Adam steps are projected onto [0, 1]; L-BFGS's are not, since clipping behind its back corrupts
     # its curvature pairs (measured: 1.5% higher final loss); its result is clamped once at the end.
     project = cfg.optimizer == "adam"
-    history: list[float] = []
-    last_parts: list[Tensor] = []
-
-    def closure() -> Tensor:
-        nonlocal best_loss, best_x
+    if project:
+        adam = torch.optim.Adam([x], lr=cfg.lr)
+    else:
+        lbfgs = LBFGS(x.detach(), lr=cfg.lr, history_size=LBFGS_HISTORY)
+    best = torch.full((b,), float("inf"), device=x.device)
+    best_x = x.detach().clone()
+    values = torch.zeros(n_steps, b, device=x.device)
+    parts_log = torch.zeros(n_steps, 3, device=x.device)
+    history: list[float] = []  # the batch's summed loss per step, read back at sync points
+    done, stop = 0, False
+    for i in range(n_steps):
         if project:
             with torch.no_grad():
                 x.clamp_(0, 1)  # projected steps: the image scored is the image that may be returned
-        opt.zero_grad(set_to_none=True)
         loss, parts = loss_fn(x)
-        loss.backward()
-        value = float(loss.detach())
-        if value < best_loss:  # the loss is of x before this step's update: keep that x
-            best_loss, best_x = value, x.detach().clone()
-        last_parts[:] = [parts]
-        history.append(value)
-        return loss
-
-    if cfg.optimizer == "lbfgs":
-        # One L-BFGS iteration per .step() call, so we can report progress and stop early;
-        # the curvature history persists across calls (as in a single long call).
-        opt: torch.optim.Optimizer = torch.optim.LBFGS([x], lr=cfg.lr, max_iter=1, history_size=100,
-                                                       tolerance_grad=0.0, tolerance_change=0.0)
-    else:
-        opt = torch.optim.Adam([x], lr=cfg.lr)
-    for _ in range(n_steps):
-        opt.step(closure)
-        step += 1
-        if callback is not None:
-            c, s, tv = (float(v) for v in last_parts[0])
-            callback(Progress(step, total, scale_index, tuple(x.shape[-2:]), history[-1], c, s, tv))
-        if not all(map(_finite, history[-1:])):
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        with torch.no_grad():
+            v = loss.detach()
+            better = v < best  # the loss is of x before this step's update: keep that x, per image
+            best = torch.where(better, v, best)
+            best_x = torch.where(better.view(-1, *[1] * (x.dim() - 1)), x, best_x)
+            values[i] = v
+            parts_log[i] = parts.sum(0)
+            if project:
+                x.grad = grad
+                adam.step()
+            else:
+                lbfgs.step(x, grad)
+        if (i + 1) % sync_every and i + 1 < n_steps:
+            continue
+        for total_loss, (c, s, tv) in zip(values[done:i + 1].sum(1).tolist(), parts_log[done:i + 1].tolist()):
+            history.append(total_loss)
+            step += 1
+            if callback is not None:
+                callback(Progress(step, total, scale_index, hw, total_loss, c, s, tv))
+            stop = stop or not _finite(total_loss) or _stalled(history, cfg)
+        done = i + 1
+        if stop:
             break
-        if cfg.tol > 0 and len(history) > cfg.patience:
-            past = history[-1 - cfg.patience]
-            if past - best_loss <= cfg.tol * abs(past):
-                break
     # the final update was never evaluated; evaluate it so the best iterate includes it
     # (with grad mode on, as in the steps, so a compiled objective is not recompiled)
     if project:
         with torch.no_grad():
             x.clamp_(0, 1)
-    final = float(loss_fn(x)[0].detach())
-    if final < best_loss:
-        best_x = x.detach().clone()
+    final = loss_fn(x)[0].detach()
+    best_x = torch.where((final < best).view(-1, *[1] * (x.dim() - 1)), x.detach(), best_x)
     return best_x, step
+
+
+def _stalled(history: list[float], cfg: StyleConfig) -> bool:
+    """Relative improvement of the best loss over the last ``patience`` steps below ``tol``."""
+    if cfg.tol <= 0 or len(history) <= cfg.patience:
+        return False
+    past = history[-1 - cfg.patience]
+    return past - min(history) <= cfg.tol * abs(past)
 
 
 def _finite(v: float) -> bool:
