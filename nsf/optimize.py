@@ -155,6 +155,10 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg
     if len(blend) != len(styles):
         raise ValueError(f"style_blend_weights has {len(blend)} values for {len(styles)} style images; "
                          "give one per style")
+    for style in styles:
+        if not isinstance(style, Tensor) and len(style) != b:
+            raise ValueError(f"a per-image style list has {len(style)} images for a content batch of {b}; "
+                             "allowed: one style image per content image")
     plan = schedule(h0, w0, cfg)
     total = sum(n for _, _, n in plan)
     step = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.vgg import cfgs, make_layers
 
@@ -69,8 +70,11 @@ class FeatureExtractor(nn.Module):
     with the full one: building an extractor copies no weights.
     """
 
-    def __init__(self, normalize: nn.Module, features: nn.Sequential, layers: Sequence[str]):
+    def __init__(self, normalize: nn.Module, features: nn.Sequential, layers: Sequence[str], *,
+                 autocast: torch.dtype | None = None, channels_last: bool = False):
         super().__init__()
+        self.autocast = autocast  # run the convolutions in this dtype (e.g. bf16); features come out float32
+        self.channels_last = channels_last
         validate_layers(list(layers))
         names = layer_names(features)
         deepest = max(names.index(n) for n in layers)
@@ -82,12 +86,16 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         x = self.normalize(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         out: dict[str, Tensor] = {}
-        for name, module in zip(self._names, self.body):
-            x = module(x)
-            if name in self._wanted:
-                out[name] = x
-        return out
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            for name, module in zip(self._names, self.body):
+                x = module(x)
+                if name in self._wanted:
+                    out[name] = x
+        # Grams and losses stay float32 (a bf16 Gram sums H*W products with 8 mantissa bits)
+        return {n: f.float() for n, f in out.items()} if self.autocast is not None else out
 
     @property
     def depth(self) -> int:

@@ -269,3 +269,21 @@ def test_bad_builder_arguments():
     with pytest.raises(ValueError, match="steps=0"):
         nsf.style_fusion(steps=0, device="cpu")
     assert issubclass(WeightsError, RuntimeError)
+
+
+def test_bf16_precision_runs_and_is_recorded():
+    model = nsf.style_fusion(device="cpu", precision="bf16")
+    assert model.metadata(model.config)["precision"] == "bf16"
+    content, style = smooth_image(32, 32, seed=1), smooth_image(32, 32, seed=2)
+    out = model.stylize(content, style, **FAST)
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 32, 32)
+    fp32 = nsf.style_fusion(device="cpu")  # auto is float32 on CPU
+    assert fp32.metadata(fp32.config)["precision"] == "fp32"
+    assert float((out - fp32.stylize(content, style, **FAST)).abs().mean()) < 0.05
+
+
+@pytest.mark.parametrize(("kw", "message"), [({"precision": "fp16"}, "precision='fp16'; allowed: auto, fp32, bf16"),
+                                             ({"channels_last": "yes"}, "channels_last='yes'; allowed: 'auto'")])
+def test_precision_and_layout_options_are_checked(kw, message):
+    with pytest.raises(ValueError, match=message):
+        nsf.style_fusion(device="cpu", **kw)

@@ -135,3 +135,24 @@ def test_extractor_is_differentiable_wrt_pixels(model):
     x = smooth_image(32, 32).requires_grad_(True)
     model.extractor(("relu2_1",))(x)["relu2_1"].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_bf16_extractor_returns_float32_features_close_to_fp32(model):
+    x = smooth_image(48, 48, seed=3)
+    layers = ("relu1_1", "relu3_1", "relu5_1")
+    ref = model.extractor(layers)(x)
+    low = vgg.FeatureExtractor(model.normalize, model.features, layers, autocast=torch.bfloat16)(x)
+    for n in layers:
+        assert low[n].dtype == torch.float32
+        rel = float((low[n] - ref[n]).norm() / ref[n].norm())
+        assert 1e-5 < rel < 0.05, (n, rel)  # bf16 really ran, and stays within a few percent
+
+
+def test_channels_last_extractor_gives_the_same_features(model):
+    x = smooth_image(40, 56, seed=4)
+    layers = ("relu2_1", "relu4_2")
+    ref = model.extractor(layers)(x)
+    nhwc = vgg.FeatureExtractor(model.normalize, model.features, layers, channels_last=True)(x)
+    for n in layers:
+        assert nhwc[n].is_contiguous(memory_format=torch.channels_last)
+        assert float((nhwc[n] - ref[n]).norm() / ref[n].norm()) < 1e-5  # the same up to summation order
