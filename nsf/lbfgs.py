@@ -42,15 +42,16 @@ class LBFGS:
         self.age = torch.full((b, m), float("inf"), **kw)  # insertion number per slot; inf = empty
         self.count = torch.zeros(b, dtype=torch.long, device=x.device)  # pairs accepted so far
         self.gamma = torch.ones(b, **kw)  # H0 = gamma * I, from the latest pair
-        self.prev_g: Tensor | None = None
+        self.prev_g = torch.zeros(b, n, **kw)
         self.prev_s = torch.zeros(b, n, **kw)
+        # every tensor above is updated in place, so a captured CUDA graph of step() replays correctly
         self.steps = 0
 
     @torch.no_grad()
     def step(self, x: Tensor, grad: Tensor) -> None:
         b = x.shape[0]
         g = grad.reshape(b, -1).to(self.S.dtype)
-        if self.prev_g is not None:
+        if self.steps > 0:
             self._remember(g - self.prev_g, self.prev_s)
         d = self.direction(g)
         if self.steps == 0:  # torch's first step: t = min(1, 1/|g|_1) * lr
@@ -61,7 +62,8 @@ class LBFGS:
         t = torch.where((g * d).sum(1) <= 0, t, torch.zeros_like(t))
         s = d * t[:, None]
         x.add_(s.view_as(x).to(x.dtype))
-        self.prev_g, self.prev_s = g.clone(), s
+        self.prev_g.copy_(g)
+        self.prev_s.copy_(s)
         self.steps += 1
 
     def _remember(self, y: Tensor, s: Tensor) -> None:
@@ -86,8 +88,8 @@ class LBFGS:
         new_age = torch.where(accept, self.count.float(), self.age.gather(1, slot.view(-1, 1)).squeeze(1))
         self.age.scatter_(1, slot.view(-1, 1), new_age.unsqueeze(1))
         yy = (keep_y * keep_y).sum(1)
-        self.gamma = torch.where(accept, ys / yy.clamp_min(1e-30), self.gamma)
-        self.count = self.count + accept.long()
+        self.gamma.copy_(torch.where(accept, ys / yy.clamp_min(1e-30), self.gamma))
+        self.count.add_(accept.long())
 
     def direction(self, g: Tensor) -> Tensor:
         """``-H g`` per image, H the L-BFGS inverse-Hessian approximation (compact form)."""
