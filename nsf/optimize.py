@@ -6,6 +6,7 @@ on the device of the tensors it is given).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -136,7 +137,7 @@ def schedule(h: int, w: int, cfg: StyleConfig) -> list[tuple[int, tuple[int, int
 def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg: StyleConfig, *,
         init: Tensor | None = None, callback: ProgressCallback | None = None,
         compile_fn: Callable[[nn.Module], Callable] | None = None,
-        generator: torch.Generator | None = None) -> Tensor:
+        generator: torch.Generator | None = None, cuda_graph: bool = False) -> Tensor:
     """Optimize pixels so their features match ``content`` and their Grams match ``styles``.
 
     Args:
@@ -146,6 +147,9 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg
             batch or a list of B ``(1, 3, h_i, w_i)`` images (one per content image).
         init: a start image ``(B|1, 3, h, w)``; else ``cfg.init`` (``content`` or ``noise``).
         compile_fn: wraps the :class:`Objective` (e.g. ``torch.compile``); ``None`` runs eagerly.
+        cuda_graph: on CUDA with L-BFGS, record one whole step (objective, gradient, best iterate,
+            L-BFGS update) as a CUDA graph after a few eager steps and replay it: no per-kernel
+            launch cost. Falls back to eager steps, with a warning, if the capture fails.
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1] at the last scale's size: the best iterate of the last scale.
@@ -180,7 +184,7 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg
         else:
             x = resize(x, hw)
         x = x.detach().clone().contiguous().requires_grad_(True)
-        x, step = _optimize_scale(loss_fn, x, cfg, n_steps, step, total, scale_index, callback)
+        x, step = _optimize_scale(loss_fn, x, cfg, n_steps, step, total, scale_index, callback, cuda_graph)
     if x is None:  # pragma: no cover - schedule() always keeps the last scale
         raise RuntimeError("empty schedule")
     return x.detach().clamp(0, 1)
@@ -200,7 +204,8 @@ LBFGS_HISTORY = 100
 
 
 def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int, step: int, total: int,
-                    scale_index: int, callback: ProgressCallback | None) -> tuple[Tensor, int]:
+                    scale_index: int, callback: ProgressCallback | None,
+                    cuda_graph: bool = False) -> tuple[Tensor, int]:
     b, hw = x.shape[0], tuple(x.shape[-2:])
     sync_every = SYNC_EVERY.get(x.device.type, 1)
     # Adam steps are projected onto [0, 1]; L-BFGS's are not, since clipping behind its back corrupts
@@ -212,11 +217,9 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
         lbfgs = LBFGS(x.detach(), lr=cfg.lr, history_size=LBFGS_HISTORY)
     best = torch.full((b,), float("inf"), device=x.device)
     best_x = x.detach().clone()
-    values = torch.zeros(n_steps, b, device=x.device)
-    parts_log = torch.zeros(n_steps, 3, device=x.device)
-    history: list[float] = []  # the batch's summed loss per step, read back at sync points
-    done, stop = 0, False
-    for i in range(n_steps):
+    last_loss, last_parts = torch.zeros(b, device=x.device), torch.zeros(3, device=x.device)
+
+    def advance() -> None:  # one step; every tensor it keeps is updated in place (graph-replayable)
         if project:
             with torch.no_grad():
                 x.clamp_(0, 1)  # projected steps: the image scored is the image that may be returned
@@ -225,15 +228,31 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
         with torch.no_grad():
             v = loss.detach()
             better = v < best  # the loss is of x before this step's update: keep that x, per image
-            best = torch.where(better, v, best)
-            best_x = torch.where(better.view(-1, *[1] * (x.dim() - 1)), x, best_x)
-            values[i] = v
-            parts_log[i] = parts.sum(0)
+            best.copy_(torch.where(better, v, best))
+            best_x.copy_(torch.where(better.view(-1, *[1] * (x.dim() - 1)), x, best_x))
+            last_loss.copy_(v)
+            last_parts.copy_(parts.sum(0))
             if project:
                 x.grad = grad
                 adam.step()
             else:
                 lbfgs.step(x, grad)
+
+    graphed = cuda_graph and not project and x.device.type == "cuda" and n_steps > GRAPH_WARMUP + 1
+    step_fn: Callable[[], None] = advance
+    values = torch.zeros(n_steps, b, device=x.device)
+    parts_log = torch.zeros(n_steps, 3, device=x.device)
+    history: list[float] = []  # the batch's summed loss per step, read back at sync points
+    done, stop = 0, False
+    for i in range(n_steps):
+        if graphed and i < GRAPH_WARMUP:
+            _on_side_stream(advance)  # warm-up steps (real steps) off the default stream, as capture wants
+        else:
+            if graphed and i == GRAPH_WARMUP:
+                step_fn = _capture(advance) or advance
+            step_fn()
+        values[i].copy_(last_loss)
+        parts_log[i].copy_(last_parts)
         if (i + 1) % sync_every and i + 1 < n_steps:
             continue
         for total_loss, (c, s, tv) in zip(values[done:i + 1].sum(1).tolist(), parts_log[done:i + 1].tolist()):
@@ -253,6 +272,30 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
     final = loss_fn(x)[0].detach()
     best_x = torch.where((final < best).view(-1, *[1] * (x.dim() - 1)), x.detach(), best_x)
     return best_x, step
+
+
+GRAPH_WARMUP = 3  # eager steps before capture: cuDNN/cuBLAS choices and lazy state settle first
+
+
+def _on_side_stream(fn: Callable[[], None]) -> None:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _capture(fn: Callable[[], None]) -> Callable[[], None] | None:
+    """``fn`` recorded as a CUDA graph (recording runs nothing); ``None`` if it cannot be captured."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # an op that cannot be captured: the eager step still works
+        warnings.warn(f"nsf: CUDA graph capture failed ({type(err).__name__}: {err}); running steps eagerly",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return graph.replay
 
 
 def _stalled(history: list[float], cfg: StyleConfig) -> bool:

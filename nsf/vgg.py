@@ -89,7 +89,9 @@ class FeatureExtractor(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out: dict[str, Tensor] = {}
-        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        # no cast-weight cache: it would hold tensors across steps, which a captured CUDA graph must not
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None,
+                            cache_enabled=False):
             for name, module in zip(self._names, self.body):
                 x = module(x)
                 if name in self._wanted:
