@@ -13,7 +13,9 @@ Inputs per request (see README, "Serving with TorchServe"):
   as v2 inputs -> the image base64-encoded in the envelope's output.
 
 A bad request gets its own 4xx status and a JSON body ``{"error", "field", "allowed"}``; the other
-requests of the batch and the worker carry on.
+requests of the batch and the worker carry on. A request whose estimated run (from the seconds per
+pixel-step the worker measures in ``initialize``) would outrun ``time_budget`` x responseTimeout
+gets a 422 naming the largest steps (or size) that fit, before anything runs.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ import torch  # noqa: E402
 
 import nsf  # noqa: E402
 from nsf import protocol  # noqa: E402
+from nsf.config import make_config  # noqa: E402
 from nsf.image import encode, pil_to_tensor, tensor_to_pil  # noqa: E402
-from nsf.weights import CAFFE_FILENAME  # noqa: E402
+from nsf.weights import CAFFE_FILENAME, load_caffe  # noqa: E402
 
 logger = logging.getLogger(__name__)
+DEFAULT_RESPONSE_TIMEOUT = 120  # TorchServe's, for a model-config.yaml without responseTimeout
 
 
 class StyleFusionHandler:
@@ -47,6 +51,7 @@ class StyleFusionHandler:
     def __init__(self) -> None:
         self.model: nsf.StyleFusion | None = None
         self.limits: protocol.ServingLimits | None = None
+        self.cost: protocol.CostModel | None = None  # admission control, measured in initialize
         self.device = torch.device("cpu")
         self.initialized = False
 
@@ -59,14 +64,17 @@ class StyleFusionHandler:
             self.device = torch.device(f"cuda:{int(gpu_id)}")
             torch.cuda.set_device(self.device)
         self.limits = protocol.ServingLimits.from_model_config(context.model_yaml_config, self.device.type)
-        # The weights inside the archive, checked against their sha256 as they load; no download.
-        weights = os.path.join(props["model_dir"], CAFFE_FILENAME)
+        # The weights inside the archive must be the Caffe release: load_caffe checks their sha256
+        # (a tampered file raises WeightsError, logged by TorchServe); no download, no unpickling.
+        weights = load_caffe(os.path.join(props["model_dir"], CAFFE_FILENAME))
         self.model = nsf.style_fusion(weights=weights, device=self.device, compile=self.limits.compile,
                                       preset=self.limits.preset, **self.limits.overrides)
         logger.info("style_fusion: nsf %s from %s on %s, weights %s sha256 %s, limits %s", nsf.__version__,
                     os.path.dirname(nsf.__file__), self.device, self.model.weights_name,
                     self.model.weights_sha256, self.limits.to_dict())
         self._warm_up()
+        timeout = float((context.model_yaml_config or {}).get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT))
+        self.cost = self._calibrate(timeout)
         self.initialized = True
 
     def _warm_up(self) -> None:
@@ -75,14 +83,36 @@ class StyleFusionHandler:
         for size in limits.warmup_sizes:
             start = time.perf_counter()
             cfg = protocol.resolve(limits.preset, {"size": size, "steps": max(1, limits.warmup_steps)}, limits)
-            g = torch.Generator().manual_seed(size)
-            content = torch.rand(1, 3, 8, 8, generator=g)
-            content = torch.nn.functional.interpolate(content, size=(size, size), mode="bilinear")
-            self.model.transfer(content.clamp(0, 1), [content.flip(-1).clamp(0, 1)], cfg)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            content = _probe_image(size)
+            self.model.transfer(content, [content.flip(-1)], cfg)
+            self._sync()
             logger.info("style_fusion: warm-up at %d px, %d steps: %.1f s", size, cfg.steps,
                         time.perf_counter() - start)
+
+    def _calibrate(self, response_timeout: float) -> protocol.CostModel | None:
+        """Time a short single-scale run on this worker: seconds per pixel-step, for admission control."""
+        limits = self.limits
+        if limits.time_budget <= 0:
+            return None
+        size, steps = limits.calibrate
+        cfg = make_config(limits.base, size=size, steps=steps, scales=(1.0,), scale_steps=(1.0,), tol=0.0)
+        content = _probe_image(size)
+        self.model.transfer(content, [content.flip(-1)], make_config(cfg, steps=1))  # first-call costs
+        self._sync()
+        start = time.perf_counter()
+        self.model.transfer(content, [content.flip(-1)], cfg)
+        self._sync()
+        seconds = time.perf_counter() - start
+        cost = protocol.CostModel(seconds / protocol.pixel_steps(cfg, size, size),
+                                  limits.time_budget * response_timeout)
+        logger.info("style_fusion: calibrated %.3g s per pixel-step (%d px, %d steps: %.2f s); requests estimated "
+                    "over %.0f s (%.0f%% of responseTimeout %.0f s) are refused with 422", cost.seconds_per_pixel_step,
+                    size, steps, seconds, cost.budget, 100 * limits.time_budget, response_timeout)
+        return cost
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -114,6 +144,8 @@ class StyleFusionHandler:
             if not v2:
                 fields, as_text = protocol.request_fields(row)
             job = protocol.parse_request(fields, self.limits)
+            if self.cost is not None:
+                self.cost.admit(job.config, job.content.height, job.content.width)
             out = self._run(job)
             logger.info("style_fusion: request %d: content %dx%d -> %d px, %d steps, seed %d, %.2f s", idx,
                         *job.content.size, job.config.size, job.config.steps, job.config.seed,
@@ -143,6 +175,12 @@ class StyleFusionHandler:
         styles = [pil_to_tensor(s) for s in job.styles]
         out = self.model.transfer(content, styles, job.config)
         return encode(tensor_to_pil(out), job.format, self.model.metadata(job.config))
+
+
+def _probe_image(size: int) -> torch.Tensor:
+    """A smooth synthetic ``(1, 3, size, size)`` image for warm-up and calibration runs."""
+    content = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(size))
+    return torch.nn.functional.interpolate(content, size=(size, size), mode="bilinear").clamp(0, 1)
 
 
 def _is_kserve_v2(data) -> bool:

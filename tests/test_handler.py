@@ -25,7 +25,7 @@ from PIL import Image
 from nsf import protocol
 from nsf.config import PRESETS
 from nsf.image import read_metadata
-from nsf.weights import CAFFE_FILENAME, VGG19Weights, caffe_weights_path
+from nsf.weights import CAFFE_FILENAME, VGG19Weights, WeightsError, caffe_weights_path
 
 pytest.importorskip("ts", reason="TorchServe (the 'serve' extra) is not installed")
 from ts.context import Context, RequestProcessor  # noqa: E402
@@ -157,6 +157,15 @@ def test_initialize_reads_device_limits_and_weights(handler):
 def test_initialize_refuses_a_model_dir_without_weights(tmp_path):
     shutil.copyfile(MODEL_CONFIG, tmp_path / "model-config.yaml")
     with pytest.raises(FileNotFoundError, match=CAFFE_FILENAME):
+        load_handler_module().StyleFusionHandler().initialize(make_context(tmp_path))
+
+
+def test_initialize_refuses_tampered_weights(tmp_path):
+    shutil.copyfile(MODEL_CONFIG, tmp_path / "model-config.yaml")
+    data = bytearray(caffe_weights_path().read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit: still a loadable file, no longer the Caffe release
+    (tmp_path / CAFFE_FILENAME).write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=f"sha256 mismatch for .*{CAFFE_FILENAME}"):
         load_handler_module().StyleFusionHandler().initialize(make_context(tmp_path))
 
 

@@ -271,3 +271,20 @@ def test_torchvision_cache_is_loaded_with_weights_only(empty_torch_home):
     with pytest.raises(W.WeightsError):
         W.load_weights("torchvision")
     assert not marker.exists(), "a pickled object in the torch hub cache was executed"
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    """Nothing is unpickled: each torch.load call in nsf/, handlers/ and hubconf.py passes weights_only=True."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for path in [*root.glob("nsf/**/*.py"), *root.glob("handlers/*.py"), root / "hubconf.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                calls.append((f"{path.relative_to(root)}:{node.lineno}", ok))
+    assert calls, "expected torch.load in nsf/weights.py"
+    assert all(ok for _, ok in calls), calls
