@@ -35,8 +35,12 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="append results as JSON lines here")
     ap.add_argument("--record", action="store_true", help="write the table into bench/RESULTS.md")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (python literals)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     import ast
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
     model = nsf.style_fusion(device="cpu", preset=args.preset)

@@ -86,6 +86,8 @@ def _add_serving_commands(sub: Any) -> None:
     a = sub.add_parser("archive", help="build model_store/style_fusion.mar for TorchServe (+ sha256, model card)")
     a.add_argument("--export-path", default="model_store", help="where the .mar goes (default: model_store)")
     a.add_argument("--root", default=None, help="checkout holding handlers/ and deploy/ (default: found)")
+    a.add_argument("--model-config", default=None,
+                   help="the model-config.yaml to pack (default: deploy/model-config.yaml of the checkout)")
     s = sub.add_parser("serve", help="run TorchServe in the foreground with the style_fusion archive")
     s.add_argument("--model-store", default="model_store",
                    help="folder holding style_fusion.mar (default: model_store)")
@@ -160,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "archive":
             from .serve import build_archive
 
-            built = build_archive(args.export_path, root=args.root)
+            built = build_archive(args.export_path, root=args.root, model_config=args.model_config)
             print(f"wrote {built.mar} (sha256 {built.sha256})\n      {built.sha256_file}\n      {built.card}")
             return 0
         if args.command == "serve":

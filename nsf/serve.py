@@ -89,15 +89,19 @@ def load_model_config(path: Path) -> dict[str, Any]:
 
 
 def build_archive(export_path: str | os.PathLike[str] = "model_store", *, root: str | os.PathLike[str] | None = None,
-                  quiet: bool = False) -> Archive:
-    """Build ``<export_path>/style_fusion.mar`` (self-contained), its ``.sha256`` and ``style_fusion.card.json``."""
+                  model_config: str | os.PathLike[str] | None = None, quiet: bool = False) -> Archive:
+    """Build ``<export_path>/style_fusion.mar`` (self-contained), its ``.sha256`` and ``style_fusion.card.json``.
+
+    ``model_config``: another model-config.yaml to pack (default: the checkout's deploy/model-config.yaml).
+    """
     from . import protocol
     from .weights import CAFFE_FILENAME, VGG19Weights, caffe_weights_path
 
     root = project_root(root)
     export = Path(export_path).resolve()
     export.mkdir(parents=True, exist_ok=True)
-    model_config = load_model_config(root / MODEL_CONFIG)
+    config_path = Path(model_config) if model_config is not None else root / MODEL_CONFIG
+    model_config = load_model_config(config_path)
     limits = protocol.ServingLimits.all_devices(model_config)  # refuse a broken config before packing it
     weights = caffe_weights_path()
     info = VGG19Weights.CAFFE.value
@@ -112,7 +116,7 @@ def build_archive(export_path: str | os.PathLike[str] = "model_store", *, root: 
         shutil.copyfile(weights, stage / CAFFE_FILENAME)
         cmd = [*_archiver(), "--model-name", MODEL_NAME, "--version", __version__,
                "--handler", str(root / HANDLER), "--extra-files", str(stage),
-               "--config-file", str(root / MODEL_CONFIG), "--export-path", str(export), "--force"]
+               "--config-file", str(config_path), "--export-path", str(export), "--force"]
         if not quiet:
             print("$ " + " ".join(cmd), flush=True)
         r = subprocess.run(cmd, capture_output=True, text=True)

@@ -176,3 +176,50 @@ def test_kserve_config_agrees_with_the_archive_and_the_local_config():
     assert ks["kind"] == "InferenceService"
     assert ks["spec"]["predictor"]["timeout"] == cfg["responseTimeout"]
     assert ks["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+KSERVE_FIELDS = json.loads((Path(__file__).parent / "data" / "kserve_v1beta1_fields.json").read_text())
+
+
+def kserve_problems(value, type_name: str = "V1beta1InferenceService", where: str = "") -> list[str]:
+    """Field names and value types checked against KServe's generated models (tests/data/, from the SDK)."""
+    classes = KSERVE_FIELDS["classes"]
+    if type_name.startswith("list["):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list"]
+        return [p for i, v in enumerate(value) for p in kserve_problems(v, type_name[5:-1], f"{where}[{i}]")]
+    if type_name.startswith("dict("):
+        if not isinstance(value, dict):
+            return [f"{where}: expected a mapping"]
+        inner = type_name[5:-1].split(", ", 1)[1]
+        return [p for k, v in value.items() for p in kserve_problems(v, inner, f"{where}.{k}")]
+    simple = {"str": str, "int": int, "bool": bool, "float": (int, float)}
+    if type_name in simple:
+        ok = isinstance(value, simple[type_name]) and not (type_name != "bool" and isinstance(value, bool))
+        return [] if ok else [f"{where}: expected {type_name}, got {value!r}"]
+    if type_name in classes:
+        if not isinstance(value, dict):
+            return [f"{where}: expected a {type_name} mapping"]
+        fields = classes[type_name]
+        return [p for k, v in value.items()
+                for p in ([f"{where}.{k}: not a field of {type_name}"] if k not in fields
+                          else kserve_problems(v, fields[k], f"{where}.{k}"))]
+    return [] if isinstance(value, dict) or type_name == "object" else [f"{where}: expected {type_name}"]
+
+
+def test_kserve_manifest_fields_are_kserve_fields():
+    ks = yaml.safe_load((REPO / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    assert kserve_problems(ks) == []
+    assert ks["apiVersion"] == "serving.kserve.io/v1beta1"
+    model = ks["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "pytorch" and model["protocolVersion"] == "v2"
+    assert model["runtime"] == "kserve-torchserve" and model["storageUri"].endswith("/style_fusion")
+
+
+def test_the_kserve_check_catches_typos_and_wrong_types():
+    ks = yaml.safe_load((REPO / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    ks["spec"]["predictor"]["model"]["runtimeVersoin"] = "0.12.0"
+    ks["spec"]["predictor"]["minReplicas"] = "one"
+    problems = kserve_problems(ks)
+    assert any("runtimeVersoin: not a field of V1beta1ModelSpec" in p for p in problems)
+    assert any("minReplicas: expected int" in p for p in problems)

@@ -12,25 +12,17 @@ import base64
 import io
 import json
 import os
-import random
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import psutil
 import pytest
 from PIL import Image
+from serving import BIN, CONTENT, NAME, REPO, STYLE, STYLE2, Server, free_port_block, running_server
 
 from nsf.image import read_metadata
 from nsf.serve import build_archive, effective_properties, wait_ready
@@ -41,169 +33,6 @@ if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
     pytest.skip("TorchServe needs Java 17 and there is no java here", allow_module_level=True)
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-NAME = "style_fusion"
-BIN = Path(sys.executable).parent
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-def free_port_block(n: int = 5) -> int:
-    """A port P with P..P+n-1 all free on 127.0.0.1 (the five listeners `nsf serve --port P` opens)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 45000)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no block of free ports")
-
-
-def png(w: int, h: int, seed: int = 0) -> bytes:
-    a = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-CONTENT, STYLE, STYLE2 = png(96, 72, 0), png(64, 64, 1), png(48, 48, 2)
-
-
-def multipart_body(fields: dict[str, bytes | str]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields.items():
-        if isinstance(value, bytes):
-            head = (f'Content-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
-                    "Content-Type: application/octet-stream\r\n\r\n")
-            parts.append(f"--{boundary}\r\n{head}".encode() + value + b"\r\n")
-        else:
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-@dataclass
-class Reply:
-    status: int
-    content_type: str | None
-    body: bytes
-
-    def json(self):
-        return json.loads(self.body)
-
-
-@dataclass
-class Server:
-    url: str
-    key: str
-    proc: subprocess.Popen
-    workdir: Path
-
-    def request(self, path: str, data: bytes | None = None, content_type: str | None = None,
-                key: str | None = "default", timeout: float = 300) -> Reply:
-        headers = {}
-        if key is not None:
-            headers["Authorization"] = f"Bearer {self.key if key == 'default' else key}"
-        if content_type:
-            headers["Content-Type"] = content_type
-        req = urllib.request.Request(self.url + path, data=data, headers=headers, method="POST" if data else "GET")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return Reply(r.status, r.headers.get("Content-Type"), r.read())
-        except urllib.error.HTTPError as e:
-            return Reply(e.code, e.headers.get("Content-Type"), e.read())
-
-    def status_for_length(self, path: str, length: int) -> int:
-        """The status TorchServe answers to the headers of a POST of ``length`` bytes (Expect: 100-continue)."""
-        host, port = self.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=30) as s:
-            s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {self.key}\r\n"
-                      f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n"
-                      "Expect: 100-continue\r\n\r\n".encode())
-            return int(s.recv(4096).split(b" ", 2)[1])
-
-    def multipart(self, fields: dict, **kw) -> Reply:
-        body, ctype = multipart_body(fields)
-        return self.request(f"/predictions/{NAME}", body, ctype, **kw)
-
-    def json(self, path: str, obj, **kw) -> Reply:
-        return self.request(path, json.dumps(obj).encode(), "application/json", **kw)
-
-    def processes(self) -> list[psutil.Process]:
-        """This server's processes: nsf serve, torchserve, java and the workers (found by the workdir)."""
-        found = []
-        for p in psutil.process_iter(["cmdline", "environ"]):
-            try:
-                cmd = " ".join(p.info["cmdline"] or [])
-                env = p.info["environ"] or {}
-            except (psutil.Error, TypeError):
-                continue
-            if str(self.workdir) in cmd or str(self.workdir) in env.get("TMPDIR", ""):
-                found.append(p)
-        return found
-
-    def stop(self) -> None:
-        """Ctrl-C's path (SIGTERM to `nsf serve`), then kill anything of this server still alive."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: `nsf serve`, or torchserve's group
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                pass
-        _, alive = psutil.wait_procs(self.processes(), timeout=30)  # java and workers finish shutting down
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=30)
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-@contextmanager
-def running_server(store: Path, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
-    port = free_port_block()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "nsf-serve.log", "wb")
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "nsf", "serve", "--model-store", str(store), "--workdir",
-                             str(workdir), "--port", str(port)], cwd=workdir, env=full_env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", "", proc, workdir)
-    try:
-        key_file = workdir / "key_file.json"
-        deadline = time.monotonic() + 120
-        while not key_file.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert key_file.exists(), (workdir / "nsf-serve.log").read_text()[-4000:]
-        time.sleep(0.2)  # let the frontend finish writing it
-        keys = json.loads(key_file.read_text())
-        server.key = keys["inference"]["key"]
-        try:
-            wait_ready(server.url, keys, f"http://127.0.0.1:{port + 1}", timeout=180, proc=proc)
-        except (RuntimeError, TimeoutError) as e:
-            raise AssertionError(f"{e}\n{(workdir / 'nsf-serve.log').read_text()[-4000:]}") from None
-        yield server
-    finally:
-        server.stop()
-        log.close()
 
 
 @pytest.fixture(scope="module")
