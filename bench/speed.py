@@ -178,7 +178,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    for method in args.methods.split(","):
+    for method in filter(None, args.methods.split(",")):  # --methods "" --merge: report the saved rows only
         cmd = [sys.executable, __file__, "--method", method] + [a for a in sys.argv[1:] if a != "--record"]
         t0 = time.time()
         log = raw.with_suffix(f".{method}.log")
@@ -193,6 +193,15 @@ def main() -> None:
     report(args, results)
 
 
+def _argv_for(methods: list[str]) -> list[str]:
+    """This run's arguments, naming the methods of every row shown (rows kept by --merge included)."""
+    argv = [a for a in sys.argv[1:] if a != "--record"]
+    if "--methods" in argv:
+        i = argv.index("--methods")
+        argv[i + 1:i + 2] = [",".join(methods)] if i + 1 < len(argv) else [",".join(methods)]
+    return argv
+
+
 def report(args: argparse.Namespace, results: dict) -> None:
     ref = results.get("reference")
     threshold = ref["final"]["style_ratio"] + ref["final"]["content_ratio"] if ref else None
@@ -200,7 +209,7 @@ def report(args: argparse.Namespace, results: dict) -> None:
     dev = next(iter(results.values()))["device"]
     lines = [f"### {args.size} px, {pair}, {args.device}",
              "",
-             f"`{' '.join(['python bench/speed.py'] + [a for a in sys.argv[1:] if a != '--record'])}` "
+             f"`{' '.join(['python bench/speed.py'] + _argv_for(list(results)))}` "
              f"on {dev}, {time.strftime('%Y-%m-%d')}; rows measured one after another on this machine "
              f"(start times UTC in the last column).",
              ""]
