@@ -128,53 +128,89 @@ class StyleFusionHandler:
                 rows = [data[0] if envelope else protocol.from_kserve_v2(data)]
             except protocol.RequestError as e:
                 rows = [e]
-            answers = [self._answer(0, rows[0], context, v2=True)]
+            answers = self._answer(rows, context, v2=True)
             # The kservev2 envelope names each output after the input at the same index: name ours.
             context.input_names = ["error" if isinstance(answers[0], dict) else "image"]
             return answers
-        return [self._answer(i, row, context) for i, row in enumerate(data)]
+        return self._answer(data, context)
 
-    def _answer(self, idx: int, row, context, v2: bool = False):
+    def _answer(self, rows: list, context, v2: bool = False) -> list:
+        """Check every request, run the good ones, answer each in order.
+
+        Requests that share a resolved config and a content size (a TorchServe batch, batchSize > 1)
+        run as one batched optimization, each image its own problem; the others run one by one.
+        """
         start = time.perf_counter()
-        as_text = v2  # answer in JSON-safe form (base64 image, error object) for a KServe envelope
-        try:
-            if isinstance(row, protocol.RequestError):
-                raise row
-            fields = row
-            if not v2:
-                fields, as_text = protocol.request_fields(row)
-            job = protocol.parse_request(fields, self.limits)
-            if self.cost is not None:
-                self.cost.admit(job.config, job.content.height, job.content.width)
-            out = self._run(job)
-            logger.info("style_fusion: request %d: content %dx%d -> %d px, %d steps, seed %d, %.2f s", idx,
-                        *job.content.size, job.config.size, job.config.steps, job.config.seed,
-                        time.perf_counter() - start)
-            if as_text:
-                _set_content_type(context, idx, "application/json")  # the envelope's JSON
-                return base64.b64encode(out).decode("ascii")
-            _set_content_type(context, idx, job.content_type)
-            return out
-        except protocol.RequestError as e:
-            logger.info("style_fusion: request %d refused (%d): %s", idx, e.status, e.message)
-            return _error(context, idx, e.status, e.phrase, e.to_dict(), as_text)
-        except torch.cuda.OutOfMemoryError:
-            logger.exception("style_fusion: request %d ran out of GPU memory", idx)
-            torch.cuda.empty_cache()
-            return _error(context, idx, 507, "Insufficient Storage",
-                          {"error": "out of GPU memory; try a smaller size", "field": "size", "allowed": None},
-                          as_text)
-        except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
-            logger.exception("style_fusion: request %d failed", idx)
-            return _error(context, idx, 500, "Internal Server Error",
-                          {"error": f"internal error: {type(e).__name__}: {e}", "field": None, "allowed": None},
-                          as_text)
+        answers: list = [None] * len(rows)
+        jobs: dict[int, tuple[protocol.Job, bool]] = {}
+        for idx, row in enumerate(rows):
+            as_text = v2  # answer in JSON-safe form (base64 image, error object) for a KServe envelope
+            try:
+                if isinstance(row, protocol.RequestError):
+                    raise row
+                fields = row
+                if not v2:
+                    fields, as_text = protocol.request_fields(row)
+                job = protocol.parse_request(fields, self.limits)
+                if self.cost is not None:
+                    self.cost.admit(job.config, job.content.height, job.content.width)
+                jobs[idx] = (job, as_text)
+            except protocol.RequestError as e:
+                logger.info("style_fusion: request %d refused (%d): %s", idx, e.status, e.message)
+                answers[idx] = _error(context, idx, e.status, e.phrase, e.to_dict(), as_text)
+            except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
+                logger.exception("style_fusion: request %d failed", idx)
+                answers[idx] = _internal_error(context, idx, e, as_text)
+        groups: dict[tuple, list[int]] = {}
+        for idx, (job, _) in jobs.items():
+            groups.setdefault((job.config, job.content.size), []).append(idx)
+        for idxs in groups.values():
+            self._run_group(idxs, jobs, answers, context, start)
+        return answers
 
-    def _run(self, job: protocol.Job) -> bytes:
-        content = pil_to_tensor(job.content)
-        styles = [pil_to_tensor(s) for s in job.styles]
-        out = self.model.transfer(content, styles, job.config)
-        return encode(tensor_to_pil(out), job.format, self.model.metadata(job.config))
+    def _run_group(self, idxs: list[int], jobs: dict, answers: list, context, start: float) -> None:
+        try:
+            outs = self._run([jobs[i][0] for i in idxs])
+        except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
+            if len(idxs) > 1:  # a batch that fails (or runs out of memory) is retried request by request
+                logger.warning("style_fusion: batch %s failed (%s: %s); running its requests one by one", idxs,
+                               type(e).__name__, e)
+                for i in idxs:
+                    self._run_group([i], jobs, answers, context, start)
+                return
+            (i,) = idxs
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                logger.exception("style_fusion: request %d ran out of GPU memory", i)
+                torch.cuda.empty_cache()
+                answers[i] = _error(context, i, 507, "Insufficient Storage",
+                                    {"error": "out of GPU memory; try a smaller size", "field": "size",
+                                     "allowed": None}, jobs[i][1])
+            else:
+                logger.exception("style_fusion: request %d failed", i)
+                answers[i] = _internal_error(context, i, e, jobs[i][1])
+            return
+        for i, out in zip(idxs, outs):
+            job, as_text = jobs[i]
+            logger.info("style_fusion: request %d: content %dx%d -> %d px, %d steps, seed %d, batch of %d, "
+                        "%.2f s", i, *job.content.size, job.config.size, job.config.steps, job.config.seed,
+                        len(idxs), time.perf_counter() - start)
+            if as_text:
+                _set_content_type(context, i, "application/json")  # the envelope's JSON
+                answers[i] = base64.b64encode(out).decode("ascii")
+            else:
+                _set_content_type(context, i, job.content_type)
+                answers[i] = out
+
+    def _run(self, jobs: list[protocol.Job]) -> list[bytes]:
+        """Jobs with one config and one content size -> their encoded images (one optimization)."""
+        cfg = jobs[0].config
+        content = torch.cat([pil_to_tensor(job.content) for job in jobs])
+        # one entry per style slot: a batch of one, or each request's own image (any size)
+        styles = [pil_to_tensor(jobs[0].styles[k]) if len(jobs) == 1 else [pil_to_tensor(j.styles[k]) for j in jobs]
+                  for k in range(len(jobs[0].styles))]
+        out = self.model.transfer(content, styles, cfg)
+        meta = self.model.metadata(cfg)
+        return [encode(tensor_to_pil(out[i : i + 1]), job.format, meta) for i, job in enumerate(jobs)]
 
 
 def _probe_image(size: int) -> torch.Tensor:
@@ -198,6 +234,11 @@ def _set_content_type(context, idx: int, value: str) -> None:
     n = _n_requests(context)
     if n:
         context.set_response_content_type(idx if idx < n else 0, value)
+
+
+def _internal_error(context, idx: int, e: Exception, as_object: bool) -> str | dict:
+    return _error(context, idx, 500, "Internal Server Error",
+                  {"error": f"internal error: {type(e).__name__}: {e}", "field": None, "allowed": None}, as_object)
 
 
 def _error(context, idx: int, status: int, phrase: str, body: dict, as_object: bool) -> str | dict:

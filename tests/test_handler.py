@@ -318,7 +318,7 @@ def test_unexpected_failure_is_a_500_for_that_request_only(handler, ctx, monkeyp
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] <= 2:  # the batch of both, then the first request alone
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
@@ -327,6 +327,30 @@ def test_unexpected_failure_is_a_500_for_that_request_only(handler, ctx, monkeyp
     out = handler.handle([multipart(size="32"), multipart(size="32")], ctx)
     assert [ctx.get_response_status(i)[0] for i in range(2)] == [500, 200]
     assert "boom" in json.loads(out[0])["error"]
+    assert calls["n"] == 3  # a failed batch is retried request by request
+
+
+def test_requests_of_one_size_and_config_run_as_one_batch(handler, ctx, model_dir, monkeypatch):
+    """A TorchServe batch (batchSize > 1): equal requests share one optimization, each its own image."""
+    batches = []
+    real = handler.model.transfer
+
+    def spy(content, styles, cfg, **kw):
+        batches.append(content.shape[0])
+        return real(content, styles, cfg, **kw)
+
+    rows = [multipart(size="32"), multipart(size="32", style=STYLE2), multipart(size="48")]
+    alone = []
+    for row in rows:
+        alone.append(handler.handle([row], make_context(model_dir).batch(1))[0])
+    monkeypatch.setattr(handler.model, "transfer", spy)
+    out = handler.handle(rows, ctx.batch(3))
+    assert sorted(batches) == [1, 2]  # the two 32 px requests together, the 48 px one alone
+    assert [ctx.get_response_status(i)[0] for i in range(3)] == [200, 200, 200]
+    for got, ref in zip(out, alone):
+        a = np.asarray(Image.open(io.BytesIO(got)), dtype=np.float32)
+        b = np.asarray(Image.open(io.BytesIO(ref)), dtype=np.float32)
+        assert a.shape == b.shape and np.abs(a - b).mean() < 1.0  # float32: the same up to rounding
 
 
 # --- KServe envelopes (TorchServe's own classes around the handler) ------------------------
