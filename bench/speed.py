@@ -198,7 +198,7 @@ def _argv_for(methods: list[str]) -> list[str]:
     argv = [a for a in sys.argv[1:] if a != "--record"]
     if "--methods" in argv:
         i = argv.index("--methods")
-        argv[i + 1:i + 2] = [",".join(methods)] if i + 1 < len(argv) else [",".join(methods)]
+        argv[i + 1:i + 2] = [",".join(methods)]
     return argv
 
 

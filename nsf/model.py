@@ -54,13 +54,12 @@ class StyleFusion(nn.Module):
                  precision: Precision = "auto", channels_last: bool | Literal["auto"] = "auto",
                  cuda_graphs: bool | Literal["auto"] = "auto"):
         super().__init__()
-        if cuda_graphs not in ("auto", True, False):
-            raise ValueError(f"cuda_graphs={cuda_graphs!r}; allowed: 'auto', True, False")
-        self.cuda_graphs = cuda_graphs
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
-        if channels_last not in ("auto", True, False):
-            raise ValueError(f"channels_last={channels_last!r}; allowed: 'auto', True, False")
+        for name, value in (("channels_last", channels_last), ("cuda_graphs", cuda_graphs)):
+            if value not in ("auto", True, False):
+                raise ValueError(f"{name}={value!r}; allowed: 'auto', True, False")
+        self.cuda_graphs = cuda_graphs
         self.precision = precision
         self.channels_last = channels_last
         self.normalize = Normalize(weights.preprocessing)
