@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import image as im
 from .config import INITS, StyleConfig, make_config
-from .optimize import ProgressCallback, StyleInput, run
+from .optimize import ProgressCallback, StyleInput, run, style_parts
 from .version import __version__
 from .vgg import FeatureExtractor, freeze
 from .weights import LoadedWeights, Normalize
@@ -106,12 +106,10 @@ class StyleFusion(nn.Module):
         if not styles:
             raise ValueError("no style image given; allowed: one or more style images")
 
-        def each(fn: Callable[[Tensor, int], Tensor]) -> list[StyleInput]:  # a style is a batch or a list per image
-            return [fn(s, -1) if isinstance(s, Tensor) else [fn(t, i) for i, t in enumerate(s)] for s in styles]
-
-        styles = each(lambda s, i: s.to(device=device, dtype=torch.float32))
-        if cfg.preserve_color:
-            styles = each(lambda s, i: im.match_luminance(s, content if i < 0 else content[i : i + 1]))
+        parts = [[s.to(device=device, dtype=torch.float32) for s in style_parts(style)] for style in styles]
+        if cfg.preserve_color:  # one part is the whole batch's style; several are one per content image
+            parts = [[im.match_luminance(s, content if len(ps) == 1 else content[i : i + 1]) for i, s in enumerate(ps)]
+                     for ps in parts]
             work = im.luminance(content)
         else:
             work = content
@@ -121,7 +119,7 @@ class StyleFusion(nn.Module):
         layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
         # "reduce-overhead" compiles with its own CUDA graphs; ours would nest them
         graphs = self.cuda_graphs is not False and device.type == "cuda" and self.compile != "reduce-overhead"
-        out = run(self.extractor(layers), work, styles, cfg, init=init, callback=callback,
+        out = run(self.extractor(layers), work, parts, cfg, init=init, callback=callback,
                   compile_fn=_compile_fn(self.compile, device), generator=generator, cuda_graph=graphs)
         if cfg.preserve_color:
             out = im.recolor(out, im.resize(content, tuple(out.shape[-2:])))

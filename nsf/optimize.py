@@ -85,6 +85,11 @@ class Objective(nn.Module):
 StyleInput = Tensor | Sequence[Tensor]
 
 
+def style_parts(style: StyleInput) -> list[Tensor]:
+    """A style as a list of batches: ``[batch]`` for a ``(B|1, 3, h, w)`` tensor, else its per-image list."""
+    return [style] if isinstance(style, Tensor) else list(style)
+
+
 def style_grams(extractor: nn.Module, styles: Sequence[StyleInput], blend: Sequence[float],
                 layers: Sequence[str], gram_norm: str) -> dict[str, Tensor]:
     """Blended target Gram matrices: ``sum_k w_k G(style_k)`` per layer (weights normalized to sum 1).
@@ -97,8 +102,7 @@ def style_grams(extractor: nn.Module, styles: Sequence[StyleInput], blend: Seque
     out: dict[str, Tensor] = {}
     with torch.no_grad():
         for style, w in zip(styles, blend):
-            parts = [style] if isinstance(style, Tensor) else list(style)
-            feats = [extractor(p) for p in parts]
+            feats = [extractor(p) for p in style_parts(style)]
             for n in layers:
                 g = torch.cat([losses.gram(f[n], gram_norm) for f in feats]) * (w / total)
                 out[n] = out[n] + g if n in out else g
@@ -159,10 +163,12 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg
     if len(blend) != len(styles):
         raise ValueError(f"style_blend_weights has {len(blend)} values for {len(styles)} style images; "
                          "give one per style")
-    for style in styles:
-        if not isinstance(style, Tensor) and len(style) != b:
-            raise ValueError(f"a per-image style list has {len(style)} images for a content batch of {b}; "
-                             "allowed: one style image per content image")
+    for style in map(style_parts, styles):
+        one = len(style) == 1 and style[0].shape[0] in (1, b)
+        if not one and (len(style) != b or any(p.shape[0] != 1 for p in style)):
+            raise ValueError(f"a style of {len(style)} part(s) with batch sizes {[p.shape[0] for p in style]} "
+                             f"for a content batch of {b}; allowed: one (1|{b}, 3, h, w) batch or a list of "
+                             f"{b} (1, 3, h, w) images, one per content image")
     plan = schedule(h0, w0, cfg)
     total = sum(n for _, _, n in plan)
     step = 0
@@ -190,11 +196,8 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg
     return x.detach().clamp(0, 1)
 
 
-def _resize_style(style: StyleInput, long_side: int, cfg: StyleConfig) -> StyleInput:
-    def one(s: Tensor) -> Tensor:
-        return resize(s, target_size(s.shape[-2], s.shape[-1], long_side, cfg.resize))
-
-    return one(style) if isinstance(style, Tensor) else [one(s) for s in style]
+def _resize_style(style: StyleInput, long_side: int, cfg: StyleConfig) -> list[Tensor]:
+    return [resize(s, target_size(s.shape[-2], s.shape[-1], long_side, cfg.resize)) for s in style_parts(style)]
 
 
 # How often the loop reads losses back to the host (progress, early stop). Each read waits for the
@@ -214,7 +217,8 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
     if project:
         adam = torch.optim.Adam([x], lr=cfg.lr)
     else:
-        lbfgs = LBFGS(x.detach(), lr=cfg.lr, history_size=LBFGS_HISTORY)
+        # n steps make at most n - 1 curvature pairs: a longer history is passes over empty slots
+        lbfgs = LBFGS(x.detach(), lr=cfg.lr, history_size=max(1, min(LBFGS_HISTORY, n_steps - 1)))
     best = torch.full((b,), float("inf"), device=x.device)
     best_x = x.detach().clone()
     last_loss, last_parts = torch.zeros(b, device=x.device), torch.zeros(3, device=x.device)

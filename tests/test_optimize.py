@@ -317,3 +317,37 @@ def test_a_batch_of_requests_optimizes_as_each_alone(model, optimizer):
         alone = O.run(ex, content[i : i + 1], [styles[i]], cfg)
         assert_close(out[i : i + 1], alone, rtol=1e-9, atol=1e-12)
     assert float((out[0] - out[1]).abs().max()) > 0.05
+
+
+@pytest.mark.parametrize("style, needle", [
+    (lambda: [smooth_image(32, 32, seed=1)] * 2, "2 part"),  # a per-image list of 2 for a batch of 3
+    (lambda: smooth_image(32, 32, seed=1, batch=2), r"batch sizes \[2\]"),  # a batch of 2 for 3
+])
+def test_a_style_must_fit_the_content_batch(model, style, needle):
+    with pytest.raises(ValueError, match=needle):
+        O.run(model.extractor(CONTENT + STYLE), smooth_image(32, 32, batch=3), [style()], small_cfg(steps=1))
+
+
+def test_lbfgs_history_is_sized_to_the_steps_without_changing_the_result(model, monkeypatch):
+    """n steps make at most n - 1 curvature pairs, so a history of n - 1 slots is the same iteration
+    as the full LBFGS_HISTORY slots (the memory a 512 px run saves: 2 x 100 x 3 x 512 x 512 floats)."""
+    cfg = small_cfg(steps=6)
+    ex = copy.deepcopy(model.extractor(CONTENT + STYLE)).double()
+    content, style = smooth_image(32, 32, seed=30).double(), smooth_image(32, 32, seed=31).double()
+    sizes = []
+
+    class Recording(O.LBFGS):
+        def __init__(self, x, lr, history_size):
+            sizes.append(history_size)
+            super().__init__(x, lr, history_size)
+
+    class Full(O.LBFGS):
+        def __init__(self, x, lr, history_size):
+            super().__init__(x, lr, O.LBFGS_HISTORY)
+
+    monkeypatch.setattr(O, "LBFGS", Recording)
+    trimmed = O.run(ex, content, [style], cfg)
+    monkeypatch.setattr(O, "LBFGS", Full)
+    full = O.run(ex, content, [style], cfg)
+    assert sizes == [5]
+    assert_close(trimmed, full, rtol=1e-10, atol=1e-12)
