@@ -138,7 +138,7 @@ class ServingLimits:
             compile=compile_ if isinstance(compile_, bool) else str(compile_),
             warmup_sizes=tuple(int(s) for s in per_device.get("warmup_sizes") or ()),
             warmup_steps=int(per_device.get("warmup_steps") or 0),
-            time_budget=float(section.get("time_budget") or 0.0),
+            time_budget=cls.time_budget if section.get("time_budget") is None else float(section["time_budget"]),
             calibrate=(int(calibrate[0]), int(calibrate[1])),
         )
 
@@ -395,9 +395,9 @@ def resolve(preset: str, options: Mapping[str, Any], limits: ServingLimits) -> S
         # max_pixels: the cap the images were checked against, so the provenance record tells the truth
         cfg = make_config(preset, **{**limits.overrides, **options, "max_pixels": limits.max_pixels})
     except ValueError as e:
-        raise _from_config_error(e) from None
-    for name, top in (("size", limits.max_size), ("steps", limits.max_steps)):
-        value = getattr(cfg, name)
+        raise _from_config_error(e, limits) from None
+    for name in _RANGED:
+        value, top = getattr(cfg, name), _range(name, limits)["max"]
         if value > top:
             source = "" if name in options else f" (from preset {preset!r}; send {name} to lower it)"
             raise RequestError(f"{name}={value}{source} is over this server's limit on {limits.device}",
@@ -405,15 +405,20 @@ def resolve(preset: str, options: Mapping[str, Any], limits: ServingLimits) -> S
     return cfg
 
 
-def _from_config_error(e: ValueError) -> RequestError:
+def _from_config_error(e: ValueError, limits: ServingLimits) -> RequestError:
     """Map a StyleConfig validation error (``"name=value ...; allowed: ..."``) to its request field."""
     msg = str(e)
     m = re.match(r"(?:unknown )?(\w+)", msg)
     name = m.group(1) if m and m.group(1) in FIELD_NAMES else None
+    if name in _RANGED:  # this server's range, not the library's
+        return RequestError(msg.split(";", 1)[0], field=name, allowed=_range(name, limits))
     if name == "style_blend_weights":
         name = STYLE_WEIGHTS
     allowed = msg.split("allowed: ", 1)[1] if "allowed: " in msg else None
     return RequestError(msg, field=name, allowed=allowed)
+
+
+_RANGED = ("size", "steps")  # options whose range the server narrows (max_size, max_steps)
 
 
 def _range(name: str, limits: ServingLimits) -> dict[str, int]:
@@ -464,14 +469,9 @@ def _coerce(name: str, value: Any, kind: type, limits: ServingLimits) -> Any:
             out = int(value)
         elif isinstance(value, str) and re.fullmatch(r"[+-]?\d{1,19}", value):
             out = int(value)
-        allowed: Any = _range(name, limits) if name in ("size", "steps") else "an integer"
-        if out is None:
-            raise RequestError(f"{name}={_show(value)} is not an integer", field=name, allowed=allowed)
-        if name in ("size", "steps"):
-            top = limits.max_size if name == "size" else limits.max_steps
-            low = MIN_SIDE if name == "size" else 1
-            if not low <= out <= top:
-                raise RequestError(f"{name}={out} is out of range", field=name, allowed=allowed)
+        if out is None:  # the range is checked once, by resolve()
+            raise RequestError(f"{name}={_show(value)} is not an integer", field=name,
+                               allowed=_range(name, limits) if name in _RANGED else "an integer")
         return out
     if kind is float:
         number: float | None = None

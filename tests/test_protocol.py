@@ -214,3 +214,13 @@ def test_the_fuzz_reaches_the_optimizer_too(tight_handler):
 def test_deep_json_nesting_is_a_400():
     with pytest.raises(protocol.RequestError, match="nested too deeply"):
         protocol.request_fields({"body": b"[" * 100_000 + b"]" * 100_000})
+
+
+@pytest.mark.parametrize("option, value", [("size", 8), ("size", 100_000), ("steps", 0), ("steps", 10**9)])
+def test_size_and_steps_out_of_range_name_this_servers_range(option, value):
+    limits = protocol.ServingLimits.from_model_config(yaml.safe_load(MODEL_CONFIG.read_text()), "cpu")
+    with pytest.raises(protocol.RequestError) as e:
+        protocol.resolve("default", {option: value}, limits)
+    top = limits.max_size if option == "size" else limits.max_steps
+    assert e.value.field == option and f"{option}={value}" in str(e.value)
+    assert e.value.allowed == {"min": 16 if option == "size" else 1, "max": top}
