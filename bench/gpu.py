@@ -10,7 +10,8 @@ Measures on the card it finds, each row against a baseline measured in the same 
 - seconds per full-size step: bench/reference.py's eager fp32 loop (torch defaults: cuDNN may use
   TF32) vs nsf eager fp32, eager bf16 + channels_last, and torch.compile modes;
 - 500 full-size steps with nsf's defaults; the default preset end to end, fp32 vs bf16 quality;
-- 8 requests of --size one after another vs as one batch (each image its own L-BFGS problem).
+- 8 requests of --size one after another vs as one batch (each image its own L-BFGS problem);
+- a stream of requests of two sizes: the CUDA caching allocator's reserved memory after each, and its peak.
 Sections run in that order and stop starting new ones when --budget seconds are spent.
 """
 
@@ -226,6 +227,27 @@ class Bench:
                                    "batched_peak_mb": peak_mb()}
         print(self.res["concurrency"], flush=True)
 
+    def stream(self) -> None:
+        """A stream of requests alternating two sizes through one model (the served build): the caching
+        allocator's reserved memory after each request, and its peak, so a deployment can size the card."""
+        import torch
+
+        import nsf
+
+        model = nsf.style_fusion(device=self.dev)
+        sizes = [self.args.size, self.args.size * 3 // 4] * (self.args.stream // 2)
+        for size in dict.fromkeys(sizes):  # warm-up: compile each shape once, as the handler's warmup_sizes do
+            model.stylize(CONTENT, STYLE, size=size)
+        reset_peak()
+        reserved, seconds = [], []
+        for size in sizes:
+            seconds.append(timed(lambda s=size: model.stylize(CONTENT, STYLE, size=s)))
+            reserved.append(torch.cuda.memory_reserved() / 2**20 if self.dev == "cuda" else float("nan"))
+        self.res["stream"] = {"sizes": sizes, "seconds": seconds, "reserved_mb": reserved,
+                              "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if self.dev == "cuda"
+                              else float("nan"), "peak_allocated_mb": peak_mb()}
+        print(self.res["stream"], flush=True)
+
     def run(self) -> None:
         import torch
 
@@ -241,6 +263,7 @@ class Bench:
         if self.args.no_compile:
             self.section("concurrency", self.concurrency, 0)
             self.section("preset", self.preset, 0)
+            self.section("stream", self.stream, 0)
             return
         self.section("nsf compiled", lambda: self.nsf_step("compile default, bf16 NHWC, no graphs",
                                                            cuda_graphs=False), 40)
@@ -248,6 +271,7 @@ class Bench:
         self.section("500 steps", lambda: self.nsf_step("500 steps, nsf defaults", steps=500), 20)
         self.section("preset", self.preset, 40)
         self.section("concurrency", self.concurrency, 50)
+        self.section("stream", self.stream, 40)
         self.section("nsf reduce-overhead", lambda: self.nsf_step("compile reduce-overhead, bf16 NHWC",
                                                                   compile="reduce-overhead"), 30)
         # max-autotune-no-cudagraphs is not run: on an H200 (2026-11-27) its autotuning of this
@@ -301,6 +325,13 @@ def table(res: dict) -> str:
         lines += ["", f"{c['n']} different {res['size']} px requests, default preset and build, warm: one after "
                   f"another {c['sequential_s']:.2f} s, as one batch {c['batched_s']:.2f} s: throughput "
                   f"x{c['throughput_ratio']:.2f} (batch peak {c['batched_peak_mb']:.0f} MB)."]
+    if "stream" in res:
+        st = res["stream"]
+        lines += ["", f"A stream of {len(st['sizes'])} requests alternating {st['sizes'][0]} and {st['sizes'][1]} px "
+                  f"(default preset and build, warm): {min(st['seconds']):.2f}-{max(st['seconds']):.2f} s each; "
+                  f"CUDA caching allocator reserved {min(st['reserved_mb']):.0f}-{max(st['reserved_mb']):.0f} MB "
+                  f"after each request (first {st['reserved_mb'][0]:.0f}, last {st['reserved_mb'][-1]:.0f}), peak "
+                  f"reserved {st['peak_reserved_mb']:.0f} MB, peak allocated {st['peak_allocated_mb']:.0f} MB."]
     if res.get("errors"):
         errors = (f"{k}: {v.strip().splitlines()[-1]}" for k, v in res["errors"].items())
         lines += ["", "Not measured: " + "; ".join(errors)]
@@ -315,6 +346,7 @@ def main() -> None:
     ap.add_argument("--ref-steps", type=int, default=50)
     ap.add_argument("--probe-steps", type=int, default=100)
     ap.add_argument("--concurrent", type=int, default=8)
+    ap.add_argument("--stream", type=int, default=12, help="requests in the allocator stream (two sizes alternating)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script's code paths (with --no-compile)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--record", metavar="GPU_JSON", help="write the table of this JSON into bench/RESULTS.md")

@@ -57,6 +57,8 @@ class StyleConfig:
     seed: int = _opt(0, "random seed: the same seed on the same device gives the same image")
     scales: tuple[float, ...] = _opt((0.25, 0.5, 1.0), "coarse-to-fine schedule: sizes relative to size, ascending")
     scale_steps: tuple[float, ...] = _opt((0.6, 0.3, 0.1), "share of the steps spent at each scale")
+    restore_detail: bool = _opt(True, "coarse-to-fine with init=content: at each finer scale add the content's detail "
+                                "that the coarser scale could not hold to the upsampled image")
     tol: float = _opt(1e-4, "stop a scale early when the loss improved by less than this fraction "
                       "over the last `patience` steps (0 disables)")
     patience: int = _opt(20, "window, in steps, of the early-stop test")

@@ -351,3 +351,26 @@ def test_lbfgs_history_is_sized_to_the_steps_without_changing_the_result(model, 
     full = O.run(ex, content, [style], cfg)
     assert sizes == [5]
     assert_close(trimmed, full, rtol=1e-10, atol=1e-12)
+
+
+def test_upsample_restores_the_content_detail_the_coarse_scale_lost():
+    content = random_image(32, 48, seed=40)  # all detail: a plain upsample of its 16x24 version is a blur
+    coarse = O.resize(content, (16, 24))
+    assert_close(O.upsample(coarse, (32, 48), content), content, atol=1e-5, rtol=0)
+    blurred = O.upsample(coarse, (32, 48))
+    assert_close(blurred, O.resize(coarse, (32, 48)))
+    assert float((blurred - content).abs().mean()) > 0.1
+    # what the coarse scale changed is kept: the band is added to it, not swapped for it
+    moved = coarse + 0.25
+    assert_close(O.upsample(moved, (32, 48), content), content + 0.25, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_the_finer_scale_starts_from_the_restored_content(model, restore):
+    # Adam with a tiny lr barely moves the pixels, so the output is the last scale's start image
+    cfg = small_cfg(size=64, steps=4, scales=(0.5, 1.0), scale_steps=(0.5, 0.5), optimizer="adam", lr=1e-6,
+                    restore_detail=restore)
+    content = random_image(64, 64, seed=41)
+    out = O.run(model.extractor(CONTENT + STYLE), content, [smooth_image(32, 32, seed=42)], cfg)
+    err = float((out - content).abs().max())
+    assert err < 1e-3 if restore else err > 0.3, err
