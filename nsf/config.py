@@ -36,7 +36,7 @@ class StyleConfig:
     """Options of one style transfer run. Build with :func:`make_config` to validate."""
 
     size: int = _opt(512, "output size in pixels: the longer side (the content's aspect ratio is kept)")
-    steps: int = _opt(200, "optimizer steps in all, summed over the scales of the coarse-to-fine schedule")
+    steps: int = _opt(150, "optimizer steps in all, summed over the scales of the coarse-to-fine schedule")
     content_weight: float = _opt(1.0, "weight of the content loss (MSE of content-layer features)")
     style_weight: float = _opt(1.0, "weight of the style loss (MSE of Gram matrices)")
     tv_weight: float = _opt(0.0, "weight of the total-variation smoothness loss")
@@ -188,7 +188,7 @@ PRESETS: dict[str, StyleConfig] = {
         style_layer_weights=(0.85, 0.56, 0.11, 0.15, 0.2), gram_norm="none", normalize_losses=False,
         scales=(1.0,), scale_steps=(1.0,), tol=0.0,
     ),
-    "fast": StyleConfig(size=256, steps=150),
+    "fast": StyleConfig(size=256, steps=100),
     "quality": StyleConfig(steps=600, scales=(0.25, 0.5, 1.0), scale_steps=(0.5, 0.3, 0.2), tol=1e-5),
 }
 
