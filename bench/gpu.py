@@ -115,6 +115,32 @@ class Bench:
         self.res["tf32_tflops"] = matmul_rate(torch.float32, big // 2) / 1e12
         torch.backends.cuda.matmul.allow_tf32 = False  # back to torch's default
 
+    def checks(self) -> None:
+        """nsf's CUDA-only paths against float64: the Gram of bf16 features (float32 output, its own backward)."""
+        import torch
+
+        from nsf import losses
+
+        f = torch.randn(2, 64, 128, 128, generator=torch.Generator().manual_seed(0)).to(self.dev, torch.bfloat16)
+        f.requires_grad_(True)
+        g = losses.gram(f, "chw")
+        ref = losses.gram(f.detach().double(), "chw")
+        w = torch.randn_like(ref)
+        (grad,) = torch.autograd.grad((g * w).sum(), f)
+        f64 = f.detach().double().requires_grad_(True)
+        (grad64,) = torch.autograd.grad((losses.gram(f64, "chw") * w).sum(), f64)
+        fp32 = losses.gram(f.detach().float(), "chw")  # the float32 path, for scale
+        self.res["checks"] = {
+            "gram_bf16_dtype": str(g.dtype),
+            "gram_bf16_rel_err": float((g.double() - ref).norm() / ref.norm()),
+            "gram_fp32_rel_err": float((fp32.double() - ref).norm() / ref.norm()),
+            "gram_bf16_grad_rel_err": float((grad.double() - grad64).norm() / grad64.norm()),
+        }
+        print(self.res["checks"], flush=True)
+        # bounds: 9x and 4x the first H100 measurement (5.5e-5, 2.3e-3), far below what a wrong formula gives
+        if self.res["checks"]["gram_bf16_rel_err"] > 5e-4 or self.res["checks"]["gram_bf16_grad_rel_err"] > 1e-2:
+            raise AssertionError(f"bf16 Gram off: {self.res['checks']}")
+
     def flops(self) -> None:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
@@ -176,8 +202,10 @@ class Bench:
         scorer = Scorer(self.dev)
         rows = {}
         plain = {"precision": "fp32", "compile": False, "channels_last": False, "cuda_graphs": False}
-        for name, build in (("nsf defaults (bf16, compiled, CUDA graphs)", {}), ("fp32 eager, no graphs", plain)):
-            model = nsf.style_fusion(device=self.dev, **build)
+        for name, build, preset in (("nsf defaults (bf16, compiled, CUDA graphs)", {}, "default"),
+                                    ("fp32 eager, no graphs", plain, "default"),
+                                    ("nsf defaults, quality preset (600 steps)", {}, "quality")):
+            model = nsf.style_fusion(device=self.dev, preset=preset, **build)
             first = timed(lambda m=model: m.stylize(CONTENT, STYLE, size=self.args.size))
             reset_peak()
             img = None
@@ -187,7 +215,7 @@ class Bench:
                 img = m.stylize(CONTENT, STYLE, size=self.args.size)
 
             secs = timed(go)
-            path = self.out / f"gpu_{'bf16' if not build else 'fp32'}_{self.args.size}.png"
+            path = self.out / f"gpu_{'bf16' if not build else 'fp32'}_{preset}_{self.args.size}.png"
             img.save(path)
             q = scorer.score(img, CONTENT, STYLE)
             rows[name] = {"seconds": secs, "first_run_s": first, "style_ratio": q["style_ratio"],
@@ -246,12 +274,22 @@ class Bench:
         self.res["stream"] = {"sizes": sizes, "seconds": seconds, "reserved_mb": reserved,
                               "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if self.dev == "cuda"
                               else float("nan"), "peak_allocated_mb": peak_mb()}
+        # the served policy (handlers/style_fusion_handler.py): a shape not compiled at start-up runs eager
+        new = self.args.size * 7 // 8
+        torch.compiler.set_stance("eager_on_recompile")
+        try:
+            self.res["stream"]["new_shape"] = {"size": new, "first_s": timed(lambda: model.stylize(CONTENT, STYLE,
+                                                                                                 size=new)),
+                                               "second_s": timed(lambda: model.stylize(CONTENT, STYLE, size=new))}
+        finally:
+            torch.compiler.set_stance("default")
         print(self.res["stream"], flush=True)
 
     def run(self) -> None:
         import torch
 
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels, for every row
+        self.section("checks", self.checks, 5)
         self.section("ceilings", self.ceilings, 10)
         self.section("flops", self.flops, 10)
         self.section("reference", self.reference, 20)
@@ -314,7 +352,7 @@ def table(res: dict) -> str:
         lines.append(f"| {label} | {r['steps']} | {ms:.2f} | {vs} | {fl} | {r['first_run_s']:.1f} | "
                      f"{r['peak_mb']:.0f} |")
     if "preset" in res:
-        lines += ["", f"Default preset at {res['size']} px end to end (second run; the first includes compiling):", "",
+        lines += ["", f"Presets at {res['size']} px end to end (second run; the first includes compiling):", "",
                   "| build | seconds | first run s | style_ratio | content_ratio | peak MB | image (bench/out) |",
                   "|---|---|---|---|---|---|---|"]
         for name, r in res["preset"].items():
@@ -325,6 +363,12 @@ def table(res: dict) -> str:
         lines += ["", f"{c['n']} different {res['size']} px requests, default preset and build, warm: one after "
                   f"another {c['sequential_s']:.2f} s, as one batch {c['batched_s']:.2f} s: throughput "
                   f"x{c['throughput_ratio']:.2f} (batch peak {c['batched_peak_mb']:.0f} MB)."]
+    if "checks" in res:
+        ck = res["checks"]
+        lines += ["", f"Check: the Gram of bf16 features (float32 product output, nsf's own backward) vs float64: "
+                  f"relative error {ck['gram_bf16_rel_err']:.1e} (float32 features through the float32 product: "
+                  f"{ck.get('gram_fp32_rel_err', float('nan')):.1e}), of its gradient "
+                  f"{ck['gram_bf16_grad_rel_err']:.1e} (the gradient is bf16, as autocast's backward makes it)."]
     if "stream" in res:
         st = res["stream"]
         lines += ["", f"A stream of {len(st['sizes'])} requests alternating {st['sizes'][0]} and {st['sizes'][1]} px "
@@ -332,6 +376,12 @@ def table(res: dict) -> str:
                   f"CUDA caching allocator reserved {min(st['reserved_mb']):.0f}-{max(st['reserved_mb']):.0f} MB "
                   f"after each request (first {st['reserved_mb'][0]:.0f}, last {st['reserved_mb'][-1]:.0f}), peak "
                   f"reserved {st['peak_reserved_mb']:.0f} MB, peak allocated {st['peak_allocated_mb']:.0f} MB."]
+        if "new_shape" in st:
+            ns = st["new_shape"]
+            lines += ["", f"Then, as the handler serves (`torch.compiler.set_stance('eager_on_recompile')` after its "
+                      f"warm-up), a {ns['size']} px request, a shape never compiled: first {ns['first_s']:.2f} s, "
+                      f"second {ns['second_s']:.2f} s (compiling it would cost about the 'first run s' of the "
+                      f"compiled rows above, per coarse-to-fine scale)."]
     if res.get("errors"):
         errors = (f"{k}: {v.strip().splitlines()[-1]}" for k, v in res["errors"].items())
         lines += ["", "Not measured: " + "; ".join(errors)]

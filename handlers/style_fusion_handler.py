@@ -75,6 +75,11 @@ class StyleFusionHandler:
         self._warm_up()
         timeout = float((context.model_yaml_config or {}).get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT))
         self.cost = self._calibrate(timeout)
+        if self.model.compiles:
+            # Shapes compiled above (warmup_sizes, calibrate) stay compiled; a request of another shape
+            # runs eager (CUDA graphs still apply) instead of compiling inside the request: about 20 s
+            # per coarse-to-fine scale on an H100, and past dynamo's recompile limit it would go eager anyway.
+            torch.compiler.set_stance("eager_on_recompile")
         self.initialized = True
 
     def _warm_up(self) -> None:

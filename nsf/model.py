@@ -76,6 +76,11 @@ class StyleFusion(nn.Module):
     def device(self) -> torch.device:
         return next(self.features.parameters()).device
 
+    @property
+    def compiles(self) -> bool:
+        """Whether runs on this model's device go through ``torch.compile``."""
+        return _compile_fn(self.compile, self.device) is not None
+
     def extractor(self, layers: Sequence[str]) -> FeatureExtractor:
         """A feature extractor for ``layers`` that runs VGG-19 only as deep as it must (cached)."""
         device = self.device

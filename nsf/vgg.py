@@ -73,7 +73,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, normalize: nn.Module, features: nn.Sequential, layers: Sequence[str], *,
                  autocast: torch.dtype | None = None, channels_last: bool = False):
         super().__init__()
-        self.autocast = autocast  # run the convolutions in this dtype (e.g. bf16); features come out float32
+        self.autocast = autocast  # run the convolutions in this dtype (e.g. bf16); features come out in it
         self.channels_last = channels_last
         validate_layers(list(layers))
         names = layer_names(features)
@@ -96,8 +96,8 @@ class FeatureExtractor(nn.Module):
                 x = module(x)
                 if name in self._wanted:
                     out[name] = x
-        # Grams and losses stay float32 (a bf16 Gram sums H*W products with 8 mantissa bits)
-        return {n: f.float() for n, f in out.items()} if self.autocast is not None else out
+        # features stay in the autocast dtype: losses.gram and the MSEs sum them in float32
+        return out
 
     @property
     def depth(self) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -182,6 +183,21 @@ def test_initialize_warms_up_at_the_configured_sizes(tmp_path, caplog):
     warm = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
     assert [m.split(" px")[0].rsplit(" ", 1)[1] for m in warm] == ["32", "48"]
     assert h.device.type == "cpu" and h.model.compile is False  # from nsf.devices.cpu.compile
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_a_compiling_worker_compiles_no_new_shape_inside_a_request(tmp_path, monkeypatch, compile):
+    cfg = yaml.safe_load(MODEL_CONFIG.read_text())
+    cfg["nsf"]["time_budget"] = 0  # no calibration run: nothing is compiled here, only the policy is set
+    cfg["nsf"]["devices"]["cpu"].update(compile=compile, warmup_sizes=[])
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / CAFFE_FILENAME).symlink_to(caffe_weights_path())
+    stances = []
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance, **kw: stances.append(stance))
+    h = load_handler_module().StyleFusionHandler()
+    h.initialize(make_context(tmp_path))
+    assert h.model.compiles is compile
+    assert stances == (["eager_on_recompile"] if compile else [])
 
 
 # --- good requests ------------------------------------------------------------------------

@@ -67,6 +67,20 @@ def test_gram_upcasts_half_inputs_to_float32(dtype):
     assert_close(g, losses.gram(f.float(), "chw"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the float32-output half product is CUDA's")
+def test_gram_of_half_features_on_cuda_is_float32_with_a_correct_gradient():
+    f = torch.randn(2, 64, 96, 96, generator=torch.Generator().manual_seed(3)).to("cuda", torch.bfloat16)
+    g = losses.gram(f.requires_grad_(True), "chw")
+    ref = losses.gram(f.detach().double(), "chw")
+    assert g.dtype == torch.float32
+    assert float((g.double() - ref).norm() / ref.norm()) < 5e-4  # H100: 5.5e-5 (cuBLAS's float32 accumulation)
+    w = torch.randn_like(ref)
+    (grad,) = torch.autograd.grad((g * w).sum(), f)
+    f64 = f.detach().double().requires_grad_(True)
+    (grad64,) = torch.autograd.grad((losses.gram(f64, "chw") * w).sum(), f64)
+    assert float((grad.double() - grad64).norm() / grad64.norm()) < 1e-2  # a bf16 gradient, as autocast's
+
+
 def test_gram_keeps_float64():
     f = torch.randn(1, 2, 3, 3, dtype=torch.float64)
     assert losses.gram(f).dtype == torch.float64
