@@ -77,11 +77,17 @@ class StyleConfig:
 FIELD_NAMES = tuple(f.name for f in fields(StyleConfig))
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    bad = not math.isfinite(value) or value > hi or (value <= lo if lo_open else value < lo)
-    if bad:
+def _check_range(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    if not isinstance(value, int):  # an int is compared exactly: float(10**400) would overflow
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={value!r} must be a number") from None
+    nan_or_inf = isinstance(value, float) and not math.isfinite(value)
+    if nan_or_inf or value > hi or (value <= lo if lo_open else value < lo):
         low = f"> {lo}" if lo_open else f">= {lo}"
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {low} and <= {hi:g}")
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{name}={shown} is out of range; allowed: {low} and <= {hi:g}")
 
 
 def _as_tuple(name: str, value: Any, kind: type) -> tuple | None:
@@ -91,7 +97,7 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple | None:
         value = (value,) if kind is float or isinstance(value, str) else value
     try:
         return tuple(kind(v) for v in value)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"{name}={value!r} must be a sequence of {kind.__name__}") from e
 
 
@@ -107,12 +113,12 @@ def validate(cfg: StyleConfig) -> StyleConfig:
     _check_range("max_pixels", cfg.max_pixels, 256, 2**40)
     _check_range("seed", cfg.seed, 0, 2**63 - 1)
     for name in ("content_weight", "style_weight", "tv_weight"):
-        _check_range(name, float(getattr(cfg, name)), 0.0, MAX_WEIGHT)
+        _check_range(name, getattr(cfg, name), 0.0, MAX_WEIGHT)
     if cfg.content_weight == 0 and cfg.style_weight == 0:
         raise ValueError("content_weight and style_weight are both 0: nothing to optimize; allowed: either > 0")
-    _check_range("lr", float(cfg.lr), 0.0, 1e6, lo_open=True)
-    _check_range("style_scale", float(cfg.style_scale), 0.0, 16.0, lo_open=True)
-    _check_range("tol", float(cfg.tol), 0.0, 1.0)
+    _check_range("lr", cfg.lr, 0.0, 1e6, lo_open=True)
+    _check_range("style_scale", cfg.style_scale, 0.0, 16.0, lo_open=True)
+    _check_range("tol", cfg.tol, 0.0, 1.0)
     validate_layers(cfg.content_layers, "content layer")
     validate_layers(cfg.style_layers, "style layer")
     for layers, weights, what in ((cfg.content_layers, cfg.content_layer_weights, "content_layer_weights"),
@@ -121,10 +127,10 @@ def validate(cfg: StyleConfig) -> StyleConfig:
             if len(weights) != len(layers):
                 raise ValueError(f"{what} has {len(weights)} values for {len(layers)} layers; give one per layer")
             for w in weights:
-                _check_range(what, float(w), 0.0, MAX_WEIGHT)
+                _check_range(what, w, 0.0, MAX_WEIGHT)
     if cfg.style_blend_weights is not None:
         for w in cfg.style_blend_weights:
-            _check_range("style_blend_weights", float(w), 0.0, MAX_WEIGHT)
+            _check_range("style_blend_weights", w, 0.0, MAX_WEIGHT)
         if sum(cfg.style_blend_weights) <= 0:
             raise ValueError("style_blend_weights sum to 0; allowed: non-negative values with a positive sum")
     for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("gram_norm", cfg.gram_norm, GRAM_NORMS),

@@ -475,12 +475,10 @@ def _coerce(name: str, value: Any, kind: type, limits: ServingLimits) -> Any:
         return out
     if kind is float:
         number: float | None = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 number = float(value)
-            except ValueError:
+            except (ValueError, OverflowError):  # "abc", or an int past float's range
                 number = None
         if number is None or not math.isfinite(number):
             raise RequestError(f"{name}={_show(value)} is not a finite number", field=name,

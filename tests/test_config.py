@@ -184,3 +184,10 @@ def test_validate_catches_direct_construction():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         StyleConfig().steps = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("option", ["size", "steps", "seed", "content_weight", "lr", "tol", "style_blend_weights"])
+@pytest.mark.parametrize("value", [10**400, -(10**400)])
+def test_numbers_too_big_for_a_float_are_a_value_error(option, value):
+    with pytest.raises(ValueError, match=f"{option}="):
+        make_config(**{option: value})

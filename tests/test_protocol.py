@@ -16,7 +16,7 @@ import zlib
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from test_handler import MODEL_CONFIG, load_handler_module, make_context
@@ -158,7 +158,7 @@ images = st.one_of(
     st.tuples(st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1)).map(lambda wh: bomb_header(*wh)),
     st.just(GOOD),
 )
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**80), 2**80),
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**80), 2**80), st.sampled_from([10**400, -(10**400)]),
                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=16),
                     st.sampled_from(["NaN", "inf", "-1", "1e309", "32", "2", "fast", "jpeg", "0.5,0.5"]))
 json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
@@ -189,6 +189,10 @@ rows = st.one_of(
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(row=rows)
+# a number past float's range in each kind of numeric field (once a 500: OverflowError)
+@example(row={"body": json.dumps({"content": _b64(GOOD), "style": _b64(GOOD), "size": 10**400}).encode()})
+@example(row={"body": json.dumps({"content": _b64(GOOD), "style": _b64(GOOD), "steps": -(10**400)}).encode()})
+@example(row={"body": json.dumps({"content": _b64(GOOD), "style": _b64(GOOD), "style_weight": 10**400}).encode()})
 def test_hostile_requests_get_a_4xx_never_a_5xx(tight_handler, row):
     handler, d = tight_handler
     ctx = make_context(d).batch(1)
