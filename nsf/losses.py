@@ -36,12 +36,13 @@ def gram(features: Tensor, norm: GramNorm = "chw") -> Tensor:
         raise ValueError(f"unknown gram norm {norm!r}; allowed: {', '.join(GRAM_NORMS)}")
     b, c, h, w = features.shape
     flat = features.reshape(b, c, h * w)
-    if flat.dtype in (torch.float16, torch.bfloat16) and flat.is_cuda:
+    half = flat.dtype in (torch.float16, torch.bfloat16)
+    if half and flat.is_cuda:
         # half inputs are exact (the network's outputs); a float32 product of them would run at the
         # card's plain fp32 rate, about 1/15 of its bf16 rate: this is the largest matmul per step
         g = _HalfGram.apply(flat)
     else:
-        flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+        flat = flat.float() if half else flat
         g = torch.bmm(flat, flat.transpose(1, 2))
     if norm == "chw":
         g = g / (c * h * w)
