@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .geometry import MIN_SIDE
 from .losses import GRAM_NORMS
 from .vgg import validate_layers
 
 OPTIMIZERS = ("lbfgs", "adam")
 INITS = ("content", "noise")
 RESIZES = ("long_side", "square")
+STROKE_SCALES = ("picture", "pixels")
 
 # Hard bounds that keep a typo from allocating the machine away; the handler sets tighter ones.
 MAX_STEPS = 100_000
@@ -59,6 +61,13 @@ class StyleConfig:
     scale_steps: tuple[float, ...] = _opt((0.6, 0.3, 0.1), "share of the steps spent at each scale")
     restore_detail: bool = _opt(True, "coarse-to-fine with init=content: at each finer scale add the content's detail "
                                 "that the coarser scale could not hold to the upsampled image")
+    base_size: int = _opt(512, "the coarse-to-fine scales run up to this size; a larger output adds refinement "
+                          "scales, each twice the last, up to size (0: scales relative to size alone)")
+    refine_steps: tuple[int, ...] = _opt((10, 6, 4, 3), "steps at each refinement scale above base_size, "
+                                         "coarsest first (the last repeats)")
+    stroke_scale: str = _opt("picture", f"{' or '.join(STROKE_SCALES)}: style strokes keep their size relative to "
+                             "the picture (the style image is resized with the output, upscaled if need be) or "
+                             "to the style image's pixels (never upscaled: a print gets finer strokes)")
     tol: float = _opt(1e-4, "stop a scale early when the loss improved by less than this fraction "
                       "over the last `patience` steps (0 disables)")
     patience: int = _opt(20, "window, in steps, of the early-stop test")
@@ -94,7 +103,7 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple | None:
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        value = (value,) if kind is float or isinstance(value, str) else value
+        value = (value,) if kind in (float, int) or isinstance(value, str) else value
     try:
         return tuple(kind(v) for v in value)
     except (TypeError, ValueError, OverflowError) as e:
@@ -103,7 +112,7 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple | None:
 
 def validate(cfg: StyleConfig) -> StyleConfig:
     """Check every option; raise ``ValueError`` naming the bad value and what is allowed."""
-    for name in ("size", "steps", "patience", "max_pixels", "seed"):
+    for name in ("size", "steps", "patience", "max_pixels", "seed", "base_size"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"{name}={v!r} must be an integer")
@@ -112,6 +121,14 @@ def validate(cfg: StyleConfig) -> StyleConfig:
     _check_range("patience", cfg.patience, 1, MAX_STEPS)
     _check_range("max_pixels", cfg.max_pixels, 256, 2**40)
     _check_range("seed", cfg.seed, 0, 2**63 - 1)
+    if cfg.base_size:
+        _check_range("base_size", cfg.base_size, 2 * MIN_SIDE, MAX_SIZE)
+    if not cfg.refine_steps:
+        raise ValueError("refine_steps=(); allowed: one or more step counts, e.g. 10,6,4,3")
+    for n in cfg.refine_steps:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError(f"refine_steps={cfg.refine_steps!r}; allowed: integers")
+        _check_range("refine_steps", n, 0, MAX_STEPS)
     for name in ("content_weight", "style_weight", "tv_weight"):
         _check_range(name, getattr(cfg, name), 0.0, MAX_WEIGHT)
     if cfg.content_weight == 0 and cfg.style_weight == 0:
@@ -134,7 +151,7 @@ def validate(cfg: StyleConfig) -> StyleConfig:
         if sum(cfg.style_blend_weights) <= 0:
             raise ValueError("style_blend_weights sum to 0; allowed: non-negative values with a positive sum")
     for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("gram_norm", cfg.gram_norm, GRAM_NORMS),
-                                 ("resize", cfg.resize, RESIZES)):
+                                 ("resize", cfg.resize, RESIZES), ("stroke_scale", cfg.stroke_scale, STROKE_SCALES)):
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
     if not isinstance(cfg.init, str) or not cfg.init:
@@ -148,7 +165,8 @@ def validate(cfg: StyleConfig) -> StyleConfig:
 
 
 _TUPLE_FIELDS = {"content_layers": str, "style_layers": str, "content_layer_weights": float,
-                 "style_layer_weights": float, "style_blend_weights": float, "scales": float, "scale_steps": float}
+                 "style_layer_weights": float, "style_blend_weights": float, "scales": float, "scale_steps": float,
+                 "refine_steps": int}
 
 
 def make_config(base: StyleConfig | str | None = None, **overrides: Any) -> StyleConfig:

@@ -10,20 +10,22 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import threading
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
+from .geometry import MIN_SIDE, resize, target_size  # noqa: F401 (re-exported: the edge resizes too)
+
 ImageLike = str | os.PathLike | Image.Image | Tensor | bytes
 
-MIN_SIDE = 16  # below this VGG-19's deeper pooled layers have no pixels left; smaller inputs say so
 METADATA_KEY = "nsf"
 _PIL_LIMIT_LOCK = threading.Lock()
 
@@ -143,22 +145,6 @@ def check_tensor(t: Tensor, what: str = "image") -> Tensor:
     return t
 
 
-def target_size(h: int, w: int, size: int, mode: str = "long_side") -> tuple[int, int]:
-    """(H, W) with the longer side ``size`` and the aspect ratio kept, or ``size x size`` for ``square``."""
-    if mode == "square":
-        return size, size
-    if h >= w:
-        return size, max(1, round(w * size / h))
-    return max(1, round(h * size / w)), size
-
-
-def resize(t: Tensor, hw: tuple[int, int]) -> Tensor:
-    """Antialiased bilinear resize of ``(B, 3, H, W)`` to ``hw``; a no-op when the size already matches."""
-    if tuple(t.shape[-2:]) == tuple(hw):
-        return t
-    return F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
-
-
 # Luminance/chroma (YIQ, as in Gatys et al. 2016, "Preserving color in neural artistic style transfer").
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
@@ -192,18 +178,56 @@ def recolor(output: Tensor, content: Tensor) -> Tensor:
     return yiq_to_rgb(torch.cat([y, iq], dim=1)).clamp(0, 1)
 
 
+def _text_chunks(metadata: dict[str, Any]) -> dict[str, str]:
+    """The whole record as JSON under ``nsf``, plus a few top-level keys for `exiftool` (ASCII text)."""
+    out = {METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)}
+    out.update({key: str(metadata[key]) for key in ("nsf_version", "weights", "weights_sha256", "seed")
+                if key in metadata})
+    return out
+
+
 def png_info(metadata: dict[str, Any]) -> PngImagePlugin.PngInfo:
-    """PNG text chunks: the whole record as JSON under ``nsf``, plus a few top-level keys for `exiftool`."""
+    """PNG text chunks (:func:`_text_chunks`) for PIL."""
     info = PngImagePlugin.PngInfo()
-    info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True, default=str))
-    for key in ("nsf_version", "weights", "weights_sha256", "seed"):
-        if key in metadata:
-            info.add_text(key, str(metadata[key]))
+    for key, value in _text_chunks(metadata).items():
+        info.add_text(key, value)
     return info
 
 
-def save_png(img: Image.Image, path: str | os.PathLike, metadata: dict[str, Any]) -> None:
-    img.save(path, format="PNG", pnginfo=png_info(metadata))
+def save_png(img: Image.Image | Tensor, path: str | os.PathLike, metadata: dict[str, Any],
+             bit_depth: int = 8) -> None:
+    """Write a PNG with the provenance chunks; a tensor ``(1|, 3, H, W)`` in [0, 1] may be written with 16 bits
+    per channel (PIL writes RGB only at 8)."""
+    if bit_depth == 16:
+        if not isinstance(img, Tensor):
+            raise ValueError("bit_depth=16 needs the float image tensor; allowed: a (3, H, W) tensor")
+        Path(path).write_bytes(encode_png16(img, metadata))
+    elif bit_depth == 8:
+        (tensor_to_pil(img) if isinstance(img, Tensor) else img).save(path, format="PNG", pnginfo=png_info(metadata))
+    else:
+        raise ValueError(f"bit_depth={bit_depth}; allowed: 8, 16")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_png16(t: Tensor, metadata: dict[str, Any] | None = None) -> bytes:
+    """A 16-bit RGB PNG of ``(1|, 3, H, W)`` values in [0, 1] (rounded to 1/65535), with the same text chunks
+    as :func:`png_info` writes. Rows use PNG's ``Up`` filter (type 2), which suits smooth images."""
+    if t.dim() == 4:
+        if t.shape[0] != 1:
+            raise ValueError(f"encode_png16 takes one image, got a batch of {t.shape[0]}")
+        t = t[0]
+    a = t.detach().float().clamp(0, 1).mul(65535).round().to(torch.int32).permute(1, 2, 0).cpu().numpy()
+    h, w, _ = a.shape
+    rows = np.ascontiguousarray(a.astype(">u2")).view(np.uint8).reshape(h, w * 6)
+    up = rows - np.vstack([np.zeros((1, w * 6), np.uint8), rows[:-1]])  # uint8 arithmetic wraps mod 256
+    raw = np.hstack([np.full((h, 1), 2, np.uint8), up]).tobytes()
+    text = b"".join(_chunk(b"tEXt", k.encode("latin-1") + b"\0" + v.encode("latin-1", "replace"))
+                    for k, v in _text_chunks(metadata or {}).items())
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)) + text
+            + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b""))
 
 
 def encode(img: Image.Image, fmt: str = "png", metadata: dict[str, Any] | None = None, quality: int = 95) -> bytes:

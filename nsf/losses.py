@@ -16,7 +16,12 @@ GramNorm = Literal["chw", "none"]
 GRAM_NORMS: tuple[str, ...] = ("chw", "none")
 
 
-def gram(features: Tensor, norm: GramNorm = "chw") -> Tensor:
+def wide(t: Tensor) -> Tensor:
+    """``t`` in float32, or wider: half dtypes are upcast, float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def gram(features: Tensor, norm: GramNorm = "chw", positions: int | None = None) -> Tensor:
     """Gram matrices of a batch of feature maps.
 
     Args:
@@ -24,6 +29,8 @@ def gram(features: Tensor, norm: GramNorm = "chw") -> Tensor:
         norm: ``"chw"`` divides ``F F^T`` by ``C*H*W`` (as neural-style does, so the
             loss does not depend on image size); ``"none"`` returns the plain ``F F^T``
             (as the seed notebook did).
+        positions: the ``H*W`` that ``"chw"`` divides by; default the map's own. A tile of a
+            larger map passes the whole map's count, so the tiles' Grams sum to the map's.
 
     Returns:
         ``(B, C, C)`` Gram matrices, in float32 or wider: a bf16/fp16 input is summed over ``H*W``
@@ -42,10 +49,10 @@ def gram(features: Tensor, norm: GramNorm = "chw") -> Tensor:
         # card's plain fp32 rate, about 1/15 of its bf16 rate: this is the largest matmul per step
         g = _HalfGram.apply(flat)
     else:
-        flat = flat.float() if half else flat
+        flat = wide(flat)
         g = torch.bmm(flat, flat.transpose(1, 2))
     if norm == "chw":
-        g = g / (c * h * w)
+        g = g / (c * (h * w if positions is None else positions))
     return g
 
 
@@ -69,13 +76,20 @@ class _HalfGram(torch.autograd.Function):
 
 def mse_per_image(x: Tensor, target: Tensor) -> Tensor:
     """Mean squared error per batch element: ``(B, ...)`` vs ``(B|1, ...)`` -> ``(B,)``."""
-    diff = x.float() - target.float()
+    diff = wide(x) - wide(target)
     return diff.pow(2).flatten(1).mean(dim=1)
 
 
-def content_loss(features: Tensor, target: Tensor) -> Tensor:
-    """MSE between feature maps ``(B, C, H, W)`` and their targets, per image ``(B,)``."""
-    return mse_per_image(features, target)
+def content_loss(features: Tensor, target: Tensor, positions: int | None = None) -> Tensor:
+    """MSE between feature maps ``(B, C, H, W)`` and their targets, per image ``(B,)``.
+
+    ``positions``: the ``H*W`` the squared errors are averaged over; default the map's own. A tile of
+    a larger map passes the whole map's count, so the tiles' losses sum to the map's.
+    """
+    if positions is None:
+        return mse_per_image(features, target)
+    diff = wide(features) - wide(target)
+    return diff.pow(2).flatten(1).sum(dim=1) / (features.shape[1] * positions)
 
 
 def style_loss(features: Tensor, target_gram: Tensor, norm: GramNorm = "chw") -> Tensor:

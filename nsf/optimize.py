@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from . import losses
 from .config import StyleConfig
-from .image import MIN_SIDE, resize, target_size
+from .geometry import MIN_SIDE, resize, target_size
 from .lbfgs import LBFGS
+from .tiling import TiledFeatures
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,13 @@ class Progress:
 
     step: int  # 1-based, counted over all scales
     total: int  # steps planned over all scales (early stopping may end sooner)
-    scale: int  # index into config.scales
+    scale: int  # the scale's index: into config.scales, then len(scales) + j for the j-th refinement scale
     size: tuple[int, int]  # (H, W) being optimized at this scale
     loss: float
     content: float
     style: float
     tv: float
+    tiles: int = 1  # tiles per step at this scale (1: the step ran on the whole image)
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -45,19 +47,24 @@ class Objective(nn.Module):
     ``(content, style, tv)`` parts ``(B, 3)``. Images do not interact: the gradient of ``loss.sum()``
     with respect to image ``b`` is that of its own loss. This is the function that ``torch.compile``
     wraps; AOTAutograd then compiles its backward too.
+
+    With ``tile`` (owned tile ``(th, tw)`` px), :meth:`value_and_grad` computes the same loss and
+    gradient tile by tile (:mod:`nsf.tiling`), so only one tile's activations are alive at a time; the
+    content targets and normalizers are computed tile by tile too.
     """
 
     def __init__(self, extractor: nn.Module, cfg: StyleConfig, content: Tensor, style_grams: dict[str, Tensor],
-                 content_for_norm: Tensor | None = None):
+                 tile: tuple[int, int] | None = None):
         super().__init__()
         self.extractor = extractor
         self.gram_norm = cfg.gram_norm
         self.cw, self.sw, self.tvw = float(cfg.content_weight), float(cfg.style_weight), float(cfg.tv_weight)
         self.content_w = _layer_weights(cfg.content_layers, cfg.content_layer_weights)
         self.style_w = _layer_weights(cfg.style_layers, cfg.style_layer_weights)
+        self.tiled = TiledFeatures(extractor, [*self.content_w, *self.style_w], *content.shape[-2:], tile)
         with torch.no_grad():
-            feats = extractor(content)
-            self.content_targets = {n: feats[n].detach() for n in self.content_w}
+            sums = self.tiled.sums(content, grams=list(self.style_w), norm=self.gram_norm, keep=list(self.content_w))
+            self.content_targets = {n: f.detach() for n, f in sums.kept.items()}
             self.style_targets = style_grams
             # Departure from the paper: with normalize_losses each layer's loss is divided by its
             # value at the content image, so layers count alike and weights transfer across images.
@@ -65,21 +72,58 @@ class Objective(nn.Module):
             self.style_scale: dict[str, Tensor | float] = {n: 1.0 for n in self.style_w}
             if cfg.normalize_losses:
                 for n, f in self.content_targets.items():
-                    self.content_scale[n] = 1.0 / f.float().pow(2).flatten(1).mean(1).clamp_min(1e-12)
+                    self.content_scale[n] = 1.0 / losses.wide(f).pow(2).flatten(1).mean(1).clamp_min(1e-12)
                 for n, g in style_grams.items():
-                    d = losses.style_loss(feats[n], g, self.gram_norm)
-                    floor = 1e-6 * g.float().pow(2).flatten(1).mean(1)
+                    d = losses.mse_per_image(sums.grams[n], g)
+                    floor = 1e-6 * losses.wide(g).pow(2).flatten(1).mean(1)
                     self.style_scale[n] = 1.0 / torch.maximum(d, floor).clamp_min(1e-20)
+
+    @property
+    def tiles(self) -> int:
+        """Tiles per step: 1 when the step runs on the whole image."""
+        return len(self.tiled.tiles)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feats = self.extractor(x)
-        c = sum(w * losses.content_loss(feats[n], self.content_targets[n]) * self.content_scale[n]
-                for n, w in self.content_w.items())
-        s = sum(w * losses.style_loss(feats[n], self.style_targets[n], self.gram_norm) * self.style_scale[n]
+        return self.combine({n: losses.content_loss(feats[n], self.content_targets[n]) for n in self.content_w},
+                            {n: losses.gram(feats[n], self.gram_norm) for n in self.style_w}, x)
+
+    def combine(self, content_mse: dict[str, Tensor], grams: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss from per-layer content MSEs ``(B,)`` and Grams ``(B, C, C)`` of ``x`` ``(B, 3, H, W)``."""
+        c = sum(w * content_mse[n] * self.content_scale[n] for n, w in self.content_w.items())
+        s = sum(w * losses.mse_per_image(grams[n], self.style_targets[n]) * self.style_scale[n]
                 for n, w in self.style_w.items())
         tv = losses.tv_loss(x) if self.tvw > 0 else x.new_zeros(x.shape[0])
         c, s, tv = self.cw * c, self.sw * s, self.tvw * tv
         return c + s + tv, torch.stack([c, s, tv], dim=1).detach()
+
+    @torch.no_grad()
+    def value(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward(x)`` without a gradient, tile by tile (pass 1 of :mod:`nsf.tiling`)."""
+        sums = self.tiled.sums(x, grams=list(self.style_w), norm=self.gram_norm, content=self.content_targets)
+        return self.combine(sums.content, sums.grams, x)
+
+    def value_and_grad(self, x: Tensor, on_tile: Callable[[int, int], None] | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, parts, d loss.sum() / dx)``, tile by tile: only one tile's activations are alive at a time."""
+        sums = self.tiled.sums(x, grams=list(self.style_w), norm=self.gram_norm, content=self.content_targets)
+        with torch.enable_grad():
+            # the loss as a function of the whole-image sums; autograd gives its derivatives, so the
+            # chain rule through combine() is not written a second time
+            leaves_c = {n: v.detach().requires_grad_(True) for n, v in sums.content.items()}
+            leaves_g = {n: v.detach().requires_grad_(True) for n, v in sums.grams.items()}
+            xt = x.detach().requires_grad_(self.tvw > 0)
+            loss, parts = self.combine(leaves_c, leaves_g, xt)
+            wrt = [*leaves_c.values(), *leaves_g.values(), *([xt] if self.tvw > 0 else [])]
+            d = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+        k = len(leaves_c)
+        zero = x.new_zeros(())
+        d_content = {n: g if g is not None else zero for n, g in zip(leaves_c, d[:k])}
+        d_grams = {n: g if g is not None else zero for n, g in zip(leaves_g, d[k:k + len(leaves_g)])}
+        grad = self.tiled.backward(x, d_grams, d_content, self.content_targets, self.gram_norm, on_tile)
+        if self.tvw > 0:
+            grad += d[-1]
+        return loss.detach(), parts, grad
 
 
 StyleInput = Tensor | Sequence[Tensor]
@@ -91,21 +135,22 @@ def style_parts(style: StyleInput) -> list[Tensor]:
 
 
 def style_grams(extractor: nn.Module, styles: Sequence[StyleInput], blend: Sequence[float],
-                layers: Sequence[str], gram_norm: str) -> dict[str, Tensor]:
+                layers: Sequence[str], gram_norm: str, tile: tuple[int, int] | None = None) -> dict[str, Tensor]:
     """Blended target Gram matrices: ``sum_k w_k G(style_k)`` per layer (weights normalized to sum 1).
 
     Each style is a ``(B|1, 3, h, w)`` batch, or a list of ``(1, 3, h_i, w_i)`` images of any sizes,
     one per content image (a batch of requests with their own styles). Blending the Grams is
-    equivalent to weighting each style's loss for MSE (up to a constant).
+    equivalent to weighting each style's loss for MSE (up to a constant). With ``tile``, an image
+    larger than the tile is run tile by tile (:mod:`nsf.tiling`; the same Grams).
     """
     total = float(sum(blend))
     out: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for style, w in zip(styles, blend):
-            feats = [extractor(p) for p in style_parts(style)]
-            for n in layers:
-                g = torch.cat([losses.gram(f[n], gram_norm) for f in feats]) * (w / total)
-                out[n] = out[n] + g if n in out else g
+    for style, w in zip(styles, blend):
+        grams = [TiledFeatures(extractor, layers, *p.shape[-2:], tile).sums(p, grams=layers, norm=gram_norm).grams
+                 for p in style_parts(style)]
+        for n in layers:
+            g = torch.cat([gr[n] for gr in grams]) * (w / total)
+            out[n] = out[n] + g if n in out else g
     return out
 
 
@@ -124,24 +169,46 @@ def split_steps(steps: int, shares: Sequence[float]) -> list[int]:
 
 
 def schedule(h: int, w: int, cfg: StyleConfig) -> list[tuple[int, tuple[int, int], int]]:
-    """``[(scale index, (H, W), steps)]``: scales too small for VGG fold their steps into the next."""
+    """``[(scale index, (H, W), steps)]`` for an ``h x w`` content.
+
+    The coarse-to-fine ``scales`` run relative to ``min(size, base_size)`` (scales too small for VGG
+    fold their steps into the next); a larger ``size`` then adds refinement scales, each twice the
+    last and the final one ``size``, with ``refine_steps`` each (at least 1 at the final scale).
+    """
+    base = min(cfg.size, cfg.base_size) if cfg.base_size else cfg.size
     plan: list[tuple[int, tuple[int, int], int]] = []
     carry = 0
     for i, (scale, n) in enumerate(zip(cfg.scales, split_steps(cfg.steps, cfg.scale_steps))):
-        hw = target_size(h, w, max(1, round(cfg.size * scale)), cfg.resize)
+        hw = target_size(h, w, max(1, round(base * scale)), cfg.resize)
         if i < len(cfg.scales) - 1 and min(hw) < 2 * MIN_SIDE:  # relu5_1 keeps >= 2x2 px
             carry += n
             continue
         if n + carry > 0:
             plan.append((i, hw, n + carry))
         carry = 0
+    sizes = []
+    while (sizes or [base])[-1] < cfg.size:
+        sizes.append(min(cfg.size, 2 * (sizes or [base])[-1]))
+    for j, long_side in enumerate(sizes):
+        n = cfg.refine_steps[min(j, len(cfg.refine_steps) - 1)]
+        if n > 0 or j == len(sizes) - 1:
+            plan.append((len(cfg.scales) + j, target_size(h, w, long_side, cfg.resize), max(1, n)))
     return plan
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one scale runs within a memory budget (see :mod:`nsf.plan`)."""
+
+    tile: tuple[int, int] | None = None  # owned tile (th, tw) px of exact tiled steps; None: whole image
+    history: int | None = None  # L-BFGS curvature pairs; None: as many as the scale's steps can use
 
 
 def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg: StyleConfig, *,
         init: Tensor | None = None, callback: ProgressCallback | None = None,
         compile_fn: Callable[[nn.Module], Callable] | None = None,
-        generator: torch.Generator | None = None, cuda_graph: bool = False) -> Tensor:
+        generator: torch.Generator | None = None, cuda_graph: bool = False,
+        layout: Sequence[Layout] | None = None, on_tile: Callable[[int, int], None] | None = None) -> Tensor:
     """Optimize pixels so their features match ``content`` and their Grams match ``styles``.
 
     Args:
@@ -154,6 +221,10 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg
         cuda_graph: on CUDA with L-BFGS, record one whole step (objective, gradient, best iterate,
             L-BFGS update) as a CUDA graph after a few eager steps and replay it: no per-kernel
             launch cost. Falls back to eager steps, with a warning, if the capture fails.
+        layout: one :class:`Layout` per entry of :func:`schedule` (tile and history per scale), as
+            :func:`nsf.plan.plan` chooses them for a memory budget; ``None``: untiled, full history.
+            Tiled scales run eagerly (no compile, no CUDA graph).
+        on_tile: called with ``(done, total)`` after each tile of a tiled step.
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1] at the last scale's size: the best iterate of the last scale.
@@ -170,16 +241,21 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg
                              f"for a content batch of {b}; allowed: one (1|{b}, 3, h, w) batch or a list of "
                              f"{b} (1, 3, h, w) images, one per content image")
     plan = schedule(h0, w0, cfg)
+    layout = list(layout) if layout is not None else [Layout()] * len(plan)
+    if len(layout) != len(plan):
+        raise ValueError(f"layout has {len(layout)} entries for a schedule of {len(plan)} scales; "
+                         "allowed: one per scale")
     total = sum(n for _, _, n in plan)
     step = 0
     x: Tensor | None = None
-    for scale_index, hw, n_steps in plan:
+    for (scale_index, hw, n_steps), lay in zip(plan, layout):
         c = resize(content, hw)
         style_long = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
         sized = [_resize_style(s, style_long, cfg) for s in styles]
-        grams = style_grams(extractor, sized, blend, cfg.style_layers, cfg.gram_norm)
-        objective = Objective(extractor, cfg, c, grams)
-        loss_fn = compile_fn(objective) if compile_fn is not None else objective
+        grams = style_grams(extractor, sized, blend, cfg.style_layers, cfg.gram_norm, tile=lay.tile)
+        objective = Objective(extractor, cfg, c, grams, tile=lay.tile)
+        tiled = objective.tiles > 1
+        loss_fn = compile_fn(objective) if compile_fn is not None and not tiled else objective
         if x is None:
             if init is not None:
                 x = resize(init.to(c), hw).expand(b, -1, -1, -1)
@@ -190,7 +266,9 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg
         else:
             x = upsample(x, hw, c if cfg.restore_detail and init is None and cfg.init == "content" else None)
         x = x.detach().clone().contiguous().requires_grad_(True)
-        x, step = _optimize_scale(loss_fn, x, cfg, n_steps, step, total, scale_index, callback, cuda_graph)
+        x, step = _optimize_scale(loss_fn, x, cfg, n_steps, step, total, scale_index, callback,
+                                  cuda_graph and not tiled, history=lay.history,
+                                  tiled=objective if tiled else None, on_tile=on_tile)
     if x is None:  # pragma: no cover - schedule() always keeps the last scale
         raise RuntimeError("empty schedule")
     return x.detach().clamp(0, 1)
@@ -209,7 +287,11 @@ def upsample(x: Tensor, hw: tuple[int, int], content: Tensor | None = None) -> T
 
 
 def _resize_style(style: StyleInput, long_side: int, cfg: StyleConfig) -> list[Tensor]:
-    return [resize(s, target_size(s.shape[-2], s.shape[-1], long_side, cfg.resize)) for s in style_parts(style)]
+    """Each part of ``style`` at ``long_side``; with ``stroke_scale="pixels"`` never above its own size."""
+    return [resize(s, target_size(s.shape[-2], s.shape[-1],
+                                  min(long_side, max(s.shape[-2:])) if cfg.stroke_scale == "pixels" else long_side,
+                                  cfg.resize))
+            for s in style_parts(style)]
 
 
 # How often the loop reads losses back to the host (progress, early stop). Each read waits for the
@@ -220,7 +302,8 @@ LBFGS_HISTORY = 100
 
 def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int, step: int, total: int,
                     scale_index: int, callback: ProgressCallback | None,
-                    cuda_graph: bool = False) -> tuple[Tensor, int]:
+                    cuda_graph: bool = False, *, history: int | None = None, tiled: Objective | None = None,
+                    on_tile: Callable[[int, int], None] | None = None) -> tuple[Tensor, int]:
     b, hw = x.shape[0], tuple(x.shape[-2:])
     sync_every = SYNC_EVERY.get(x.device.type, 1)
     # Adam steps are projected onto [0, 1]; L-BFGS's are not, since clipping behind its back corrupts
@@ -230,7 +313,8 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
         adam = torch.optim.Adam([x], lr=cfg.lr)
     else:
         # n steps make at most n - 1 curvature pairs: a longer history is passes over empty slots
-        lbfgs = LBFGS(x.detach(), lr=cfg.lr, history_size=max(1, min(LBFGS_HISTORY, n_steps - 1)))
+        pairs = max(1, min(LBFGS_HISTORY, n_steps - 1))
+        lbfgs = LBFGS(x.detach(), lr=cfg.lr, history_size=min(pairs, history) if history else pairs)
     best = torch.full((b,), float("inf"), device=x.device)
     best_x = x.detach().clone()
     last_loss, last_parts = torch.zeros(b, device=x.device), torch.zeros(3, device=x.device)
@@ -239,8 +323,11 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
         if project:
             with torch.no_grad():
                 x.clamp_(0, 1)  # projected steps: the image scored is the image that may be returned
-        loss, parts = loss_fn(x)
-        (grad,) = torch.autograd.grad(loss.sum(), x)
+        if tiled is not None:
+            loss, parts, grad = tiled.value_and_grad(x, on_tile)
+        else:
+            loss, parts = loss_fn(x)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
         with torch.no_grad():
             v = loss.detach()
             better = v < best  # the loss is of x before this step's update: keep that x, per image
@@ -254,6 +341,7 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
             else:
                 lbfgs.step(x, grad)
 
+    tiles = tiled.tiles if tiled is not None else 1
     graphed = cuda_graph and not project and x.device.type == "cuda" and n_steps > GRAPH_WARMUP + 1
     step_fn: Callable[[], None] = advance
     values = torch.zeros(n_steps, b, device=x.device)
@@ -275,7 +363,7 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
             history.append(total_loss)
             step += 1
             if callback is not None:
-                callback(Progress(step, total, scale_index, hw, total_loss, c, s, tv))
+                callback(Progress(step, total, scale_index, hw, total_loss, c, s, tv, tiles))
             stop = stop or not _finite(total_loss) or _stalled(history, cfg)
         done = i + 1
         if stop:
@@ -285,7 +373,7 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
     if project:
         with torch.no_grad():
             x.clamp_(0, 1)
-    final = loss_fn(x)[0].detach()
+    final = (tiled.value(x) if tiled is not None else loss_fn(x))[0].detach()
     best_x = torch.where((final < best).view(-1, *[1] * (x.dim() - 1)), x.detach(), best_x)
     return best_x, step
 

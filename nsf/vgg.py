@@ -100,6 +100,11 @@ class FeatureExtractor(nn.Module):
         return out
 
     @property
+    def module_names(self) -> tuple[str, ...]:
+        """The names of the modules of ``body``, in order (``conv1_1``, ``relu1_1``, ...)."""
+        return tuple(self._names)
+
+    @property
     def depth(self) -> int:
         """How many modules of the VGG stack this extractor runs."""
         return len(self._names)

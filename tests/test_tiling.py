@@ -1,0 +1,165 @@
+"""nsf.tiling: the receptive-field geometry, the tiles, and exact tiled steps proven equal to untiled ones
+(loss and gradient, 1e-9 in float64, float32 to its precision) for the default and a deep layer set."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_image, smooth_image
+from torch.testing import assert_close
+
+from nsf import optimize as O
+from nsf import tiling
+from nsf.config import make_config
+from nsf.vgg import FeatureExtractor
+
+DEFAULT = make_config()
+# reaches relu5_4 and pool5 (stride 32), with a deep content layer
+DEEP = make_config(content_layers=("relu4_2", "relu5_4"), style_layers=("relu1_1", "relu3_2", "relu5_4", "pool5"))
+
+
+def extractor(model, cfg, dtype=torch.float32, autocast=None):
+    layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
+    return FeatureExtractor(copy.deepcopy(model.normalize).to(dtype), copy.deepcopy(model.features).to(dtype), layers,
+                            autocast=autocast)
+
+
+# --- geometry ------------------------------------------------------------------------------------------
+
+
+def test_relu5_1_reach_by_hand(model):
+    """VGG-19 to relu5_1: 12 3x3 convs and 4 2x2 pools. Position k of relu5_1 reads input rows
+    16k - 70 .. 16k + 85: a 156 px receptive field on a 16 px grid."""
+    ext = model.extractor(DEFAULT.style_layers + DEFAULT.content_layers)
+    geo = tiling.geometry(ext.body, ext.module_names, ["relu5_1"])
+    assert geo.reach["relu5_1"] == tiling.Reach(16, -70, 85)
+    assert geo.reach["relu1_1"] == tiling.Reach(1, -1, 1)
+    assert geo.reach["pool1"] == tiling.Reach(2, -2, 3)
+    assert (geo.align, geo.before, geo.after) == (16, 80, 70)  # 70 rounded up to the 16 px grid; 85 - 16 + 1
+    deep = tiling.geometry(*_body(model, DEEP), ["pool5"])
+    assert deep.align == 32
+
+
+def _body(model, cfg):
+    ext = extractor(model, cfg)
+    return ext.body, ext.module_names
+
+
+@pytest.mark.parametrize("side", [33, 64, 100, 151])
+def test_feature_size_matches_the_network(model, side):
+    ext = extractor(model, DEEP)
+    geo = tiling.geometry(ext.body, ext.module_names, ext.layers)
+    with torch.no_grad():
+        feats = ext(torch.rand(1, 3, side, side + 7))
+    for name, f in feats.items():
+        assert tuple(f.shape[-2:]) == (geo.feature_size(side, name), geo.feature_size(side + 7, name)), name
+
+
+def test_tiles_partition_the_image_on_the_grid(model):
+    geo = tiling.geometry(*_body(model, DEFAULT), DEFAULT.style_layers)
+    h, w = 200, 333
+    cover = torch.zeros(h, w, dtype=torch.int32)
+    ts = tiling.tiles(h, w, (64, 96), geo)
+    for t in ts:
+        cover[t.r0:t.r1, t.c0:t.c1] += 1
+        assert t.r0 % 16 == 0 and t.c0 % 16 == 0 and t.wr0 % 16 == 0 and t.wc0 % 16 == 0
+        assert 0 <= t.wr0 <= t.r0 < t.r1 <= t.wr1 <= h and 0 <= t.wc0 <= t.c0 < t.c1 <= t.wc1 <= w
+        assert t.r0 - t.wr0 in (t.r0, 80) and t.wr1 - t.r1 in (h - t.r1, 70)
+    assert bool((cover == 1).all())
+    assert len(ts) == 4 * 4
+    assert tiling.tiles(h, w, None, geo) == [tiling.Tile(0, h, 0, w, 0, h, 0, w)]
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tiling.tiles(h, w, (50, 64), geo)
+
+
+# --- exact tiled steps ----------------------------------------------------------------------------------
+
+
+def _objectives(ext, cfg, content, style, tile):
+    grams = O.style_grams(ext, [style], (1.0,), cfg.style_layers, cfg.gram_norm)
+    return O.Objective(ext, cfg, content, grams), O.Objective(ext, cfg, content, grams, tile=tile)
+
+
+CASES = [  # float64 proves equality (its windows reach the image's edges); float32 adds interior tiles with whole halos
+    pytest.param(torch.float64, 1e-9, DEFAULT.replace(tv_weight=0.5), (112, 144), (48, 64), id="f64-default"),
+    pytest.param(torch.float64, 1e-9, DEEP, (112, 144), (64, 64), id="f64-deep"),
+    pytest.param(torch.float32, 2e-5, DEFAULT.replace(tv_weight=0.5), (256, 288), (64, 96), id="f32-default"),
+    pytest.param(torch.float32, 2e-5, DEEP, (200, 256), (64, 96), id="f32-deep"),
+]
+
+
+@pytest.mark.parametrize("dtype,rtol,cfg,hw,tile", CASES)
+def test_tiled_step_equals_untiled(model, dtype, rtol, cfg, hw, tile):
+    """Same loss and gradient on a batch of 2, every layer and tile edge exercised."""
+    ext = extractor(model, cfg, dtype)
+    h, w = hw
+    content = random_image(h, w, seed=1, batch=2).to(dtype)
+    style = smooth_image(90, 120, seed=2).to(dtype)
+    x = random_image(h, w, seed=3, batch=2).to(dtype)
+    whole, tiled = _objectives(ext, cfg, content, style, tile)
+    assert tiled.tiles > 4
+    xr = x.clone().requires_grad_(True)
+    loss, parts = whole(xr)
+    (grad,) = torch.autograd.grad(loss.sum(), xr)
+    loss_t, parts_t, grad_t = tiled.value_and_grad(x)
+    assert_close(loss_t, loss.detach(), rtol=rtol, atol=0)
+    assert_close(parts_t, parts, rtol=rtol, atol=1e-30)
+    scale = grad.abs().max()
+    assert float((grad_t - grad).abs().max() / scale) < rtol * 10
+    assert_close(tiled.value(x)[0], loss.detach(), rtol=rtol, atol=0)
+    # the targets and normalizers the tiled objective computed tile by tile are the untiled ones
+    for n in cfg.content_layers:
+        assert_close(tiled.content_targets[n], whole.content_targets[n], rtol=0, atol=0)
+    for n in cfg.style_layers:
+        assert_close(tiled.style_scale[n], whole.style_scale[n], rtol=rtol * 10, atol=0)
+
+
+def test_tiled_style_grams_equal_untiled(model):
+    ext = extractor(model, DEFAULT, torch.float64)
+    style = random_image(130, 170, seed=4).to(torch.float64)
+    args = ([style], (1.0,), DEFAULT.style_layers, DEFAULT.gram_norm)
+    whole, tiled = O.style_grams(ext, *args), O.style_grams(ext, *args, tile=(32, 48))
+    for n in DEFAULT.style_layers:
+        assert_close(tiled[n], whole[n], rtol=1e-10, atol=0)
+
+
+def test_bf16_tiled_step_matches_untiled_to_bf16_precision(model):
+    """Autocast bf16 features, float32 Grams: the tiles' sums agree with the whole image's as closely as two
+    bf16 runs of the same network can (bf16 convolutions round differently per input size)."""
+    ext = extractor(model, DEFAULT, autocast=torch.bfloat16)
+    content, style, x = random_image(96, 96, seed=5), smooth_image(64, 64, seed=6), random_image(96, 96, seed=7)
+    whole, tiled = _objectives(ext, DEFAULT, content, style, (32, 32))
+    xr = x.clone().requires_grad_(True)
+    loss, _ = whole(xr)
+    (grad,) = torch.autograd.grad(loss.sum(), xr)
+    loss_t, _, grad_t = tiled.value_and_grad(x)
+    assert_close(loss_t, loss.detach(), rtol=2e-2, atol=0)
+    cos = torch.nn.functional.cosine_similarity(grad.flatten(), grad_t.flatten(), dim=0)
+    assert float(cos) > 0.99
+
+
+def test_tiled_run_equals_untiled_run_in_float64(model):
+    """Whole coarse-to-fine runs (L-BFGS, early-stop bookkeeping, best iterate, restore_detail): a layout that
+    tiles every scale gives the untiled run's image."""
+    cfg = make_config(size=128, steps=4, tol=0.0, base_size=64, refine_steps=(2,), scales=(0.5, 1.0),
+                      scale_steps=(0.5, 0.5))
+    ext = extractor(model, cfg, torch.float64)
+    content = smooth_image(96, 128, seed=8).to(torch.float64)
+    style = random_image(64, 64, seed=9).to(torch.float64)
+    plan = O.schedule(96, 128, cfg)
+    assert [(hw, n) for _, hw, n in plan] == [((48, 64), 4), ((96, 128), 2)]  # the 24x32 scale folds into 48x64
+    whole = O.run(ext, content, [style], cfg)
+    tiled = O.run(ext, content, [style], cfg, layout=[O.Layout((16, 32)), O.Layout((32, 64))])
+    assert_close(tiled, whole, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="one per scale"):
+        O.run(ext, content, [style], cfg, layout=[O.Layout()] * 3)
+
+
+def test_on_tile_reports_each_tile(model):
+    ext = extractor(model, DEFAULT)
+    whole, tiled = _objectives(ext, DEFAULT, random_image(64, 80, seed=1), random_image(64, 64, seed=2), (32, 32))
+    seen = []
+    tiled.value_and_grad(random_image(64, 80, seed=3), lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 6) for i in range(1, 7)]
