@@ -59,8 +59,18 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     parser.add_argument("--compile", default="auto",
                         help="auto (CUDA only), true, false, or a torch.compile mode (default: auto)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-memory", default="auto",
+                        help="memory a run may use: auto (80%% of the free RAM, 90%% of the free GPU memory), "
+                             "a byte count, or e.g. 6GB, 1.5GiB; scales that would not fit run tile by tile, "
+                             "with the same result (default: auto)")
     _add_config_flags(parser)
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
+                        help="bits per channel of a PNG output: 16 keeps the optimizer's smooth gradients "
+                             "for print (default: 8)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("styles", nargs="+", metavar="style", help="style image(s); blend with --style-blend-weights")
     p.add_argument("-o", "--output", required=True, help="output image (.png carries provenance metadata)")
     p.add_argument("--init-image", default=None, help="start from this image (overrides --init)")
+    _add_output_flags(p)
     _add_run_flags(p)
     d = sub.add_parser("demo", help="stylize the bundled sample images (no files of your own needed)")
     d.add_argument("-o", "--output", default="nsf-demo.png", help="output image (default: nsf-demo.png)")
+    _add_output_flags(d)
     _add_run_flags(d)
+    n = sub.add_parser("plan", help="show how a run fits the memory budget (scales, tiles, peak memory, time) "
+                                    "before running it")
+    n.add_argument("content", nargs="?", default=None,
+                   help="content image, or its WxH (e.g. 4000x3000); default: a square image of --size")
+    n.add_argument("--no-timing", action="store_true", help="skip the short timing run (no time prediction)")
+    n.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_run_flags(n)
     _add_serving_commands(sub)
     return parser
 
@@ -105,53 +124,92 @@ def _compile_arg(text: str) -> Any:
 
 
 def _progress(enabled: bool) -> Any:
+    """``(callback, on_tile, close)`` of a tqdm bar over the steps that names the scale and its tiles."""
     if not enabled:
-        return None, lambda: None
+        return None, None, lambda: None
     from tqdm import tqdm
 
-    bar: dict[str, Any] = {}
+    state: dict[str, Any] = {}
 
     def callback(p: Any) -> None:
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=p.total, unit="step", dynamic_ncols=True)
-        b = bar["bar"]
-        b.set_postfix_str(f"{p.size[1]}x{p.size[0]} loss={p.loss:.4g} content={p.content:.3g} style={p.style:.3g}",
+        if "bar" not in state:
+            state["bar"] = tqdm(total=p.total, unit="step", dynamic_ncols=True)
+        b = state["bar"]
+        tiles = f" {p.tiles} tiles" if p.tiles > 1 else ""
+        state["scale"] = f"scale {p.scale + 1} {p.size[1]}x{p.size[0]}{tiles}"
+        b.set_postfix_str(f"{state['scale']} loss={p.loss:.4g} content={p.content:.3g} style={p.style:.3g}",
                           refresh=False)
         b.update(p.step - b.n)
 
-    def close() -> None:
-        if "bar" in bar:
-            bar["bar"].close()
+    def on_tile(done: int, total: int) -> None:
+        if "bar" in state:  # a tiled step takes long: show where it is
+            state["bar"].set_postfix_str(f"{state['scale']}: tile {done}/{total}")
 
-    return callback, close
+    def close() -> None:
+        if "bar" in state:
+            state["bar"].close()
+
+    return callback, on_tile, close
 
 
 def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init: Any = None) -> int:
     import torch
 
-    from .image import save_png
+    from .image import save_png, tensor_to_pil
+
+    model, options = _model(args)
+    out = Path(args.output)
+    if args.bit_depth == 16 and out.suffix.lower() != ".png":
+        raise ValueError(f"--bit-depth 16 with output {out.name!r}; allowed: a .png output")
+    callback, on_tile, close = _progress(not args.no_progress)
+    start = time.perf_counter()
+    try:
+        t = model.stylize(content, list(styles), init=init, callback=callback, on_tile=on_tile, as_tensor=True,
+                          **options)
+    finally:
+        close()
+    elapsed = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan = model.last_plan
+    meta = {**model.last_metadata, "seconds": round(elapsed, 2), "bit_depth": args.bit_depth,
+            "plan": plan.to_dict() if plan else None}
+    if out.suffix.lower() == ".png":
+        save_png(t, out, meta, bit_depth=args.bit_depth)
+    else:
+        tensor_to_pil(t).save(out)
+    device = model.device if model.device.type != "cuda" else torch.cuda.get_device_name(model.device)
+    tiled = f", tiled at {sum(1 for s in plan.scales if s.tile)} scale(s)" if plan and plan.tiled else ""
+    print(f"wrote {out} ({t.shape[-1]}x{t.shape[-2]}, {args.bit_depth}-bit) in {elapsed:.1f} s on {device}{tiled}")
+    return 0
+
+
+def _model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .model import style_fusion
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)
                if getattr(args, f.name) is not None}
     model = style_fusion(weights=args.weights, device=args.device, compile=_compile_arg(args.compile),
-                         preset=args.preset)
-    callback, close = _progress(not args.no_progress)
-    start = time.perf_counter()
-    try:
-        img = model.stylize(content, list(styles), init=init, callback=callback, **options)
-    finally:
-        close()
-    elapsed = time.perf_counter() - start
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**model.last_metadata, "seconds": round(elapsed, 2)}
-    if out.suffix.lower() == ".png":
-        save_png(img, out, meta)
-    else:
-        img.save(out)
-    device = model.device if model.device.type != "cuda" else torch.cuda.get_device_name(model.device)
-    print(f"wrote {out} ({img.size[0]}x{img.size[1]}) in {elapsed:.1f} s on {device}")
+                         max_memory=args.max_memory, preset=args.preset)
+    return model, options
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+    import re
+
+    from .image import load_image
+
+    model, options = _model(args)
+    size: Any = None
+    if args.content is not None:
+        m = re.fullmatch(r"(\d+)x(\d+)", args.content)
+        if m:
+            size = (int(m.group(2)), int(m.group(1)))
+        else:
+            w, h = load_image(args.content, max_pixels=model.config.max_pixels).size
+            size = (h, w)
+    plan = model.plan(size, timing=not args.no_timing, **options)
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.table())
     return 0
 
 
@@ -169,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .serve import serve
 
             return serve(args.model_store, workdir=args.workdir, port=args.port, root=args.root)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "stylize":
             return _run(args, args.content, args.styles, init=args.init_image)
         assets = resources.files("nsf") / "assets"

@@ -11,7 +11,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from . import image as im
+from . import plan as planner
 from .config import INITS, StyleConfig, make_config
+from .errors import OutOfMemory, PlanError
 from .optimize import ProgressCallback, StyleInput, run, style_parts
 from .version import __version__
 from .vgg import FeatureExtractor, freeze
@@ -52,8 +54,9 @@ class StyleFusion(nn.Module):
     def __init__(self, weights: LoadedWeights, config: StyleConfig | None = None, *,
                  device: torch.device | str | None = None, compile: CompileMode | str = "auto",
                  precision: Precision = "auto", channels_last: bool | Literal["auto"] = "auto",
-                 cuda_graphs: bool | Literal["auto"] = "auto"):
+                 cuda_graphs: bool | Literal["auto"] = "auto", max_memory: str | int | None = "auto"):
         super().__init__()
+        self.max_memory = planner.parse_memory(max_memory)  # bytes; None: "auto" (measured at each run)
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
         for name, value in (("channels_last", channels_last), ("cuda_graphs", cuda_graphs)):
@@ -69,6 +72,8 @@ class StyleFusion(nn.Module):
         self.config = config if config is not None else make_config()
         self.compile = compile
         self._extractors: dict[tuple, FeatureExtractor] = {}
+        self._costs: dict[tuple, planner.Costs] = {}
+        self.last_plan: planner.Plan | None = None
         if device is not None:
             self.to(device)
 
@@ -94,17 +99,65 @@ class StyleFusion(nn.Module):
                                                      channels_last=channels_last)
         return self._extractors[key]
 
+    def memory_budget(self) -> int | None:
+        """Bytes a run may use: ``max_memory``, or for "auto" what is in use now plus a safe share of the
+        free device memory (CPU: this process's resident set plus 80% of the available RAM)."""
+        return self.max_memory if self.max_memory is not None else planner.auto_budget(self.device)
+
+    def costs(self, cfg: StyleConfig, *, timing: bool = False) -> planner.Costs:
+        """This model's per-pixel memory (and, with ``timing``, time) costs for ``cfg``'s layers, measured once."""
+        layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
+        extractor = self.extractor(layers)
+        key = (layers, cfg.gram_norm, extractor.autocast, extractor.channels_last)
+        cached = self._costs.get(key)
+        if cached is None or (timing and cached.fb_seconds is None):
+            cached = self._costs[key] = planner.measure(extractor, cfg, self.device, timing=timing)
+        return cached
+
+    def plan(self, content_size: int | tuple[int, int] | None = None, *, batch: int = 1,
+             style_sizes: Sequence[tuple[int, int]] = (), preset: str | None = None, timing: bool = True,
+             **options: Any) -> planner.Plan:
+        """Plan a run before it starts: per scale the size, steps, tiles and L-BFGS history that fit this
+        model's memory budget, with the predicted peak memory and (``timing``: from a short timing run
+        on this device, about a second on a CPU) time.
+
+        Args:
+            content_size: ``(H, W)`` of the content image, or ``n`` for a square one; default a square of ``size``.
+            batch: images optimized at once.
+            style_sizes: ``(h, w)`` of the style images, if known (default: as large as each scale).
+            preset, **options: as for :meth:`stylize`.
+
+        Raises:
+            nsf.errors.PlanError: no tile fits the budget; the error names the largest ``size`` that fits.
+        """
+        cfg = self.resolve_config(preset, **options)
+        if content_size is None:
+            content_size = cfg.size
+        hw = (content_size, content_size) if isinstance(content_size, int) else tuple(content_size)
+        used, _ = planner.memory_now(self.device)
+        return planner.plan(self.costs(cfg, timing=timing), cfg, (int(hw[0]), int(hw[1])), batch=batch,
+                            style_sizes=style_sizes, budget=self.memory_budget(), in_use=used,
+                            device=str(self.device))
+
     def resolve_config(self, preset: str | None = None, **overrides: Any) -> StyleConfig:
         """``preset`` (or this model's config) with ``overrides`` applied, validated."""
         return make_config(preset if preset is not None else self.config, **overrides)
 
     def transfer(self, content: Tensor, styles: Sequence[StyleInput], cfg: StyleConfig, *,
-                 init: Tensor | None = None, callback: ProgressCallback | None = None) -> Tensor:
+                 init: Tensor | None = None, callback: ProgressCallback | None = None,
+                 on_tile: Callable[[int, int], None] | None = None) -> Tensor:
         """The tensor core of :meth:`stylize`: ``content`` ``(B, 3, H, W)`` in [0, 1] -> stylized batch.
 
         Each style is a ``(B|1, 3, h, w)`` batch or a list of B ``(1, 3, h_i, w_i)`` images, one per
         content image (a batch of requests with their own styles). The output's size follows
-        ``cfg.size``/``cfg.resize`` (use ``forward`` to keep the input size).
+        ``cfg.size``/``cfg.resize`` (use ``forward`` to keep the input size). The run is planned first
+        (:meth:`plan`): scales that would not fit the memory budget run tile by tile, with the same
+        result; ``self.last_plan`` holds the plan. ``on_tile(done, total)`` follows a tiled step.
+
+        Raises:
+            nsf.errors.PlanError: the run cannot fit the budget at any tile size (names the largest size).
+            nsf.errors.OutOfMemory: the device ran out of memory all the same (another process took it);
+                the model stays usable.
         """
         device = self.device
         content = content.to(device=device, dtype=torch.float32)
@@ -124,11 +177,42 @@ class StyleFusion(nn.Module):
         layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
         # "reduce-overhead" compiles with its own CUDA graphs; ours would nest them
         graphs = self.cuda_graphs is not False and device.type == "cuda" and self.compile != "reduce-overhead"
-        out = run(self.extractor(layers), work, parts, cfg, init=init, callback=callback,
-                  compile_fn=_compile_fn(self.compile, device), generator=generator, cuda_graph=graphs)
+        used, _ = planner.memory_now(device)
+        plan = self.last_plan = planner.plan(
+            self.costs(cfg), cfg, (content.shape[-2], content.shape[-1]), batch=content.shape[0],
+            style_sizes=[tuple(p.shape[-2:]) for ps in parts for p in ps], budget=self.memory_budget(),
+            in_use=used, device=str(device))
+        failure = None
+        try:
+            out = run(self.extractor(layers), work, parts, cfg, init=init, callback=callback,
+                      compile_fn=_compile_fn(self.compile, device), generator=generator, cuda_graph=graphs,
+                      layout=plan.layout(), on_tile=on_tile)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if failure is not None:  # outside the except block: the failed run's tensors are freed by now
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(f"out of memory on {device} ({failure}). The plan for this run predicted a peak of "
+                              f"{planner.format_bytes(plan.peak_bytes)} within max_memory="
+                              f"{planner.format_bytes(plan.budget) if plan.budget else 'no limit'}; another process "
+                              f"may have taken memory since. {self._advice(cfg, plan)}")
         if cfg.preserve_color:
             out = im.recolor(out, im.resize(content, tuple(out.shape[-2:])))
         return out
+
+    def _advice(self, cfg: StyleConfig, failed: planner.Plan) -> str:
+        """What the planner says fits the memory free now, after a run planned as ``failed`` ran out of it."""
+        used, _ = planner.memory_now(self.device)
+        budget = planner.auto_budget(self.device)
+        try:
+            again = planner.plan(self.costs(cfg), cfg, failed.content, batch=failed.batch, budget=budget, in_use=used)
+        except PlanError as e:
+            return f"With the memory free now: {e}."
+        tiles = "tiled" if again.tiled else "untiled"
+        return (f"With the memory free now the planner would run it {tiles} within "
+                f"max_memory={planner.format_bytes(budget or 0)}; `nsf plan` shows the plan.")
 
     def forward(self, content: Tensor, style: Tensor | Sequence[Tensor], **overrides: Any) -> Tensor:
         """``(B, 3, H, W)`` content and ``(B|1, 3, h, w)`` style(s) in [0, 1] -> ``(B, 3, H, W)`` in [0, 1]."""
@@ -151,7 +235,8 @@ class StyleFusion(nn.Module):
 
     def stylize(self, content: im.ImageLike, style: im.ImageLike | Sequence[im.ImageLike], *,
                 preset: str | None = None, init: im.ImageLike | None = None,
-                callback: ProgressCallback | None = None, **options: Any) -> Image.Image | Tensor:
+                callback: ProgressCallback | None = None, on_tile: Callable[[int, int], None] | None = None,
+                as_tensor: bool = False, **options: Any) -> Image.Image | Tensor:
         """Stylize ``content`` with ``style``.
 
         Args:
@@ -160,6 +245,8 @@ class StyleFusion(nn.Module):
             preset: ``"default"``, ``"seed"``, ``"fast"`` or ``"quality"`` (default: the model's config).
             init: a start image; overrides ``init`` in the config.
             callback: called with an :class:`nsf.Progress` after each step.
+            on_tile: called with ``(done, total)`` after each tile of a tiled step (print sizes).
+            as_tensor: return the ``(1, 3, H, W)`` float tensor whatever the input (e.g. for 16-bit output).
             **options: any :class:`nsf.StyleConfig` field, e.g. ``size=512, steps=300, seed=0``.
 
         Returns:
@@ -176,9 +263,9 @@ class StyleFusion(nn.Module):
         if init is None and cfg.init not in ("content", "noise"):
             init = cfg.init
         init_t = self._as_tensor(init, "init", cfg) if init is not None else None
-        out = self.transfer(c, styles, cfg, init=init_t, callback=callback)
+        out = self.transfer(c, styles, cfg, init=init_t, callback=callback, on_tile=on_tile)
         self.last_metadata = self.metadata(cfg)
-        return out if isinstance(content, Tensor) else im.tensor_to_pil(out)
+        return out if as_tensor or isinstance(content, Tensor) else im.tensor_to_pil(out)
 
     def _as_tensor(self, src: im.ImageLike, what: str, cfg: StyleConfig) -> Tensor:
         if isinstance(src, Tensor):
@@ -193,10 +280,17 @@ class StyleFusion(nn.Module):
                 "params": cfg.to_dict()}
 
 
+def _is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError)."""
+    text = str(e)
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text \
+        or "not enough memory" in text or "out of memory" in text.lower()
+
+
 def style_fusion(*, weights: str | os.PathLike[str] | LoadedWeights = "caffe", device: torch.device | str | None = None,
                  compile: CompileMode | str = "auto", precision: Precision = "auto",
                  channels_last: bool | Literal["auto"] = "auto", cuda_graphs: bool | Literal["auto"] = "auto",
-                 preset: str = "default", **options: Any) -> StyleFusion:
+                 max_memory: str | int | None = "auto", preset: str = "default", **options: Any) -> StyleFusion:
     """Build a :class:`StyleFusion` model (keyword-only, like torchvision's builders).
 
     Args:
@@ -212,8 +306,27 @@ def style_fusion(*, weights: str | os.PathLike[str] | LoadedWeights = "caffe", d
             float32 on CPU), ``"fp32"`` or ``"bf16"``.
         channels_last: run the convolutions in NHWC layout: ``"auto"`` (on CUDA), ``True``, ``False``.
         cuda_graphs: replay each L-BFGS step as one CUDA graph: ``"auto"``/``True`` (on CUDA), ``False``.
+        max_memory: the memory a run may use: ``"auto"`` (what is in use plus 90% of the free GPU memory,
+            or on CPU this process's resident set plus 80% of the available RAM), a byte count, or a size
+            such as ``"6GB"`` (10^9 bytes) or ``"6GiB"``. A scale whose step would not fit runs tile by
+            tile with the same result (:mod:`nsf.tiling`); :meth:`StyleFusion.plan` shows the plan.
         preset: the model's default options: ``"default"``, ``"seed"``, ``"fast"`` or ``"quality"``.
-        **options: overrides of :class:`nsf.StyleConfig` fields for every call.
+        **options: overrides of :class:`nsf.StyleConfig` fields for every call (size, steps,
+            content_weight, style_weight, style_layers, init, preserve_color, seed...).
+
+    Returns:
+        :class:`StyleFusion`: ``model.stylize(content, style, **options)`` takes paths, PIL images or
+        tensors (several styles as a list) and returns a ``PIL.Image`` (a tensor for tensor input) with
+        longer side ``size`` and the content's aspect ratio; ``model(content, style)`` maps
+        ``(B, 3, H, W)`` float tensors in [0, 1] to ``(B, 3, H, W)`` in [0, 1]; ``model.plan(...)``
+        shows how a run fits the memory budget.
+
+    Example (offline, from a checkout)::
+
+        import torch
+        model = torch.hub.load("/path/to/nsf", "style_fusion", source="local")
+        img = model.stylize("content.jpg", "style.jpg", size=512, steps=300, seed=0)
+        img.save("out.png")
     """
     from .weights import load_weights
 
@@ -222,4 +335,4 @@ def style_fusion(*, weights: str | os.PathLike[str] | LoadedWeights = "caffe", d
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = make_config(preset, **options)
     return StyleFusion(load_weights(weights), config, device=dev, compile=compile, precision=precision,
-                       channels_last=channels_last, cuda_graphs=cuda_graphs)
+                       channels_last=channels_last, cuda_graphs=cuda_graphs, max_memory=max_memory)

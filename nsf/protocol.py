@@ -31,6 +31,7 @@ from PIL import Image
 from .config import FIELD_NAMES, MAX_SIZE, MAX_WEIGHT, PRESETS, StyleConfig, make_config
 from .image import MIN_SIDE, ImageTooLargeError, load_image
 from .optimize import schedule
+from .plan import largest
 
 CONTENT = "content"
 STYLE = "style"
@@ -234,26 +235,16 @@ class CostModel:
         why = (f"size={cfg.size} with steps={cfg.steps} would take about {estimate:.0f} s on this worker "
                f"({self.seconds_per_pixel_step:.3g} s per pixel-step, measured at start-up), over its "
                f"{self.budget:.0f} s limit per request")
-        fits = _largest(lambda n: self.seconds(dataclasses.replace(cfg, steps=n), height, width) <= self.budget,
+        fits = largest(lambda n: self.seconds(dataclasses.replace(cfg, steps=n), height, width) <= self.budget,
                         1, cfg.steps - 1)
         if fits:
             raise RequestError(f"{why}; at size={cfg.size} at most steps={fits} fit", field="steps", status=422,
                                allowed={"min": 1, "max": fits, "seconds_limit": round(self.budget)})
-        fits = _largest(lambda n: self.seconds(dataclasses.replace(cfg, size=n), height, width) <= self.budget,
+        fits = largest(lambda n: self.seconds(dataclasses.replace(cfg, size=n), height, width) <= self.budget,
                         MIN_SIDE, cfg.size - 1)
         raise RequestError(f"{why}; with steps={cfg.steps} at most size={fits} fits" if fits else why,
                            field="size", status=422,
                            allowed={"min": MIN_SIDE, "max": fits, "seconds_limit": round(self.budget)})
-
-
-def _largest(ok: typing.Callable[[int], bool], lo: int, hi: int) -> int | None:
-    """The largest n in [lo, hi] with ok(n), for ok true up to some n and false after; None if none."""
-    if hi < lo or not ok(lo):
-        return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
-    return lo
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,371 @@
+"""A run planned before it starts: per coarse-to-fine scale, whether a step runs on the whole image or
+tile by tile (:mod:`nsf.tiling`), the tile size and L-BFGS history that fit a memory budget, and the
+predicted peak memory and time.
+
+Memory model, per scale of ``B`` images of ``P`` pixels (bytes)::
+
+    peak = in_use + 12 B P (2 m + copies) + targets B P + max(act_bytes B W + 12 B P step_copies, 0)
+
+``in_use`` is what the process (CPU: its resident set) or the device (CUDA: allocated tensors) holds
+before the run; ``m`` the L-BFGS pairs (two image-sized vectors each); ``copies`` the other image-sized
+float32 tensors of the loop (image, best iterate, content, gradient, the L-BFGS update's temporaries);
+``targets`` the content-target bytes per pixel; ``act_bytes`` the peak bytes per pixel of a
+forward+backward, measured on this model (autograd's saved tensors at a small size, plus the two
+largest gradient buffers of the backward); ``W`` the pixels of the largest tile window (``P`` untiled).
+Time model: seconds per pixel of a forward+backward and of a forward, timed on this device; a tiled
+step costs a forward plus a forward+backward over its windows (halos included).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import StyleConfig
+from .errors import ConfigError, PlanError
+from .geometry import MIN_SIDE, target_size
+from .optimize import LBFGS_HISTORY, Layout, Objective, schedule, style_grams
+from .tiling import Geometry, geometry, tiles
+
+RGB_BYTES = 12  # one float32 RGB pixel
+# Image-sized float32 tensors alive besides the L-BFGS history (counted in optimize._optimize_scale and
+# run(): image, best iterate, content at the scale, previous gradient and step, gradient; during the
+# L-BFGS update its direction's temporaries), checked against peak RSS in bench/RESULTS.md.
+STEP_COPIES = 7
+UPDATE_COPIES = 16
+# Tiles smaller than this (owned px per side) spend most of a step on halos: fewer L-BFGS pairs first.
+GOOD_TILE = 384
+AUTO_SHARE = {"cpu": 0.8, "cuda": 0.9}  # of the free memory that max_memory="auto" plans with
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(value: str | int | float | None) -> int | None:
+    """``"auto"``/``None`` -> ``None``; ``"6GB"`` (10^9), ``"6GiB"`` (2^30), ``"512MB"`` or a byte count -> bytes."""
+    allowed = "'auto', a byte count, or a size such as '6GB', '1.5GiB', '512MB'"
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"max_memory={value!r}; allowed: {allowed}", field="max_memory", value=value,
+                          allowed=allowed)
+    if isinstance(value, (int, float)):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(f"max_memory={value!r}; allowed: {allowed}", field="max_memory", value=value,
+                              allowed=allowed)
+        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not (isinstance(n, (int, float)) and math.isfinite(n) and 2**20 <= n <= 2**50):
+        raise ConfigError(f"max_memory={value!r} is out of range; allowed: 1 MiB .. 1 PiB ({allowed})",
+                          field="max_memory", value=value, allowed=allowed)
+    return int(n)
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _rss() -> int:
+    """This process's resident set (Linux /proc; psutil elsewhere; 0 if neither)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+
+            return int(psutil.Process().memory_info().rss)
+        except ImportError:
+            return 0
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
+def memory_now(device: torch.device) -> tuple[int, int | None]:
+    """``(in use, free)`` bytes: CUDA's allocated tensors and free device memory, or this process's
+    resident set and the machine's available RAM; free is ``None`` where it cannot be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return torch.cuda.memory_allocated(device), int(free)
+    return _rss(), _available_ram()
+
+
+def auto_budget(device: torch.device) -> int | None:
+    """What ``max_memory="auto"`` plans with: in use now plus a safe share of the free memory."""
+    used, free = memory_now(device)
+    return None if free is None else used + int(AUTO_SHARE.get(device.type, 0.8) * free)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """A model's per-pixel costs on its device, measured once (:func:`measure`)."""
+
+    act_bytes: float  # peak bytes per input pixel of one image's forward+backward
+    target_bytes: float  # content-target bytes per input pixel
+    geometry: Geometry
+    fb_seconds: float | None = None  # seconds per input pixel of a forward+backward
+    f_seconds: float | None = None  # seconds per input pixel of a forward without gradient
+    calibrated_at: int = 0  # side (px) of the timing run
+
+
+def measure(extractor: nn.Module, cfg: StyleConfig, device: torch.device, *, timing: bool,
+            memory_size: int = 128, timing_size: int | None = None) -> Costs:
+    """Measure :class:`Costs` on ``device``: one small forward+backward with autograd's saved tensors
+    counted, and (``timing``) a timed forward+backward and forward at ``timing_size`` px."""
+    layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
+    geo = geometry(extractor.body, extractor.module_names, layers)
+    x = torch.rand(1, 3, memory_size, memory_size, generator=torch.Generator().manual_seed(0)).to(device)
+    objective = Objective(extractor, cfg, x, style_grams(extractor, [x], (1.0,), cfg.style_layers, cfg.gram_norm))
+    params = {p.untyped_storage().data_ptr() for p in extractor.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    xr = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = objective(xr)
+    torch.autograd.grad(loss.sum(), xr)
+    # the backward holds, besides the saved tensors, one layer's incoming and outgoing gradient at once
+    act = (sum(saved.values()) + 2 * max(saved.values())) / memory_size**2
+    targets = sum(f[0].numel() * f.element_size() for f in objective.content_targets.values()) / memory_size**2
+    costs = Costs(act, targets, geo)
+    if not timing:
+        return costs
+    side = timing_size or (512 if device.type == "cuda" else 256)
+    x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device)
+    objective = Objective(extractor, cfg, x, style_grams(extractor, [x], (1.0,), cfg.style_layers, cfg.gram_norm))
+
+    def fb() -> None:
+        xr = x.clone().requires_grad_(True)
+        torch.autograd.grad(objective(xr)[0].sum(), xr)
+
+    def f() -> None:
+        objective.value(x)
+
+    seconds = []
+    for fn in (fb, f):
+        fn()  # warm-up: allocator, cuDNN/oneDNN choices
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds.append((time.perf_counter() - t0) / side**2)
+    return Costs(act, targets, geo, seconds[0], seconds[1], side)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """One scale of a planned run."""
+
+    index: int  # the scale's index (optimize.schedule)
+    size: tuple[int, int]  # (H, W)
+    steps: int
+    tile: tuple[int, int] | None  # owned tile (th, tw); None: whole image
+    tiles: int
+    history: int  # L-BFGS pairs
+    peak_bytes: int
+    seconds: float | None  # predicted, if the model was timed
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.tile, self.history)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole run: its scales, the budget it was planned for and the predicted peak and time."""
+
+    content: tuple[int, int]  # (H, W) of the content image as given
+    batch: int
+    device: str
+    budget: int | None  # bytes; None: no limit known
+    in_use: int  # bytes held before the run
+    scales: tuple[ScalePlan, ...] = field(default_factory=tuple)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(s.peak_bytes for s in self.scales)
+
+    @property
+    def seconds(self) -> float | None:
+        parts = [s.seconds for s in self.scales]
+        return None if any(p is None for p in parts) else float(sum(parts))  # type: ignore[arg-type]
+
+    @property
+    def tiled(self) -> bool:
+        return any(s.tile is not None for s in self.scales)
+
+    def layout(self) -> list[Layout]:
+        return [s.layout for s in self.scales]
+
+    def to_dict(self) -> dict:
+        return {"content": list(self.content), "batch": self.batch, "device": self.device, "budget": self.budget,
+                "in_use": self.in_use, "peak_bytes": self.peak_bytes, "seconds": self.seconds,
+                "scales": [{"index": s.index, "size": list(s.size), "steps": s.steps,
+                            "tile": list(s.tile) if s.tile else None, "tiles": s.tiles, "history": s.history,
+                            "peak_bytes": s.peak_bytes, "seconds": s.seconds} for s in self.scales]}
+
+    def table(self) -> str:
+        """The plan as a text table, for ``nsf plan`` and logs."""
+        budget = format_bytes(self.budget) if self.budget else "no limit"
+        lines = [f"device {self.device}, budget {budget} (in use before the run: {format_bytes(self.in_use)})",
+                 f"{'scale':>5}  {'size':>11}  {'steps':>5}  {'tiles':>13}  {'history':>7}  {'peak':>9}  {'time':>8}"]
+        for s in self.scales:
+            tiles = f"{s.tiles} of {s.tile[1]}x{s.tile[0]}" if s.tile else "whole image"
+            secs = f"{s.seconds:.1f} s" if s.seconds is not None else "-"
+            lines.append(f"{s.index:>5}  {s.size[1]:>5}x{s.size[0]:<5}  {s.steps:>5}  {tiles:>13}  {s.history:>7}  "
+                         f"{format_bytes(s.peak_bytes):>9}  {secs:>8}")
+        total = (f"time at most {self.seconds:.0f} s (early stopping may end scales sooner)"
+                 if self.seconds is not None else "time not predicted (no timing run)")
+        lines.append(f"predicted peak {format_bytes(self.peak_bytes)}, {total}")
+        return "\n".join(lines)
+
+
+def _window(n: int, t: int, geo: Geometry) -> int:
+    return min(n, t + geo.before + geo.after)
+
+
+def _even(n: int, t: int, align: int) -> int:
+    """The owned tile side that splits ``n`` px into as many tiles as ``t`` does, but evenly."""
+    count = math.ceil(n / t)
+    return min(t, math.ceil(math.ceil(n / count) / align) * align)
+
+
+def _scale_peak(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, tile: tuple[int, int] | None,
+                history: int, in_use: int) -> int:
+    h, w = hw
+    px = batch * h * w
+    window = px if tile is None else batch * _window(h, tile[0], costs.geometry) * _window(w, tile[1], costs.geometry)
+    style_window = style_px if tile is None else min(style_px, window)
+    act = costs.act_bytes * max(window, style_window)
+    state = RGB_BYTES * (2 * history * px + style_px) + costs.target_bytes * px
+    return int(in_use + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
+
+
+def _scale_seconds(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, steps: int,
+                   tile: tuple[int, int] | None) -> float | None:
+    if costs.fb_seconds is None or costs.f_seconds is None:
+        return None
+    h, w = hw
+    if tile is None:
+        windows = h * w
+        step = costs.fb_seconds * windows
+    else:
+        windows = sum(t.window_pixels for t in tiles(h, w, tile, costs.geometry))
+        step = (costs.fb_seconds + costs.f_seconds) * windows
+    setup = costs.f_seconds * (2 * windows + style_px)  # content targets, final evaluation, style Grams
+    return batch * (steps * step + setup)
+
+
+def _style_pixels(hw: tuple[int, int], cfg: StyleConfig, style_sizes: Sequence[tuple[int, int]]) -> int:
+    """Pixels of the style images resized for a scale (each as large as the scale's long side, unless given)."""
+    long_side = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
+    total = 0
+    for sh, sw in style_sizes or [hw]:
+        side = min(long_side, max(sh, sw)) if cfg.stroke_scale == "pixels" else long_side
+        th, tw = target_size(sh, sw, side, cfg.resize)
+        total += th * tw
+    return total
+
+
+def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int = 1,
+         style_sizes: Sequence[tuple[int, int]] = (), budget: int | None, in_use: int,
+         device: str = "cpu") -> Plan:
+    """Plan a run of ``cfg`` on a ``content`` = ``(H, W)`` image (``batch`` of them) within ``budget`` bytes.
+
+    Each scale runs untiled where it fits; else tiled, with the largest tile that fits next to the
+    full L-BFGS history, or, where that tile would be under ``GOOD_TILE`` px, next to fewer pairs.
+    Raises :class:`PlanError` naming the largest ``size`` that fits when no tile fits at all.
+    """
+    scales = []
+    align = costs.geometry.align
+    for index, hw, steps in schedule(*content, cfg):
+        style_px = _style_pixels(hw, cfg, style_sizes) * (batch if not style_sizes else 1)
+        want = max(1, min(LBFGS_HISTORY, steps - 1)) if cfg.optimizer == "lbfgs" else 1
+
+        def fits(tile: tuple[int, int] | None, m: int, hw: tuple[int, int] = hw, style_px: int = style_px) -> bool:
+            return budget is None or _scale_peak(costs, batch, hw, style_px, tile, m, in_use) <= budget
+
+        choice: tuple[tuple[int, int] | None, int] | None = (None, want) if fits(None, want) else None
+        m = want
+        while choice is None:
+            top = math.ceil(max(hw) / align)
+            k = largest(lambda k, m=m: fits((k * align, k * align), m), 1, top)
+            if k is not None and (k * align >= min(GOOD_TILE, max(hw)) or m == 1):
+                t = k * align
+                choice = ((_even(hw[0], t, align), _even(hw[1], t, align)), m)
+            elif m == 1:
+                raise _too_big(costs, cfg, content, batch, style_sizes, budget, in_use, hw)
+            else:
+                m = max(1, m // 2)
+        tile, m = choice
+        if tile is not None and tile[0] >= hw[0] and tile[1] >= hw[1]:
+            tile = None
+        n_tiles = len(tiles(*hw, tile, costs.geometry)) if tile else 1
+        scales.append(ScalePlan(index, hw, steps, tile, n_tiles, m,
+                                _scale_peak(costs, batch, hw, style_px, tile, m, in_use),
+                                _scale_seconds(costs, batch, hw, style_px, steps, tile)))
+    return Plan(content, batch, device, budget, in_use, tuple(scales))
+
+
+def _too_big(costs: Costs, cfg: StyleConfig, content: tuple[int, int], batch: int,
+             style_sizes: Sequence[tuple[int, int]], budget: int | None, in_use: int,
+             hw: tuple[int, int]) -> PlanError:
+    def ok(size: int) -> bool:
+        try:
+            plan(costs, cfg.replace(size=size), content, batch=batch, style_sizes=style_sizes, budget=budget,
+                 in_use=in_use)
+            return True
+        except PlanError:
+            return False
+
+    smallest = _scale_peak(costs, batch, hw, _style_pixels(hw, cfg, style_sizes), (costs.geometry.align,) * 2, 1,
+                           in_use)
+    fits = largest(ok, 2 * MIN_SIDE, cfg.size - 1)
+    what = f"at most size={fits} fits" if fits else "no size fits"
+    return PlanError(f"size={cfg.size} does not fit max_memory={format_bytes(budget or 0)}: even one "
+                     f"{costs.geometry.align} px tile with one L-BFGS pair needs {format_bytes(smallest)} at "
+                     f"{hw[1]}x{hw[0]} ({format_bytes(in_use)} already in use); {what}",
+                     field="size", value=cfg.size, allowed={"min": MIN_SIDE, "max": fits})
+
+
+def largest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """The largest n in [lo, hi] with ok(n), for ok true up to some n and false after; None if none."""
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
