@@ -1,0 +1,181 @@
+"""Print sizes: wall time, peak RSS and quality of `nsf stylize` runs at large sizes, with and without a
+memory budget, and the per-step cost of exact tiled steps against untiled ones.
+
+Usage:
+  python bench/large.py run NAME --size 2048 [--max-memory 4GB] [--set key=value ...]   # one run, a JSON line
+  python bench/large.py compare A.png B.png                                            # largest pixel difference
+  python bench/large.py step --size 1024 --tile 512                                    # seconds per step
+  python bench/large.py table [--record]                                               # rows so far -> RESULTS
+
+Each run is a child process (`/usr/bin/time -v nsf stylize ...`): its peak RSS is the whole process's,
+the model and torch included. Images go to bench/out/large_NAME.png; rows to bench/out/large.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+OUT = REPO / "bench" / "out"
+ROWS = OUT / "large.jsonl"
+IMAGES = REPO.parent / "shared" / "images"
+
+
+def run(args: argparse.Namespace) -> None:
+    from score import Scorer
+
+    from nsf.image import read_metadata
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    c_name, s_name = args.pair.split(":")
+    content, style = IMAGES / f"{c_name}.jpg", IMAGES / f"{s_name}.jpg"
+    out = OUT / f"large_{args.name}.png"
+    cmd = ["nsf", "stylize", str(content), str(style), "-o", str(out), "--size", str(args.size), "--no-progress",
+           "--max-memory", args.max_memory, "--seed", "0"]
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        flag = key.replace("_", "-")
+        cmd += [f"--{flag}"] if value == "true" else [f"--no-{flag}"] if value == "false" else [f"--{flag}", value]
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"nsf failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    meta = read_metadata(out)
+    plan = meta.get("plan", {})
+    q = Scorer().score(out, content, style)
+    row = {"name": args.name, "pair": args.pair, "size": args.size, "max_memory": args.max_memory, "set": args.set,
+           "seconds": round(wall, 1), "nsf_seconds": meta.get("seconds"), "peak_rss_gb": round(rss_kb * 1024 / 1e9, 2),
+           "predicted_peak_gb": round(plan.get("peak_bytes", 0) / 1e9, 2),
+           "budget_gb": round(plan["budget"] / 1e9, 2) if plan.get("budget") else None,
+           "tiles": [s["tiles"] for s in plan.get("scales", [])],
+           "history": [s["history"] for s in plan.get("scales", [])],
+           "steps": [s["steps"] for s in plan.get("scales", [])],
+           "style_ratio": round(q["style_ratio"], 4), "content_ratio": round(q["content_ratio"], 4),
+           "image": str(out.relative_to(REPO)), "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(json.dumps(row), flush=True)
+    with open(ROWS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def compare(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (args.a, args.b))
+    d = np.abs(a - b)
+    row = {"compare": [args.a, args.b], "max_diff_8bit": int(d.max()), "mean_diff_8bit": round(float(d.mean()), 4),
+           "pixels_over_2": round(float((d.max(axis=2) > 2).mean()), 6)}
+    print(json.dumps(row))
+    with open(ROWS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def step(args: argparse.Namespace) -> None:
+    """Seconds of one untiled step (forward+backward) and of one exact tiled step at the same size."""
+    import nsf
+    from nsf import optimize as O
+
+    model = nsf.style_fusion(device="cpu")
+    cfg = model.config
+    ext = model.extractor(tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers))))
+    g = torch.Generator().manual_seed(0)
+    c, s, x = (torch.rand(1, 3, args.size, args.size, generator=g) for _ in range(3))
+    grams = O.style_grams(ext, [s], (1.0,), cfg.style_layers, cfg.gram_norm)
+    whole, tiled = O.Objective(ext, cfg, c, grams), O.Objective(ext, cfg, c, grams, tile=(args.tile, args.tile))
+
+    def untiled_step() -> torch.Tensor:
+        xr = x.clone().requires_grad_(True)
+        return torch.autograd.grad(whole(xr)[0].sum(), xr)[0]
+
+    times = {}
+    for name, fn in (("untiled", untiled_step), ("tiled", lambda: tiled.value_and_grad(x)[2])):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(args.reps):
+            grad = fn()
+        times[name] = (time.perf_counter() - t0) / args.reps
+        times[name + "_grad"] = grad
+    diff = float((times.pop("tiled_grad") - times.pop("untiled_grad")).abs().max())
+    windows = sum(t.window_pixels for t in tiled.tiled.tiles)
+    row = {"step": args.size, "tile": args.tile, "tiles": tiled.tiles, "threads": torch.get_num_threads(),
+           "untiled_s": round(times["untiled"], 2), "tiled_s": round(times["tiled"], 2),
+           "slowdown": round(times["tiled"] / times["untiled"], 2), "window_pixels_ratio":
+           round(windows / args.size**2, 2), "max_grad_diff": diff, "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(json.dumps(row))
+    with open(ROWS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def table(args: argparse.Namespace) -> None:
+    from speed import device_name
+
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines()]
+    runs = [r for r in rows if "name" in r]
+    lines = [f"`bash bench/large.sh` (`python bench/large.py run ...`: one child process per row, `/usr/bin/time -v`) "
+             f"on {device_name('cpu')}, torch {torch.__version__}; quality by bench/score.py at the output's size.", "",
+             "| run | pair | size | --max-memory | options | seconds | peak RSS GB | predicted GB | tiles per scale "
+             "| history | style_ratio | content_ratio | image | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['name']} | {r['pair']} | {r['size']} | {r['max_memory']} | {' '.join(r['set']) or '-'} | "
+                     f"{r['seconds']} | {r['peak_rss_gb']} | {r['predicted_peak_gb']} | {r['tiles']} | {r['history']} "
+                     f"| {r['style_ratio']} | {r['content_ratio']} | {r['image']} | {r['date']} |")
+    steps = [r for r in rows if "step" in r]
+    if steps:
+        lines += ["", "Per-step cost of exact tiling (`python bench/large.py step`): one forward+backward of the "
+                  "default layers on random images, untiled vs tiled (pass 1 + pass 2), mean of the reps.", "",
+                  "| size | owned tile | tiles | threads | untiled s | tiled s | slowdown | window px / image px "
+                  "| max gradient difference | measured |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in steps:
+            lines.append(f"| {r['step']} | {r['tile']} | {r['tiles']} | {r['threads']} | {r['untiled_s']} | "
+                         f"{r['tiled_s']} | {r['slowdown']} | {r['window_pixels_ratio']} | {r['max_grad_diff']:.2e} "
+                         f"| {r['date']} |")
+    comps = [r for r in rows if "compare" in r]
+    if comps:
+        lines += ["", "| compared | largest 8-bit difference | mean | share of pixels over 2 |", "|---|---|---|---|"]
+        for r in comps:
+            lines.append(f"| {' vs '.join(Path(p).name for p in r['compare'])} | {r['max_diff_8bit']} | "
+                         f"{r['mean_diff_8bit']} | {r['pixels_over_2']} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.record:
+        from results import record
+
+        record("large cpu", text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("name")
+    r.add_argument("--size", type=int, required=True)
+    r.add_argument("--pair", default="astronaut:starry_night")
+    r.add_argument("--max-memory", default="auto")
+    r.add_argument("--set", nargs="*", default=[], help="more nsf stylize options, key=value")
+    c = sub.add_parser("compare")
+    c.add_argument("a")
+    c.add_argument("b")
+    s = sub.add_parser("step")
+    s.add_argument("--size", type=int, default=1024)
+    s.add_argument("--tile", type=int, default=512)
+    s.add_argument("--reps", type=int, default=2)
+    t = sub.add_parser("table")
+    t.add_argument("--record", action="store_true")
+    args = ap.parse_args()
+    {"run": run, "compare": compare, "step": step, "table": table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""nsf.plan: the memory budget, the planner's choices and limits, runs that the planner tiles, and an
+out-of-memory that still happens (a real allocation failure, under an address-space limit)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_image, smooth_image
+from torch.testing import assert_close
+
+import nsf
+from nsf import plan as P
+from nsf.config import make_config
+from nsf.errors import ConfigError, PlanError
+
+REPO = Path(__file__).resolve().parents[1]
+GB = 10**9
+
+
+@pytest.mark.parametrize("text,expected", [("6GB", 6 * GB), ("1.5GiB", 3 * 2**29), ("512MB", 512 * 10**6),
+                                           ("2 gb", 2 * GB), (3 * GB, 3 * GB), ("4e9", 4 * GB), ("auto", None),
+                                           (None, None)])
+def test_parse_memory(text, expected):
+    assert P.parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["6XB", "-1GB", "lots", "", True, 0, 10.0, "2PB", float("nan")])
+def test_parse_memory_refuses_with_what_is_allowed(bad):
+    with pytest.raises(ConfigError, match="max_memory=.*allowed") as e:
+        P.parse_memory(bad)
+    assert e.value.field == "max_memory"
+
+
+def test_builder_refuses_a_malformed_budget():
+    with pytest.raises(ValueError, match="max_memory='6 gigs'; allowed"):
+        nsf.style_fusion(device="cpu", max_memory="6 gigs")
+
+
+@pytest.fixture(scope="module")
+def costs(model):
+    return model.costs(model.config)
+
+
+def test_measured_activation_bytes_are_vgg_sized(costs):
+    """Autograd's saved tensors of VGG-19 to relu5_1 in float32, per input pixel: block 1 alone keeps two
+    64-channel maps (512 B) and pool indices; the whole step between 1.5 and 3 KB per pixel."""
+    assert 1500 < costs.act_bytes < 3000
+    assert costs.target_bytes == 512 / 64 * 4  # relu4_2: 512 channels at 1/64 of the pixels, float32
+    assert (costs.geometry.align, costs.geometry.before, costs.geometry.after) == (16, 80, 70)
+
+
+def test_untiled_when_it_fits_and_tiled_within_the_budget(costs):
+    cfg = make_config(size=2048)
+    free = P.plan(costs, cfg, (2048, 2048), budget=None, in_use=GB)
+    assert not free.tiled and [s.size for s in free.scales][-1] == (2048, 2048)
+    assert free.peak_bytes > 10 * GB  # about 2.4 KB per pixel at 2048 px
+    tight = P.plan(costs, cfg, (2048, 2048), budget=4 * GB, in_use=GB)
+    last = tight.scales[-1]
+    assert last.tile is not None and last.tiles > 1 and last.tile[0] % 16 == 0
+    assert tight.peak_bytes <= 4 * GB
+    assert [s.tile for s in tight.scales[:3]] == [None] * 3  # small scales stay untiled
+    assert tight.layout()[-1].tile == last.tile
+
+
+def test_fewer_history_pairs_before_tiny_tiles(costs):
+    """Image-sized L-BFGS pairs compete with the tile for memory: the planner gives up pairs before it would
+    fall below a useful tile size."""
+    cfg = make_config(size=4096, base_size=4096, scales=(1.0,), scale_steps=(1.0,), steps=40)
+    rich = P.plan(costs, cfg, (4096, 4096), budget=40 * GB, in_use=GB).scales[-1]
+    poor = P.plan(costs, cfg, (4096, 4096), budget=8 * GB, in_use=GB).scales[-1]
+    assert rich.history == 39
+    assert poor.history < 39 and min(poor.tile) >= P.GOOD_TILE - 16
+
+
+def test_a_budget_too_small_for_any_tile_names_the_largest_size_that_fits(costs):
+    cfg = make_config(size=8192)
+    with pytest.raises(PlanError, match=r"size=8192 does not fit max_memory=3.00 GB.*at most size=\d+ fits") as e:
+        P.plan(costs, cfg, (8192, 8192), budget=3 * GB, in_use=GB)
+    top = e.value.allowed["max"]
+    assert e.value.field == "size" and 512 < top < 8192
+    P.plan(costs, cfg.replace(size=top), (8192, 8192), budget=3 * GB, in_use=GB)
+    with pytest.raises(PlanError):
+        P.plan(costs, cfg.replace(size=top + 1), (8192, 8192), budget=3 * GB, in_use=GB)
+
+
+def test_plan_table_and_dict(model):
+    plan = model.plan((300, 400), size=1024, timing=False)
+    assert plan.content == (300, 400) and plan.scales[-1].size == (768, 1024)
+    text = plan.table()
+    assert "1024x768" in text and "whole image" in text and "predicted peak" in text
+    d = plan.to_dict()
+    assert d["scales"][-1]["size"] == [768, 1024] and d["peak_bytes"] == plan.peak_bytes
+
+
+def test_timed_plan_predicts_seconds(model):
+    plan = model.plan(size=256, steps=10)
+    assert plan.seconds is not None and 0 < plan.seconds < 600
+    assert all(s.seconds > 0 for s in plan.scales)
+
+
+@pytest.mark.slow
+def test_a_run_over_the_budget_is_tiled_and_gives_the_untiled_image(model):
+    """The model plans each run: with room to spare it runs untiled; with a budget under the untiled step's
+    need (but over a tile's) it runs tiled, and the image is the same."""
+    content, style = smooth_image(256, 256, seed=1), random_image(128, 128, seed=2)
+    opts = {"size": 256, "steps": 3, "scales": (1.0,), "scale_steps": (1.0,), "tol": 0.0}
+    free = model.stylize(content, style, **opts)
+    assert not model.last_plan.tiled
+    tight = nsf.style_fusion(device="cpu")
+    tight.stylize(content[..., :64, :64], style, **{**opts, "size": 64})  # loads, measures costs: RSS settles
+    costs = tight.costs(tight.config)
+    used, _ = P.memory_now(tight.device)
+    # room for a 128 px tile's window and the loop's image-sized tensors, not for the whole 256 px step's
+    # activations (about 60 MB more)
+    tight.max_memory = used + int(costs.act_bytes * 190 * 190) + 40 * 2**20
+    out = tight.stylize(content, style, **opts)
+    plan = tight.last_plan
+    assert plan.tiled and plan.scales[-1].tiles > 1, plan.table()
+    assert_close(out, free, rtol=0, atol=2e-3)  # float32 sums in another order, through 3 L-BFGS steps: < 1/2 of an 8-bit level
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_reported_with_advice_and_the_model_stays_usable(tmp_path):
+    """A real allocation failure: the address space is capped so that a 768 px step cannot be allocated
+    while max_memory claims 100 GB; the error names the plan and what fits now, and the same model then
+    runs a small image."""
+    script = textwrap.dedent("""
+        import resource, torch, nsf
+        from nsf.errors import OutOfMemory
+        torch.set_num_threads(1)
+        m = nsf.style_fusion(device="cpu", max_memory="100GB")
+        small = torch.rand(1, 3, 64, 64)
+        m.stylize(small, small, size=64, steps=2)
+        vm = int(open("/proc/self/statm").read().split()[0]) * 4096
+        resource.setrlimit(resource.RLIMIT_AS, (vm + 300_000_000, resource.RLIM_INFINITY))
+        try:
+            m.stylize(torch.rand(1, 3, 768, 768), small, size=768, steps=2, scales=(1.0,), scale_steps=(1.0,))
+            print("NO ERROR")
+        except OutOfMemory as e:
+            print("OOM:", e)
+        print("AFTER", tuple(m.stylize(small, small, size=64, steps=2).shape))
+    """)
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("needs Linux /proc to cap the address space")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OOM: out of memory on cpu" in r.stdout and "can't allocate memory" in r.stdout
+    assert "predicted a peak of" in r.stdout and "planner would run it" in r.stdout
+    assert "AFTER (1, 3, 64, 64)" in r.stdout
+
+
+def test_plan_error_reaches_the_caller_before_anything_runs(model):
+    tight = nsf.style_fusion(device="cpu", max_memory="300MB")  # less than the process holds already
+    with pytest.raises(PlanError, match="does not fit max_memory=300 MB") as e:
+        tight.stylize(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64), size=64, steps=1)
+    assert e.value.allowed["max"] is None and "no size fits" in str(e.value)
