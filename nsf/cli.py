@@ -1,4 +1,5 @@
-"""Command line: ``nsf stylize``, ``nsf demo`` (``python -m nsf`` works the same).
+"""Command line: ``nsf stylize``, ``nsf demo``, ``nsf archive``, ``nsf serve``, ``nsf export mlflow``
+(``python -m nsf`` works the same).
 
 Every option flag is generated from :class:`nsf.StyleConfig`: defaults and help live there.
 """
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_run_flags(n)
     _add_serving_commands(sub)
+    _add_registry_commands(sub)
     return parser
 
 
@@ -116,6 +118,22 @@ def _add_serving_commands(sub: Any) -> None:
     s.add_argument("--workdir", default=None,
                    help="where TorchServe runs: key_file.json, logs/ (default: MODEL_STORE/run)")
     s.add_argument("--root", default=None, help="checkout holding handlers/ and deploy/ (default: found)")
+
+
+def _add_registry_commands(sub: Any) -> None:
+    """``nsf export mlflow`` (MLflow's model registry; needs the ``mlflow`` extra and a checkout)."""
+    e = sub.add_parser("export", help="log and register style_fusion in a model registry")
+    e.add_argument("registry", choices=["mlflow"], help="the registry (mlflow: a model from code + artifacts)")
+    e.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking/registry store (default: sqlite:///mlflow.db in the current directory, "
+                        "artifacts in ./mlartifacts; no server needed)")
+    e.add_argument("--registered-model-name", default="style_fusion", help="registered model (default: style_fusion)")
+    e.add_argument("--alias", default=None, help="set this alias (e.g. champion) on the new version")
+    e.add_argument("--with-mar", action="store_true",
+                   help="also build the TorchServe .mar (nsf archive) and attach it and its .sha256 to the version")
+    e.add_argument("--root", default=None, help="checkout holding deploy/ and bench/ (default: found)")
+    e.add_argument("--model-config", default=None,
+                   help="the model-config.yaml to pack (default: deploy/model-config.yaml of the checkout)")
 
 
 def _compile_arg(text: str) -> Any:
@@ -229,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args.model_store, workdir=args.workdir, port=args.port, root=args.root)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "export":
+            from .registry import log_model
+
+            log_model(tracking_uri=args.tracking_uri, registered_model_name=args.registered_model_name,
+                      alias=args.alias, with_mar=args.with_mar, root=args.root, model_config=args.model_config)
+            return 0
         if args.command == "stylize":
             return _run(args, args.content, args.styles, init=args.init_image)
         assets = resources.files("nsf") / "assets"

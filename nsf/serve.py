@@ -132,8 +132,13 @@ def build_archive(export_path: str | os.PathLike[str] = "model_store", *, root: 
     return Archive(mar, mar_digest, sha_file, card_path)
 
 
-def model_card(model_config: dict[str, Any], limits: dict[str, Any], mar: Path, mar_sha256: str) -> dict[str, Any]:
-    """What the archive is, what it runs, what a request may ask for: JSON for humans and tooling."""
+def model_card(model_config: dict[str, Any], limits: dict[str, Any], mar: Path | None,
+               mar_sha256: str | None) -> dict[str, Any]:
+    """What the archive is, what it runs, what a request may ask for: JSON for humans and tooling.
+
+    ``mar=None``: the card of the model without a ``.mar`` (``"archive": null``), as an MLflow
+    version registered without ``--with-mar`` carries it.
+    """
     from . import protocol
     from .weights import CAFFE_FILENAME, VGG19Weights
 
@@ -145,9 +150,10 @@ def model_card(model_config: dict[str, Any], limits: dict[str, Any], mar: Path, 
         "version": __version__,
         "description": "Neural style transfer (Gatys et al.) by optimization over VGG-19 features: "
                        "stylizes a content image with one or more style images.",
-        "archive": {"file": mar.name, "sha256": mar_sha256, "size_bytes": mar.stat().st_size,
-                    "torch_model_archiver": _version_of("torch-model-archiver"),
-                    "handler": HANDLER.name, "contents": ["nsf/ (library code)", CAFFE_FILENAME, "model-config.yaml"]},
+        "archive": None if mar is None else {
+            "file": mar.name, "sha256": mar_sha256, "size_bytes": mar.stat().st_size,
+            "torch_model_archiver": _version_of("torch-model-archiver"),
+            "handler": HANDLER.name, "contents": ["nsf/ (library code)", CAFFE_FILENAME, "model-config.yaml"]},
         "runtime": {"torchserve": ">=0.12 (Java 17)", "python_packages": ["torch", "torchvision", "pillow", "numpy",
                                                                          "pyyaml"],
                     "built_with": {"python": platform.python_version(), "torch": _version_of("torch"),
