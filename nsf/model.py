@@ -134,10 +134,14 @@ class StyleFusion(nn.Module):
         if content_size is None:
             content_size = cfg.size
         hw = (content_size, content_size) if isinstance(content_size, int) else tuple(content_size)
+        return self.plan_config(cfg, (int(hw[0]), int(hw[1])), batch=batch, style_sizes=style_sizes, timing=timing)
+
+    def plan_config(self, cfg: StyleConfig, content: tuple[int, int], *, batch: int = 1,
+                    style_sizes: Sequence[tuple[int, int]] = (), timing: bool = False) -> planner.Plan:
+        """:meth:`plan` for a resolved config and a content ``(H, W)``, with the memory in use now."""
         used, _ = planner.memory_now(self.device)
-        return planner.plan(self.costs(cfg, timing=timing), cfg, (int(hw[0]), int(hw[1])), batch=batch,
-                            style_sizes=style_sizes, budget=self.memory_budget(), in_use=used,
-                            device=str(self.device))
+        return planner.plan(self.costs(cfg, timing=timing), cfg, content, batch=batch, style_sizes=style_sizes,
+                            budget=self.memory_budget(), in_use=used, device=str(self.device))
 
     def resolve_config(self, preset: str | None = None, **overrides: Any) -> StyleConfig:
         """``preset`` (or this model's config) with ``overrides`` applied, validated."""
@@ -177,11 +181,8 @@ class StyleFusion(nn.Module):
         layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
         # "reduce-overhead" compiles with its own CUDA graphs; ours would nest them
         graphs = self.cuda_graphs is not False and device.type == "cuda" and self.compile != "reduce-overhead"
-        used, _ = planner.memory_now(device)
-        plan = self.last_plan = planner.plan(
-            self.costs(cfg), cfg, (content.shape[-2], content.shape[-1]), batch=content.shape[0],
-            style_sizes=[tuple(p.shape[-2:]) for ps in parts for p in ps], budget=self.memory_budget(),
-            in_use=used, device=str(device))
+        plan = self.last_plan = self.plan_config(cfg, (content.shape[-2], content.shape[-1]), batch=content.shape[0],
+                                                 style_sizes=[tuple(p.shape[-2:]) for ps in parts for p in ps])
         failure = None
         try:
             out = run(self.extractor(layers), work, parts, cfg, init=init, callback=callback,
@@ -207,7 +208,8 @@ class StyleFusion(nn.Module):
         used, _ = planner.memory_now(self.device)
         budget = planner.auto_budget(self.device)
         try:
-            again = planner.plan(self.costs(cfg), cfg, failed.content, batch=failed.batch, budget=budget, in_use=used)
+            again = planner.plan(self.costs(cfg), cfg, failed.content, batch=failed.batch, budget=budget, in_use=used,
+                                 device=failed.device)
         except PlanError as e:
             return f"With the memory free now: {e}."
         tiles = "tiled" if again.tiled else "untiled"

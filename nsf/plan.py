@@ -42,6 +42,10 @@ STEP_COPIES = 7
 UPDATE_COPIES = 16
 # Tiles smaller than this (owned px per side) spend most of a step on halos: fewer L-BFGS pairs first.
 GOOD_TILE = 384
+# A tiled step runs a forward (pass 1) and a forward+backward (pass 2) over its windows: the cost of one
+# window pixel in untiled step pixels, for admission control's pixel-step estimate (measured with
+# bench/large.py step, bench/RESULTS.md).
+TILED_WORK = 1.5
 AUTO_SHARE = {"cpu": 0.8, "cuda": 0.9}  # of the free memory that max_memory="auto" plans with
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -197,10 +201,17 @@ class ScalePlan:
     history: int  # L-BFGS pairs
     peak_bytes: int
     seconds: float | None  # predicted, if the model was timed
+    window_pixels: int = 0  # pixels a step runs the network on, per image (halos included when tiled)
+    batch: int = 1
 
     @property
     def layout(self) -> Layout:
         return Layout(self.tile, self.history)
+
+    @property
+    def work(self) -> float:
+        """The scale's cost in untiled pixel-steps (what admission control's seconds per pixel-step multiply)."""
+        return self.batch * self.steps * self.window_pixels * (TILED_WORK if self.tile is not None else 1.0)
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,10 @@ class Plan:
     @property
     def tiled(self) -> bool:
         return any(s.tile is not None for s in self.scales)
+
+    @property
+    def work(self) -> float:
+        return sum(s.work for s in self.scales)
 
     def layout(self) -> list[Layout]:
         return [s.layout for s in self.scales]
@@ -274,17 +289,11 @@ def _scale_peak(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, ti
     return int(in_use + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
 
 
-def _scale_seconds(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, steps: int,
-                   tile: tuple[int, int] | None) -> float | None:
+def _scale_seconds(costs: Costs, batch: int, windows: int, style_px: int, steps: int, tiled: bool) -> float | None:
+    """Seconds of a scale whose steps run the network on ``windows`` pixels per image."""
     if costs.fb_seconds is None or costs.f_seconds is None:
         return None
-    h, w = hw
-    if tile is None:
-        windows = h * w
-        step = costs.fb_seconds * windows
-    else:
-        windows = sum(t.window_pixels for t in tiles(h, w, tile, costs.geometry))
-        step = (costs.fb_seconds + costs.f_seconds) * windows
+    step = (costs.fb_seconds + (costs.f_seconds if tiled else 0.0)) * windows
     setup = costs.f_seconds * (2 * windows + style_px)  # content targets, final evaluation, style Grams
     return batch * (steps * step + setup)
 
@@ -333,10 +342,11 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
         tile, m = choice
         if tile is not None and tile[0] >= hw[0] and tile[1] >= hw[1]:
             tile = None
-        n_tiles = len(tiles(*hw, tile, costs.geometry)) if tile else 1
-        scales.append(ScalePlan(index, hw, steps, tile, n_tiles, m,
+        windows = [t.window_pixels for t in tiles(*hw, tile, costs.geometry)]
+        scales.append(ScalePlan(index, hw, steps, tile, len(windows), m,
                                 _scale_peak(costs, batch, hw, style_px, tile, m, in_use),
-                                _scale_seconds(costs, batch, hw, style_px, steps, tile)))
+                                _scale_seconds(costs, batch, sum(windows), style_px, steps, tile is not None),
+                                sum(windows), batch))
     return Plan(content, batch, device, budget, in_use, tuple(scales))
 
 

@@ -29,9 +29,10 @@ from typing import Any
 from PIL import Image
 
 from .config import FIELD_NAMES, MAX_SIZE, MAX_WEIGHT, PRESETS, StyleConfig, make_config
+from .errors import ConfigError, PlanError
 from .image import MIN_SIDE, ImageTooLargeError, load_image
 from .optimize import schedule
-from .plan import largest
+from .plan import Plan, largest, parse_memory
 
 CONTENT = "content"
 STYLE = "style"
@@ -78,7 +79,7 @@ class RequestError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_CALIBRATE = (128, 6)  # (size, steps) of the start-up timing run, where model-config.yaml names none
-_DEVICE_KEYS = {"max_size", "max_steps", "compile", "warmup_sizes", "warmup_steps", "calibrate"}
+_DEVICE_KEYS = {"max_size", "max_steps", "compile", "warmup_sizes", "warmup_steps", "calibrate", "max_memory"}
 _SECTION_KEYS = {"preset", "overrides", "fields", "max_styles", "max_pixels", "max_request_bytes", "devices",
                  "time_budget"}
 
@@ -103,6 +104,7 @@ class ServingLimits:
     # use (0: no estimate, no refusal), and the (size, steps) the handler times at start-up
     time_budget: float = 0.0
     calibrate: tuple[int, int] = DEFAULT_CALIBRATE
+    max_memory: str | int = "auto"  # the worker's memory budget (nsf.style_fusion(max_memory=...))
     base: StyleConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -121,7 +123,7 @@ class ServingLimits:
                              f"found: {', '.join(devices) if isinstance(devices, Mapping) else devices!r}")
         per_device = devices[device]
         _require_keys(f"nsf.devices.{device}", per_device, _DEVICE_KEYS,
-                      optional={"warmup_sizes", "warmup_steps", "calibrate"})
+                      optional={"warmup_sizes", "warmup_steps", "calibrate", "max_memory"})
         compile_ = per_device["compile"]
         calibrate = per_device.get("calibrate") or DEFAULT_CALIBRATE
         if not (isinstance(calibrate, Sequence) and len(calibrate) == 2):
@@ -141,6 +143,7 @@ class ServingLimits:
             warmup_steps=int(per_device.get("warmup_steps") or 0),
             time_budget=cls.time_budget if section.get("time_budget") is None else float(section["time_budget"]),
             calibrate=(int(calibrate[0]), int(calibrate[1])),
+            max_memory=per_device.get("max_memory") or "auto",
         )
 
     @classmethod
@@ -174,6 +177,10 @@ def _check_limits(limits: ServingLimits) -> StyleConfig:
     if bad:
         raise ValueError(f"model-config.yaml: nsf.overrides may not set {', '.join(sorted(bad))} (server-only)")
     base = make_config(limits.preset, **limits.overrides, max_pixels=limits.max_pixels)
+    try:
+        parse_memory(limits.max_memory)
+    except ConfigError as e:
+        raise ValueError(f"model-config.yaml: nsf.devices.{limits.device}.{e}") from None
     for name in limits.fields:
         if name not in FIELD_NAMES:
             raise ValueError(f"model-config.yaml: nsf.fields names {name!r}, not a StyleConfig field; "
@@ -203,8 +210,16 @@ def _check_limits(limits: ServingLimits) -> StyleConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Admission: refuse up front what would outrun the response timeout
+# Admission: refuse up front what would outrun the response timeout or the memory budget
 # ---------------------------------------------------------------------------------------------
+
+
+def admit_memory(plan: typing.Callable[[], Plan]) -> Plan:
+    """The run's plan, or a 422 :class:`RequestError` naming the largest size that fits the worker's memory."""
+    try:
+        return plan()
+    except PlanError as e:
+        raise RequestError(f"{e} on this worker", field="size", status=422, allowed=e.allowed) from None
 
 
 def pixel_steps(cfg: StyleConfig, height: int, width: int) -> int:
@@ -214,18 +229,21 @@ def pixel_steps(cfg: StyleConfig, height: int, width: int) -> int:
 
 @dataclass(frozen=True)
 class CostModel:
-    """``seconds = seconds_per_pixel_step * pixel_steps``, measured by the worker at start-up.
+    """``seconds = seconds_per_pixel_step * work``, measured by the worker at start-up.
 
     ``budget`` is the seconds a request may run: a share (``time_budget``) of TorchServe's
     responseTimeout, so that a request refused here is one that would otherwise have been cut off
-    (and its worker restarted) after running for the whole timeout.
+    (and its worker restarted) after running for the whole timeout. ``work(cfg, height, width)`` is a
+    run's untiled pixel-steps: :func:`pixel_steps`, or a plan's (``nsf.plan.Plan.work``: tiled scales
+    cost more per pixel; ``inf`` for a run that cannot fit the memory budget).
     """
 
     seconds_per_pixel_step: float
     budget: float
+    work: typing.Callable[[StyleConfig, int, int], float] = field(default=pixel_steps, compare=False)
 
     def seconds(self, cfg: StyleConfig, height: int, width: int) -> float:
-        return self.seconds_per_pixel_step * pixel_steps(cfg, height, width)
+        return self.seconds_per_pixel_step * self.work(cfg, height, width)
 
     def admit(self, cfg: StyleConfig, height: int, width: int) -> None:
         """Raise a 422 :class:`RequestError` naming the largest steps (or size) that fit the budget."""

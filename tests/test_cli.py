@@ -105,3 +105,30 @@ def test_missing_and_non_image_files(pair, tmp_path):
     text.write_text("not an image")
     r = run_nsf("stylize", str(content), str(text), "-o", "o.png", "--no-progress", cwd=tmp_path)
     assert r.returncode == 2 and "not a readable image" in r.stderr
+
+
+def test_plan_prints_the_schedule_with_tiles_and_refuses_bad_budgets(tmp_path):
+    r = run_nsf("plan", "4000x3000", "--size", "4096", "--max-memory", "8GB", "--no-timing", "--device", "cpu",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "budget 8.00 GB" in r.stdout and "4096x3072" in r.stdout and " of " in r.stdout  # tiled at 4096
+    assert "predicted peak" in r.stdout
+    r = run_nsf("plan", "--size", "8192", "--max-memory", "1.5GB", "--no-timing", "--device", "cpu", cwd=tmp_path)
+    assert r.returncode == 2 and "does not fit max_memory=1.50 GB" in r.stderr and "fits" in r.stderr
+    r = run_nsf("plan", "--max-memory", "8 gigs", "--no-timing", cwd=tmp_path)
+    assert r.returncode == 2 and "max_memory='8 gigs'; allowed" in r.stderr
+
+
+def test_stylize_16_bit_png_with_the_plan_in_its_provenance(pair, tmp_path):
+    content, style = pair
+    out = tmp_path / "o16.png"
+    r = run_nsf("stylize", str(content), str(style), "-o", str(out), "--size", "40", "--steps", "3",
+                "--bit-depth", "16", "--no-progress", "--device", "cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "16-bit" in r.stdout
+    data = out.read_bytes()
+    assert data[24] == 16  # IHDR bit depth
+    meta = read_metadata(out)
+    assert meta["bit_depth"] == 16 and meta["plan"]["scales"][-1]["size"] == [30, 40]
+    r = run_nsf("stylize", str(content), str(style), "-o", str(tmp_path / "o.jpg"), "--bit-depth", "16", cwd=tmp_path)
+    assert r.returncode == 2 and "a .png output" in r.stderr

@@ -191,3 +191,20 @@ def test_config_is_frozen():
 def test_numbers_too_big_for_a_float_are_a_value_error(option, value):
     with pytest.raises(ValueError, match=f"{option}="):
         make_config(**{option: value})
+
+
+@pytest.mark.parametrize("bad,match", [({"base_size": 20}, "base_size=20 is out of range"),
+                                       ({"base_size": 1.5}, "base_size=1.5 must be an integer"),
+                                       ({"refine_steps": ()}, "refine_steps=\\(\\); allowed"),
+                                       ({"refine_steps": (3, -1)}, "refine_steps=-1 is out of range"),
+                                       ({"stroke_scale": "brush"},
+                                        "unknown stroke_scale 'brush'; allowed: picture, pixels")])
+def test_large_size_options_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(**bad)
+
+
+def test_large_size_options_accept_their_forms():
+    cfg = make_config(base_size=0, refine_steps=[4, 2], stroke_scale="pixels")
+    assert (cfg.base_size, cfg.refine_steps, cfg.stroke_scale) == (0, (4, 2), "pixels")
+    assert make_config(refine_steps=3).refine_steps == (3,)

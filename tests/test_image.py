@@ -354,3 +354,63 @@ def test_metadata_with_non_json_values_is_stringified(tmp_path):
     path = tmp_path / "p.png"
     im.save_png(pil_rgb(16, 16), path, {"path": tmp_path, "shape": (1, 2)})
     assert im.read_metadata(path) == {"path": str(tmp_path), "shape": [1, 2]}
+
+
+# --- 16-bit PNG ---------------------------------------------------------------------------------------
+
+
+def decode_png16(data: bytes) -> np.ndarray:
+    """A reader written here for what encode_png16 writes (16-bit RGB, any of PNG's five row filters)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body)
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    w, h, depth, color = header[:4]
+    assert (depth, color) == (16, 2)
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * 6)
+    rows, prev = [], np.zeros(w * 6, np.uint8)
+    for line in raw:
+        f, cur = line[0], line[1:].astype(np.int32)
+        if f == 1:
+            out = np.zeros(w * 6, np.int32)
+            for i in range(w * 6):
+                out[i] = (cur[i] + (out[i - 6] if i >= 6 else 0)) % 256
+            cur = out
+        elif f == 2:
+            cur = (cur + prev) % 256
+        else:
+            assert f == 0, f"filter {f} not written by encode_png16"
+        prev = cur.astype(np.uint8)
+        rows.append(prev)
+    return np.stack(rows).view(">u2").reshape(h, w, 3).astype(np.int64)
+
+
+def test_png16_keeps_sixteen_bits_and_the_provenance(tmp_path):
+    t = smooth_image(37, 53, seed=3)
+    data = im.encode_png16(t, {"seed": 3, "nsf_version": "x", "note": "é"})
+    values = decode_png16(data)
+    assert (values == (t[0].permute(1, 2, 0) * 65535).round().long().numpy()).all()
+    assert len(np.unique(values[..., 0])) > 256  # more levels than 8 bits have
+    assert im.read_metadata(data) == {"seed": 3, "nsf_version": "x", "note": "é"}
+    path = tmp_path / "o.png"
+    im.save_png(t, path, {"seed": 3}, bit_depth=16)
+    assert path.read_bytes() == im.encode_png16(t, {"seed": 3})
+    img = Image.open(path)  # PIL reads it (as 8-bit RGB)
+    assert img.size == (53, 37) and img.text["seed"] == "3"
+
+
+def test_png_bit_depth_is_checked(tmp_path):
+    t = smooth_image(20, 20)
+    with pytest.raises(ValueError, match="bit_depth=12; allowed: 8, 16"):
+        im.save_png(t, tmp_path / "o.png", {}, bit_depth=12)
+    with pytest.raises(ValueError, match="bit_depth=16 needs the float image tensor"):
+        im.save_png(im.tensor_to_pil(t), tmp_path / "o.png", {}, bit_depth=16)
+    im.save_png(t, tmp_path / "o8.png", {"seed": 1})  # a tensor at 8 bits goes through PIL
+    assert Image.open(tmp_path / "o8.png").mode == "RGB"

@@ -374,3 +374,36 @@ def test_the_finer_scale_starts_from_the_restored_content(model, restore):
     out = O.run(model.extractor(CONTENT + STYLE), content, [smooth_image(32, 32, seed=42)], cfg)
     err = float((out - content).abs().max())
     assert err < 1e-3 if restore else err > 0.3, err
+
+
+# --- large sizes: refinement scales above base_size ------------------------------------------------
+
+
+def test_schedule_adds_refinement_scales_above_base_size():
+    cfg = make_config(size=2048)  # base 512: 128/256/512 with 90/45/15 steps, then 1024 and 2048
+    assert O.schedule(2048, 2048, cfg) == [(0, (128, 128), 90), (1, (256, 256), 45), (2, (512, 512), 15),
+                                           (3, (1024, 1024), 10), (4, (2048, 2048), 6)]
+    assert [hw for _, hw, _ in O.schedule(3000, 4000, make_config(size=8192))][3:] == [
+        (768, 1024), (1536, 2048), (3072, 4096), (6144, 8192)]
+    assert [n for *_, n in O.schedule(100, 100, make_config(size=8192))][3:] == [10, 6, 4, 3]
+    # a size between doublings ends on itself; the last entry of refine_steps repeats
+    assert O.schedule(512, 512, make_config(size=600, refine_steps=(7,)))[3:] == [(3, (600, 600), 7)]
+    assert [n for *_, n in O.schedule(512, 512, make_config(size=4096, refine_steps=(5, 2)))][3:] == [5, 2, 2]
+    # the final scale always runs (at least one step); a zero-step refinement in between is skipped
+    assert O.schedule(512, 512, make_config(size=2048, refine_steps=(0,)))[3:] == [(4, (2048, 2048), 1)]
+
+
+def test_schedule_at_or_below_base_size_is_unchanged_and_base_size_zero_turns_it_off():
+    for size in (256, 512):
+        assert O.schedule(512, 512, make_config(size=size)) == O.schedule(512, 512, make_config(size=size, base_size=0))
+    assert O.schedule(2048, 2048, make_config(size=2048, base_size=0)) == [
+        (0, (512, 512), 90), (1, (1024, 1024), 45), (2, (2048, 2048), 15)]
+
+
+@pytest.mark.parametrize("mode,expected", [("picture", (128, 96)), ("pixels", (64, 48))])
+def test_stroke_scale_picture_resizes_the_style_with_the_output_and_pixels_never_upscales(mode, expected):
+    cfg = make_config(stroke_scale=mode)
+    (out,) = O._resize_style(torch.rand(1, 3, 64, 48), 128, cfg)
+    assert tuple(out.shape[-2:]) == expected
+    (down,) = O._resize_style(torch.rand(1, 3, 64, 48), 32, cfg)  # downscaling is the same in both
+    assert tuple(down.shape[-2:]) == (32, 24)

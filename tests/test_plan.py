@@ -121,7 +121,8 @@ def test_a_run_over_the_budget_is_tiled_and_gives_the_untiled_image(model):
     out = tight.stylize(content, style, **opts)
     plan = tight.last_plan
     assert plan.tiled and plan.scales[-1].tiles > 1, plan.table()
-    assert_close(out, free, rtol=0, atol=2e-3)  # float32 sums in another order, through 3 L-BFGS steps: < 1/2 of an 8-bit level
+    # float32 sums in another order, through 3 L-BFGS steps: under half an 8-bit level
+    assert_close(out, free, rtol=0, atol=2e-3)
 
 
 @pytest.mark.slow

@@ -228,3 +228,51 @@ def test_size_and_steps_out_of_range_name_this_servers_range(option, value):
     top = limits.max_size if option == "size" else limits.max_steps
     assert e.value.field == option and f"{option}={value}" in str(e.value)
     assert e.value.allowed == {"min": 16 if option == "size" else 1, "max": top}
+
+
+# --- memory admission -------------------------------------------------------------------------
+
+
+def test_admit_memory_is_a_422_naming_the_largest_size():
+    from nsf.errors import PlanError
+
+    def no_room():
+        raise PlanError("size=4096 does not fit max_memory=2.00 GB: ...; at most size=1800 fits", field="size",
+                        value=4096, allowed={"min": 16, "max": 1800})
+
+    with pytest.raises(protocol.RequestError) as e:
+        protocol.admit_memory(no_room)
+    err = e.value
+    assert (err.status, err.field, err.allowed["max"]) == (422, "size", 1800)
+    assert "on this worker" in err.message
+    assert protocol.admit_memory(lambda: "the plan") == "the plan"
+
+
+def test_a_request_over_the_workers_memory_is_refused_up_front(tmp_path):
+    """A worker whose budget leaves room for small runs only: a large request gets a 422 naming the largest size
+    that fits (from the planner), a small one is served, and time admission sees the plan's work."""
+    cfg = yaml.safe_load(MODEL_CONFIG.read_text())
+    cfg["nsf"]["time_budget"] = 0
+    (tmp_path / CAFFE_FILENAME).symlink_to(caffe_weights_path())
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    h = load_handler_module().StyleFusionHandler()
+    h.initialize(make_context(tmp_path))
+    used, _ = __import__("nsf.plan", fromlist=["memory_now"]).memory_now(h.model.device)
+    h.model.max_memory = used + 400 * 2**20  # what the worker holds plus 400 MB
+    ctx = make_context(tmp_path).batch(1)
+    (body,) = h.handle([{"content": _png(96, 96), "style": _png(64, 64, 1), "size": b"2048", "steps": b"3"}], ctx)
+    assert ctx.get_response_status(0)[0] == 422
+    err = json.loads(body)
+    assert err["field"] == "size" and 32 <= err["allowed"]["max"] < 2048 and "does not fit max_memory" in err["error"]
+    ctx = make_context(tmp_path).batch(1)
+    (out,) = h.handle([{"content": _png(48, 48), "style": _png(32, 32, 1), "size": b"32", "steps": b"2"}], ctx)
+    assert ctx.get_response_status(0)[0] == 200 and Image.open(io.BytesIO(out)).size == (32, 32)
+
+
+def test_model_config_max_memory_is_checked_at_load():
+    cfg = yaml.safe_load(MODEL_CONFIG.read_text())
+    cfg["nsf"]["devices"]["cpu"]["max_memory"] = "lots"
+    with pytest.raises(ValueError, match=r"nsf.devices.cpu.max_memory='lots'; allowed"):
+        protocol.ServingLimits.from_model_config(cfg, "cpu")
+    cfg["nsf"]["devices"]["cpu"]["max_memory"] = "6GB"
+    assert protocol.ServingLimits.from_model_config(cfg, "cpu").max_memory == "6GB"
