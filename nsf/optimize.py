@@ -115,11 +115,9 @@ class Objective(nn.Module):
             xt = x.detach().requires_grad_(self.tvw > 0)
             loss, parts = self.combine(leaves_c, leaves_g, xt)
             wrt = [*leaves_c.values(), *leaves_g.values(), *([xt] if self.tvw > 0 else [])]
-            d = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+            d = torch.autograd.grad(loss.sum(), wrt)
         k = len(leaves_c)
-        zero = x.new_zeros(())
-        d_content = {n: g if g is not None else zero for n, g in zip(leaves_c, d[:k])}
-        d_grams = {n: g if g is not None else zero for n, g in zip(leaves_g, d[k:k + len(leaves_g)])}
+        d_content, d_grams = dict(zip(leaves_c, d[:k])), dict(zip(leaves_g, d[k:k + len(leaves_g)]))
         grad = self.tiled.backward(x, d_grams, d_content, self.content_targets, self.gram_norm, on_tile)
         if self.tvw > 0:
             grad += d[-1]

@@ -174,23 +174,33 @@ class TiledFeatures:
     def __init__(self, extractor: nn.Module, layers: Sequence[str], height: int, width: int,
                  tile: tuple[int, int] | None):
         self.extractor = extractor
-        self.geo = geometry(extractor.body, extractor.module_names, layers)
         self.height, self.width = height, width
-        self.tiles = tiles(height, width, tile, self.geo)
+        # untiled, the one tile is the image and no geometry is needed (any feature stack works)
+        self.geo = geometry(extractor.body, extractor.module_names, layers) if tile is not None else None
+        self.tiles = tiles(height, width, tile, self.geo) if self.geo is not None \
+            else [Tile(0, height, 0, width, 0, height, 0, width)]
 
-    def positions(self, layer: str) -> int:
-        """Positions of ``layer``'s whole map (what its Gram and MSE are averaged over)."""
+    def positions(self, layer: str) -> int | None:
+        """Positions of ``layer``'s whole map (what its Gram and MSE are averaged over); ``None`` untiled
+        (a map's own)."""
+        if self.geo is None:
+            return None
         return self.geo.feature_size(self.height, layer) * self.geo.feature_size(self.width, layer)
+
+    def _owned(self, t: Tile, layer: str) -> tuple[slice, slice, slice, slice]:
+        if self.geo is None:
+            return (slice(None),) * 4
+        return _owned(t, self.geo, layer, self.height, self.width)
 
     def shares(self, feats: Mapping[str, Tensor], t: Tile, *, grams: Sequence[str] = (), norm: str = "chw",
                content: Mapping[str, Tensor] | None = None) -> Sums:
         """Tile ``t``'s share of the Grams of ``grams`` and of the MSEs against ``content`` (whole maps)."""
         out = Sums()
         for n in grams:
-            lr, lc, _, _ = _owned(t, self.geo, n, self.height, self.width)
+            lr, lc, _, _ = self._owned(t, n)
             out.grams[n] = losses.gram(feats[n][..., lr, lc], norm, positions=self.positions(n))
         for n, target in (content or {}).items():
-            lr, lc, gr, gc = _owned(t, self.geo, n, self.height, self.width)
+            lr, lc, gr, gc = self._owned(t, n)
             out.content[n] = losses.content_loss(feats[n][..., lr, lc], target[..., gr, gc],
                                                  positions=self.positions(n))
         return out
@@ -208,12 +218,14 @@ class TiledFeatures:
                     mine[n] = mine[n] + v if n in mine else v
             for n in keep:
                 f = feats[n]
+                if self.geo is None or len(self.tiles) == 1:
+                    total.kept[n] = f
+                    continue
                 if n not in total.kept:
                     shape = (*f.shape[:2], self.geo.feature_size(self.height, n), self.geo.feature_size(self.width, n))
-                    total.kept[n] = f if len(self.tiles) == 1 else f.new_empty(shape)
-                if len(self.tiles) > 1:
-                    lr, lc, gr, gc = _owned(t, self.geo, n, self.height, self.width)
-                    total.kept[n][..., gr, gc] = f[..., lr, lc]
+                    total.kept[n] = f.new_empty(shape)
+                lr, lc, gr, gc = self._owned(t, n)
+                total.kept[n][..., gr, gc] = f[..., lr, lc]
         return total
 
     def backward(self, images: Tensor, d_grams: Mapping[str, Tensor], d_content: Mapping[str, Tensor],
