@@ -65,6 +65,8 @@ class StyleConfig:
                           "scales, each twice the last, up to size (0: scales relative to size alone)")
     refine_steps: tuple[int, ...] = _opt((10, 6, 4, 3), "steps at each refinement scale above base_size, "
                                          "coarsest first (the last repeats)")
+    refine_content_weight: float = _opt(1.0, "content_weight is multiplied by this at the refinement scales, "
+                                        "where the composition is settled and the style adds detail")
     stroke_scale: str = _opt("picture", f"{' or '.join(STROKE_SCALES)}: style strokes keep their size relative to "
                              "the picture (the style image is resized with the output, upscaled if need be) or "
                              "to the style image's pixels (never upscaled: a print gets finer strokes)")
@@ -129,7 +131,7 @@ def validate(cfg: StyleConfig) -> StyleConfig:
         if isinstance(n, bool) or not isinstance(n, int):
             raise ValueError(f"refine_steps={cfg.refine_steps!r}; allowed: integers")
         _check_range("refine_steps", n, 0, MAX_STEPS)
-    for name in ("content_weight", "style_weight", "tv_weight"):
+    for name in ("content_weight", "style_weight", "tv_weight", "refine_content_weight"):
         _check_range(name, getattr(cfg, name), 0.0, MAX_WEIGHT)
     if cfg.content_weight == 0 and cfg.style_weight == 0:
         raise ValueError("content_weight and style_weight are both 0: nothing to optimize; allowed: either > 0")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -251,7 +251,9 @@ def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg
         style_long = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
         sized = [_resize_style(s, style_long, cfg) for s in styles]
         grams = style_grams(extractor, sized, blend, cfg.style_layers, cfg.gram_norm, tile=lay.tile)
-        objective = Objective(extractor, cfg, c, grams, tile=lay.tile)
+        refining = scale_index >= len(cfg.scales) and cfg.refine_content_weight != 1.0
+        scale_cfg = replace(cfg, content_weight=cfg.content_weight * cfg.refine_content_weight) if refining else cfg
+        objective = Objective(extractor, scale_cfg, c, grams, tile=lay.tile)
         tiled = objective.tiles > 1
         loss_fn = compile_fn(objective) if compile_fn is not None and not tiled else objective
         if x is None:
