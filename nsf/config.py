@@ -174,13 +174,12 @@ def validate(cfg: StyleConfig) -> StyleConfig:
         raise ConfigError(f"init={cfg.init!r}; allowed: {', '.join(INITS)} (a start image is stylize(init_image=...), "
                           "--init-image on the command line)", field="init", value=cfg.init, allowed=list(INITS))
     if not cfg.scales or list(cfg.scales) != sorted(cfg.scales) or cfg.scales[-1] != 1.0 or cfg.scales[0] <= 0:
-        allowed = "ascending fractions in (0, 1] ending with 1.0"
-        raise ConfigError(f"scales={cfg.scales!r}; allowed: {allowed}", field="scales", value=cfg.scales,
-                          allowed=allowed)
+        rule = "ascending fractions in (0, 1] ending with 1.0"
+        raise ConfigError(f"scales={cfg.scales!r}; allowed: {rule}", field="scales", value=cfg.scales, allowed=rule)
     if len(cfg.scale_steps) != len(cfg.scales) or any(s < 0 for s in cfg.scale_steps) or sum(cfg.scale_steps) <= 0:
-        allowed = f"one non-negative share per scale ({len(cfg.scales)} here) with a positive sum"
-        raise ConfigError(f"scale_steps={cfg.scale_steps!r}; allowed: {allowed}", field="scale_steps",
-                          value=cfg.scale_steps, allowed=allowed)
+        rule = f"one non-negative share per scale ({len(cfg.scales)} here) with a positive sum"
+        raise ConfigError(f"scale_steps={cfg.scale_steps!r}; allowed: {rule}", field="scale_steps",
+                          value=cfg.scale_steps, allowed=rule)
     return cfg
 
 

@@ -51,6 +51,10 @@ class StyleFusion(nn.Module):
     ``(B, 3, H, W)`` tensors in [0, 1] and returns the stylized batch at the content's size.
     """
 
+    # The builder's compile setting. It shadows nn.Module.compile (a method, which StyleFusion does not
+    # offer: its runs compile the step themselves); kept under this name, which callers read.
+    compile: CompileMode | str  # type: ignore[assignment]
+
     def __init__(self, weights: LoadedWeights, config: StyleConfig | None = None, *,
                  device: torch.device | str | None = None, compile: CompileMode | str = "auto",
                  precision: Precision = "auto", channels_last: bool | Literal["auto"] = "auto",
@@ -182,7 +186,7 @@ class StyleFusion(nn.Module):
         # "reduce-overhead" compiles with its own CUDA graphs; ours would nest them
         graphs = self.cuda_graphs is not False and device.type == "cuda" and self.compile != "reduce-overhead"
         plan = self.last_plan = self.plan_config(cfg, (content.shape[-2], content.shape[-1]), batch=content.shape[0],
-                                                 style_sizes=[tuple(p.shape[-2:]) for ps in parts for p in ps])
+                                                 style_sizes=[(p.shape[-2], p.shape[-1]) for ps in parts for p in ps])
         failure = None
         try:
             out = run(self.extractor(layers), work, parts, cfg, init=init, callback=callback,
@@ -200,7 +204,7 @@ class StyleFusion(nn.Module):
                               f"{planner.format_bytes(plan.budget) if plan.budget else 'no limit'}; another process "
                               f"may have taken memory since. {self._advice(cfg, plan)}")
         if cfg.preserve_color:
-            out = im.recolor(out, im.resize(content, tuple(out.shape[-2:])))
+            out = im.recolor(out, im.resize(content, (out.shape[-2], out.shape[-1])))
         return out
 
     def _advice(self, cfg: StyleConfig, failed: planner.Plan) -> str:

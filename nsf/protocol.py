@@ -22,7 +22,7 @@ import json
 import math
 import re
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,7 +157,7 @@ class ServingLimits:
         return d
 
 
-def _require_keys(where: str, section: Any, keys: set[str], optional: set[str] = frozenset()) -> None:
+def _require_keys(where: str, section: Any, keys: Set[str], optional: Set[str] = frozenset()) -> None:
     if not isinstance(section, Mapping):
         raise ValueError(f"model-config.yaml: {where} must be a mapping, got {section!r}")
     unknown = sorted(set(section) - keys)

@@ -9,6 +9,7 @@ costs more than a second (it loads ``torch._dynamo``), which ``import nsf`` shou
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -139,7 +140,10 @@ class FeatureExtractor(nn.Module):
         return len(self._names)
 
 
-def freeze(module: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def freeze(module: M) -> M:
     """Eval mode, no parameter gradients: the network is fixed, only the pixels move."""
     module.eval()
     for p in module.parameters():
