@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("content", help="content image")
     p.add_argument("styles", nargs="+", metavar="style", help="style image(s); blend with --style-blend-weights")
     p.add_argument("-o", "--output", required=True, help="output image (.png carries provenance metadata)")
-    p.add_argument("--init-image", default=None, help="start from this image (overrides --init)")
+    p.add_argument("--init-image", default=None, help="start from this image (instead of --init content/noise)")
     _add_output_flags(p)
     _add_run_flags(p)
     d = sub.add_parser("demo", help="stylize the bundled sample images (no files of your own needed)")
@@ -170,7 +170,7 @@ def _progress(enabled: bool) -> Any:
     return callback, on_tile, close
 
 
-def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init: Any = None) -> int:
+def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init_image: Any = None) -> int:
     import torch
 
     from .image import save_png, tensor_to_pil
@@ -182,8 +182,8 @@ def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init: An
     callback, on_tile, close = _progress(not args.no_progress)
     start = time.perf_counter()
     try:
-        t = model.stylize(content, list(styles), init=init, callback=callback, on_tile=on_tile, as_tensor=True,
-                          **options)
+        t = model.stylize(content, list(styles), init_image=init_image, callback=callback, on_tile=on_tile,
+                          as_tensor=True, **options)
     finally:
         close()
     elapsed = time.perf_counter() - start
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       alias=args.alias, with_mar=args.with_mar, root=args.root, model_config=args.model_config)
             return 0
         if args.command == "stylize":
-            return _run(args, args.content, args.styles, init=args.init_image)
+            return _run(args, args.content, args.styles, init_image=args.init_image)
         assets = resources.files("nsf") / "assets"
         with resources.as_file(assets / DEMO_CONTENT) as c, resources.as_file(assets / DEMO_STYLE) as s:
             print(f"demo: {DEMO_CONTENT} in the style of {DEMO_STYLE} (credits: nsf/assets/CREDITS.md)")

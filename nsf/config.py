@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .errors import ConfigError
 from .geometry import MIN_SIDE
 from .losses import GRAM_NORMS
 from .vgg import validate_layers
@@ -52,7 +53,7 @@ class StyleConfig:
     gram_norm: str = _opt("chw", f"Gram normalization: {' or '.join(GRAM_NORMS)} (F F^T / (C*H*W), or plain)")
     optimizer: str = _opt("lbfgs", f"optimizer: {' or '.join(OPTIMIZERS)}")
     lr: float = _opt(1.0, "learning rate (L-BFGS step length, or Adam's lr on [0, 1] pixels)")
-    init: str = _opt("content", f"start image: {' or '.join(INITS)} or the path of an image")
+    init: str = _opt("content", f"start image: {' or '.join(INITS)} (a start image of your own: init_image)")
     style_blend_weights: tuple[float, ...] | None = _opt(None, "blend weights of several styles (default: equal)")
     style_scale: float = _opt(1.0, "style image size relative to the output size")
     preserve_color: bool = _opt(False, "keep the content's colours: transfer luminance only")
@@ -93,15 +94,21 @@ def _check_range(name: str, value: Any, lo: float, hi: float, *, lo_open: bool =
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{name}={value!r} must be a number") from None
+            raise ConfigError(f"{name}={value!r} must be a number", field=name, value=value,
+                              allowed=_range_text(lo, hi, lo_open)) from None
     nan_or_inf = isinstance(value, float) and not math.isfinite(value)
     if nan_or_inf or value > hi or (value <= lo if lo_open else value < lo):
-        low = f"> {lo}" if lo_open else f">= {lo}"
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ValueError(f"{name}={shown} is out of range; allowed: {low} and <= {hi:g}")
+        allowed = _range_text(lo, hi, lo_open)
+        raise ConfigError(f"{name}={shown} is out of range; allowed: {allowed}", field=name, value=value,
+                          allowed=allowed)
 
 
-def _as_tuple(name: str, value: Any, kind: type) -> tuple | None:
+def _range_text(lo: float, hi: float, lo_open: bool) -> str:
+    return f"{'>' if lo_open else '>='} {lo} and <= {hi:g}"
+
+
+def _as_tuple(name: str, value: Any, kind: type) -> tuple[Any, ...] | None:
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -109,15 +116,17 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple | None:
     try:
         return tuple(kind(v) for v in value)
     except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError(f"{name}={value!r} must be a sequence of {kind.__name__}") from e
+        raise ConfigError(f"{name}={value!r} must be a sequence of {kind.__name__}", field=name, value=value,
+                          allowed=f"a sequence of {kind.__name__}") from e
 
 
 def validate(cfg: StyleConfig) -> StyleConfig:
-    """Check every option; raise ``ValueError`` naming the bad value and what is allowed."""
+    """Check every option; raise :class:`~nsf.errors.ConfigError` (a ``ValueError``) naming the field, the bad
+    value and what is allowed."""
     for name in ("size", "steps", "patience", "max_pixels", "seed", "base_size"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{name}={v!r} must be an integer")
+            raise ConfigError(f"{name}={v!r} must be an integer", field=name, value=v, allowed="an integer")
     _check_range("size", cfg.size, 16, MAX_SIZE)
     _check_range("steps", cfg.steps, 1, MAX_STEPS)
     _check_range("patience", cfg.patience, 1, MAX_STEPS)
@@ -126,43 +135,53 @@ def validate(cfg: StyleConfig) -> StyleConfig:
     if cfg.base_size:
         _check_range("base_size", cfg.base_size, 2 * MIN_SIDE, MAX_SIZE)
     if not cfg.refine_steps:
-        raise ValueError("refine_steps=(); allowed: one or more step counts, e.g. 10,6,4,3")
+        raise ConfigError("refine_steps=(); allowed: one or more step counts, e.g. 10,6,4,3", field="refine_steps",
+                          value=cfg.refine_steps, allowed="one or more step counts, e.g. 10,6,4,3")
     for n in cfg.refine_steps:
         if isinstance(n, bool) or not isinstance(n, int):
-            raise ValueError(f"refine_steps={cfg.refine_steps!r}; allowed: integers")
+            raise ConfigError(f"refine_steps={cfg.refine_steps!r}; allowed: integers", field="refine_steps",
+                              value=cfg.refine_steps, allowed="integers")
         _check_range("refine_steps", n, 0, MAX_STEPS)
     for name in ("content_weight", "style_weight", "tv_weight", "refine_content_weight"):
         _check_range(name, getattr(cfg, name), 0.0, MAX_WEIGHT)
     if cfg.content_weight == 0 and cfg.style_weight == 0:
-        raise ValueError("content_weight and style_weight are both 0: nothing to optimize; allowed: either > 0")
+        raise ConfigError("content_weight and style_weight are both 0: nothing to optimize; allowed: either > 0",
+                          field="content_weight", value=cfg.content_weight, allowed="either > 0")
     _check_range("lr", cfg.lr, 0.0, 1e6, lo_open=True)
     _check_range("style_scale", cfg.style_scale, 0.0, 16.0, lo_open=True)
     _check_range("tol", cfg.tol, 0.0, 1.0)
-    validate_layers(cfg.content_layers, "content layer")
-    validate_layers(cfg.style_layers, "style layer")
+    validate_layers(cfg.content_layers, "content layer", field="content_layers")
+    validate_layers(cfg.style_layers, "style layer", field="style_layers")
     for layers, weights, what in ((cfg.content_layers, cfg.content_layer_weights, "content_layer_weights"),
                                   (cfg.style_layers, cfg.style_layer_weights, "style_layer_weights")):
         if weights is not None:
             if len(weights) != len(layers):
-                raise ValueError(f"{what} has {len(weights)} values for {len(layers)} layers; give one per layer")
+                raise ConfigError(f"{what} has {len(weights)} values for {len(layers)} layers; give one per layer",
+                                  field=what, value=weights, allowed=f"{len(layers)} values, one per layer")
             for w in weights:
                 _check_range(what, w, 0.0, MAX_WEIGHT)
     if cfg.style_blend_weights is not None:
         for w in cfg.style_blend_weights:
             _check_range("style_blend_weights", w, 0.0, MAX_WEIGHT)
         if sum(cfg.style_blend_weights) <= 0:
-            raise ValueError("style_blend_weights sum to 0; allowed: non-negative values with a positive sum")
+            raise ConfigError("style_blend_weights sum to 0; allowed: non-negative values with a positive sum",
+                              field="style_blend_weights", value=cfg.style_blend_weights,
+                              allowed="non-negative values with a positive sum")
     for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("gram_norm", cfg.gram_norm, GRAM_NORMS),
                                  ("resize", cfg.resize, RESIZES), ("stroke_scale", cfg.stroke_scale, STROKE_SCALES)):
         if value not in allowed:
-            raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
-    if not isinstance(cfg.init, str) or not cfg.init:
-        raise ValueError(f"init={cfg.init!r}; allowed: {', '.join(INITS)} or an image path")
+            raise ConfigError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}", field=name, value=value,
+                              allowed=list(allowed))
+    if cfg.init not in INITS:
+        raise ConfigError(f"init={cfg.init!r}; allowed: {', '.join(INITS)} (a start image is stylize(init_image=...), "
+                          "--init-image on the command line)", field="init", value=cfg.init, allowed=list(INITS))
     if not cfg.scales or list(cfg.scales) != sorted(cfg.scales) or cfg.scales[-1] != 1.0 or cfg.scales[0] <= 0:
-        raise ValueError(f"scales={cfg.scales!r}; allowed: ascending fractions in (0, 1] ending with 1.0")
+        rule = "ascending fractions in (0, 1] ending with 1.0"
+        raise ConfigError(f"scales={cfg.scales!r}; allowed: {rule}", field="scales", value=cfg.scales, allowed=rule)
     if len(cfg.scale_steps) != len(cfg.scales) or any(s < 0 for s in cfg.scale_steps) or sum(cfg.scale_steps) <= 0:
-        raise ValueError(f"scale_steps={cfg.scale_steps!r}; allowed: one non-negative share per scale "
-                         f"({len(cfg.scales)} here) with a positive sum")
+        rule = f"one non-negative share per scale ({len(cfg.scales)} here) with a positive sum"
+        raise ConfigError(f"scale_steps={cfg.scale_steps!r}; allowed: {rule}", field="scale_steps",
+                          value=cfg.scale_steps, allowed=rule)
     return cfg
 
 
@@ -174,8 +193,8 @@ _TUPLE_FIELDS = {"content_layers": str, "style_layers": str, "content_layer_weig
 def make_config(base: StyleConfig | str | None = None, **overrides: Any) -> StyleConfig:
     """A validated config: ``base`` (a preset name or a config) with ``overrides`` applied.
 
-    Unknown option names raise ``ValueError`` listing the valid ones. Layers may be given
-    as a mapping ``{"relu1_1": 0.5, ...}`` to set names and weights together.
+    Unknown option names raise :class:`~nsf.errors.ConfigError` (a ``ValueError``) listing the valid ones.
+    Layers may be given as a mapping ``{"relu1_1": 0.5, ...}`` to set names and weights together.
     """
     if base is None:
         base = PRESETS["default"]
@@ -183,7 +202,8 @@ def make_config(base: StyleConfig | str | None = None, **overrides: Any) -> Styl
         base = preset(base)
     unknown = sorted(set(overrides) - set(FIELD_NAMES))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(FIELD_NAMES)}")
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(FIELD_NAMES)}",
+                          field=unknown[0], value=overrides[unknown[0]], allowed=list(FIELD_NAMES))
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
         if key in ("content_layers", "style_layers") and isinstance(value, Mapping):
@@ -220,8 +240,9 @@ PRESETS: dict[str, StyleConfig] = {
 
 
 def preset(name: str) -> StyleConfig:
-    """The named preset; ``ValueError`` lists the names for an unknown one."""
+    """The named preset; :class:`~nsf.errors.ConfigError` (a ``ValueError``) lists the names for an unknown one."""
     try:
         return PRESETS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}", field="preset", value=name,
+                          allowed=list(PRESETS)) from None

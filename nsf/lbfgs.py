@@ -33,17 +33,17 @@ class LBFGS:
         if history_size < 1:
             raise ValueError(f"history_size={history_size}; allowed: an integer >= 1")
         b, n, m = x.shape[0], x[0].numel(), history_size
-        kw = {"device": x.device, "dtype": torch.promote_types(x.dtype, torch.float32)}
+        dev, dt = x.device, torch.promote_types(x.dtype, torch.float32)
         self.lr, self.m = float(lr), m
-        self.S = torch.zeros(b, m, n, **kw)  # steps s_i, one row per slot
-        self.Y = torch.zeros(b, m, n, **kw)  # gradient changes y_i
-        self.SY = torch.zeros(b, m, m, **kw)  # s_i . y_j, slot order
-        self.YY = torch.zeros(b, m, m, **kw)  # y_i . y_j
-        self.age = torch.full((b, m), float("inf"), **kw)  # insertion number per slot; inf = empty
-        self.count = torch.zeros(b, dtype=torch.long, device=x.device)  # pairs accepted so far
-        self.gamma = torch.ones(b, **kw)  # H0 = gamma * I, from the latest pair
-        self.prev_g = torch.zeros(b, n, **kw)
-        self.prev_s = torch.zeros(b, n, **kw)
+        self.S = torch.zeros(b, m, n, device=dev, dtype=dt)  # steps s_i, one row per slot
+        self.Y = torch.zeros(b, m, n, device=dev, dtype=dt)  # gradient changes y_i
+        self.SY = torch.zeros(b, m, m, device=dev, dtype=dt)  # s_i . y_j, slot order
+        self.YY = torch.zeros(b, m, m, device=dev, dtype=dt)  # y_i . y_j
+        self.age = torch.full((b, m), float("inf"), device=dev, dtype=dt)  # insertion number per slot; inf = empty
+        self.count = torch.zeros(b, dtype=torch.long, device=dev)  # pairs accepted so far
+        self.gamma = torch.ones(b, device=dev, dtype=dt)  # H0 = gamma * I, from the latest pair
+        self.prev_g = torch.zeros(b, n, device=dev, dtype=dt)
+        self.prev_s = torch.zeros(b, n, device=dev, dtype=dt)
         # every tensor above is updated in place, so a captured CUDA graph of step() replays correctly
         self.steps = 0
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-GramNorm = Literal["chw", "none"]
+GramNorm = Literal["chw", "none"]  # what GRAM_NORMS holds; gram() takes any str and checks it
 GRAM_NORMS: tuple[str, ...] = ("chw", "none")
 
 
@@ -21,7 +21,7 @@ def wide(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def gram(features: Tensor, norm: GramNorm = "chw", positions: int | None = None) -> Tensor:
+def gram(features: Tensor, norm: str = "chw", positions: int | None = None) -> Tensor:
     """Gram matrices of a batch of feature maps.
 
     Args:
@@ -92,7 +92,7 @@ def content_loss(features: Tensor, target: Tensor, positions: int | None = None)
     return diff.pow(2).flatten(1).sum(dim=1) / (features.shape[1] * positions)
 
 
-def style_loss(features: Tensor, target_gram: Tensor, norm: GramNorm = "chw") -> Tensor:
+def style_loss(features: Tensor, target_gram: Tensor, norm: str = "chw") -> Tensor:
     """MSE between the Gram matrices of ``features`` and ``target_gram`` ``(B|1, C, C)``, per image."""
     return mse_per_image(gram(features, norm), target_gram)
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import image as im
 from . import plan as planner
-from .config import INITS, StyleConfig, make_config
+from .config import StyleConfig, make_config
 from .errors import OutOfMemory, PlanError
 from .optimize import ProgressCallback, StyleInput, run, style_parts
 from .version import __version__
@@ -50,6 +50,10 @@ class StyleFusion(nn.Module):
     ``stylize()`` takes paths, PIL images or tensors; ``forward(content, style)`` takes
     ``(B, 3, H, W)`` tensors in [0, 1] and returns the stylized batch at the content's size.
     """
+
+    # The builder's compile setting. It shadows nn.Module.compile (a method, which StyleFusion does not
+    # offer: its runs compile the step themselves); kept under this name, which callers read.
+    compile: CompileMode | str  # type: ignore[assignment]
 
     def __init__(self, weights: LoadedWeights, config: StyleConfig | None = None, *,
                  device: torch.device | str | None = None, compile: CompileMode | str = "auto",
@@ -148,7 +152,7 @@ class StyleFusion(nn.Module):
         return make_config(preset if preset is not None else self.config, **overrides)
 
     def transfer(self, content: Tensor, styles: Sequence[StyleInput], cfg: StyleConfig, *,
-                 init: Tensor | None = None, callback: ProgressCallback | None = None,
+                 init_image: Tensor | None = None, callback: ProgressCallback | None = None,
                  on_tile: Callable[[int, int], None] | None = None) -> Tensor:
         """The tensor core of :meth:`stylize`: ``content`` ``(B, 3, H, W)`` in [0, 1] -> stylized batch.
 
@@ -157,6 +161,7 @@ class StyleFusion(nn.Module):
         ``cfg.size``/``cfg.resize`` (use ``forward`` to keep the input size). The run is planned first
         (:meth:`plan`): scales that would not fit the memory budget run tile by tile, with the same
         result; ``self.last_plan`` holds the plan. ``on_tile(done, total)`` follows a tiled step.
+        ``init_image`` ``(B|1, 3, h, w)``: start from it instead of ``cfg.init``.
 
         Raises:
             nsf.errors.PlanError: the run cannot fit the budget at any tile size (names the largest size).
@@ -175,14 +180,13 @@ class StyleFusion(nn.Module):
             work = im.luminance(content)
         else:
             work = content
-        if init is not None:
-            init = init.to(device=device, dtype=torch.float32)
+        init = init_image.to(device=device, dtype=torch.float32) if init_image is not None else None
         generator = torch.Generator().manual_seed(cfg.seed)
         layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
         # "reduce-overhead" compiles with its own CUDA graphs; ours would nest them
         graphs = self.cuda_graphs is not False and device.type == "cuda" and self.compile != "reduce-overhead"
         plan = self.last_plan = self.plan_config(cfg, (content.shape[-2], content.shape[-1]), batch=content.shape[0],
-                                                 style_sizes=[tuple(p.shape[-2:]) for ps in parts for p in ps])
+                                                 style_sizes=[(p.shape[-2], p.shape[-1]) for ps in parts for p in ps])
         failure = None
         try:
             out = run(self.extractor(layers), work, parts, cfg, init=init, callback=callback,
@@ -200,7 +204,7 @@ class StyleFusion(nn.Module):
                               f"{planner.format_bytes(plan.budget) if plan.budget else 'no limit'}; another process "
                               f"may have taken memory since. {self._advice(cfg, plan)}")
         if cfg.preserve_color:
-            out = im.recolor(out, im.resize(content, tuple(out.shape[-2:])))
+            out = im.recolor(out, im.resize(content, (out.shape[-2], out.shape[-1])))
         return out
 
     def _advice(self, cfg: StyleConfig, failed: planner.Plan) -> str:
@@ -236,7 +240,7 @@ class StyleFusion(nn.Module):
     def stylize(self, content: str | os.PathLike | Image.Image, style: Any, **kw: Any) -> Image.Image: ...
 
     def stylize(self, content: im.ImageLike, style: im.ImageLike | Sequence[im.ImageLike], *,
-                preset: str | None = None, init: im.ImageLike | None = None,
+                preset: str | None = None, init_image: im.ImageLike | None = None,
                 callback: ProgressCallback | None = None, on_tile: Callable[[int, int], None] | None = None,
                 as_tensor: bool = False, **options: Any) -> Image.Image | Tensor:
         """Stylize ``content`` with ``style``.
@@ -245,7 +249,8 @@ class StyleFusion(nn.Module):
             content: a path, PIL image, image bytes or a ``(3, H, W)``/``(1, 3, H, W)`` tensor in [0, 1].
             style: one image like ``content``, or a list of them (blended by ``style_blend_weights``).
             preset: ``"default"``, ``"seed"``, ``"fast"`` or ``"quality"`` (default: the model's config).
-            init: a start image; overrides ``init`` in the config.
+            init_image: a start image (path, PIL image, bytes or tensor) instead of the config's ``init``
+                (``"content"`` or ``"noise"``, which may be passed here as ``init=...`` like any option).
             callback: called with an :class:`nsf.Progress` after each step.
             on_tile: called with ``(done, total)`` after each tile of a tiled step (print sizes).
             as_tensor: return the ``(1, 3, H, W)`` float tensor whatever the input (e.g. for 16-bit output).
@@ -256,16 +261,12 @@ class StyleFusion(nn.Module):
             with the longer side ``size`` and the content's aspect ratio. ``self.last_metadata`` holds
             the run's provenance record.
         """
-        if isinstance(init, str) and init in INITS:  # the config option, not a file name
-            options["init"], init = init, None
         cfg = self.resolve_config(preset, **options)
         c = self._as_tensor(content, "content", cfg)
         styles = [self._as_tensor(s, f"style {i + 1}", cfg)
                   for i, s in enumerate(style if isinstance(style, (list, tuple)) else [style])]
-        if init is None and cfg.init not in ("content", "noise"):
-            init = cfg.init
-        init_t = self._as_tensor(init, "init", cfg) if init is not None else None
-        out = self.transfer(c, styles, cfg, init=init_t, callback=callback, on_tile=on_tile)
+        init_t = self._as_tensor(init_image, "init_image", cfg) if init_image is not None else None
+        out = self.transfer(c, styles, cfg, init_image=init_t, callback=callback, on_tile=on_tile)
         self.last_metadata = self.metadata(cfg)
         return out if as_tensor or isinstance(content, Tensor) else im.tensor_to_pil(out)
 

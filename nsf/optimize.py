@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,9 @@ from .config import StyleConfig
 from .geometry import MIN_SIDE, resize, target_size
 from .lbfgs import LBFGS
 from .tiling import TiledFeatures
+
+if TYPE_CHECKING:
+    from .vgg import FeatureExtractor
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class Objective(nn.Module):
     content targets and normalizers are computed tile by tile too.
     """
 
-    def __init__(self, extractor: nn.Module, cfg: StyleConfig, content: Tensor, style_grams: dict[str, Tensor],
+    def __init__(self, extractor: FeatureExtractor, cfg: StyleConfig, content: Tensor, style_grams: dict[str, Tensor],
                  tile: tuple[int, int] | None = None):
         super().__init__()
         self.extractor = extractor
@@ -61,7 +65,8 @@ class Objective(nn.Module):
         self.cw, self.sw, self.tvw = float(cfg.content_weight), float(cfg.style_weight), float(cfg.tv_weight)
         self.content_w = _layer_weights(cfg.content_layers, cfg.content_layer_weights)
         self.style_w = _layer_weights(cfg.style_layers, cfg.style_layer_weights)
-        self.tiled = TiledFeatures(extractor, [*self.content_w, *self.style_w], *content.shape[-2:], tile)
+        self.tiled = TiledFeatures(extractor, [*self.content_w, *self.style_w], content.shape[-2], content.shape[-1],
+                                   tile)
         with torch.no_grad():
             sums = self.tiled.sums(content, grams=list(self.style_w), norm=self.gram_norm, keep=list(self.content_w))
             self.content_targets = {n: f.detach() for n, f in sums.kept.items()}
@@ -90,9 +95,10 @@ class Objective(nn.Module):
 
     def combine(self, content_mse: dict[str, Tensor], grams: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         """The loss from per-layer content MSEs ``(B,)`` and Grams ``(B, C, C)`` of ``x`` ``(B, 3, H, W)``."""
-        c = sum(w * content_mse[n] * self.content_scale[n] for n, w in self.content_w.items())
-        s = sum(w * losses.mse_per_image(grams[n], self.style_targets[n]) * self.style_scale[n]
-                for n, w in self.style_w.items())
+        # cast: sum() of tensors is typed as possibly its int start (there is at least one layer)
+        c = cast(Tensor, sum(w * content_mse[n] * self.content_scale[n] for n, w in self.content_w.items()))
+        s = cast(Tensor, sum(w * losses.mse_per_image(grams[n], self.style_targets[n]) * self.style_scale[n]
+                             for n, w in self.style_w.items()))
         tv = losses.tv_loss(x) if self.tvw > 0 else x.new_zeros(x.shape[0])
         c, s, tv = self.cw * c, self.sw * s, self.tvw * tv
         return c + s + tv, torch.stack([c, s, tv], dim=1).detach()
@@ -132,7 +138,7 @@ def style_parts(style: StyleInput) -> list[Tensor]:
     return [style] if isinstance(style, Tensor) else list(style)
 
 
-def style_grams(extractor: nn.Module, styles: Sequence[StyleInput], blend: Sequence[float],
+def style_grams(extractor: FeatureExtractor, styles: Sequence[StyleInput], blend: Sequence[float],
                 layers: Sequence[str], gram_norm: str, tile: tuple[int, int] | None = None) -> dict[str, Tensor]:
     """Blended target Gram matrices: ``sum_k w_k G(style_k)`` per layer (weights normalized to sum 1).
 
@@ -144,7 +150,8 @@ def style_grams(extractor: nn.Module, styles: Sequence[StyleInput], blend: Seque
     total = float(sum(blend))
     out: dict[str, Tensor] = {}
     for style, w in zip(styles, blend):
-        grams = [TiledFeatures(extractor, layers, *p.shape[-2:], tile).sums(p, grams=layers, norm=gram_norm).grams
+        grams = [TiledFeatures(extractor, layers, p.shape[-2], p.shape[-1], tile).sums(p, grams=layers,
+                                                                                     norm=gram_norm).grams
                  for p in style_parts(style)]
         for n in layers:
             g = torch.cat([gr[n] for gr in grams]) * (w / total)
@@ -184,7 +191,7 @@ def schedule(h: int, w: int, cfg: StyleConfig) -> list[tuple[int, tuple[int, int
         if n + carry > 0:
             plan.append((i, hw, n + carry))
         carry = 0
-    sizes = []
+    sizes: list[int] = []
     while (sizes or [base])[-1] < cfg.size:
         sizes.append(min(cfg.size, 2 * (sizes or [base])[-1]))
     for j, long_side in enumerate(sizes):
@@ -202,7 +209,7 @@ class Layout:
     history: int | None = None  # L-BFGS curvature pairs; None: as many as the scale's steps can use
 
 
-def run(extractor: nn.Module, content: Tensor, styles: Sequence[StyleInput], cfg: StyleConfig, *,
+def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInput], cfg: StyleConfig, *,
         init: Tensor | None = None, callback: ProgressCallback | None = None,
         compile_fn: Callable[[nn.Module], Callable] | None = None,
         generator: torch.Generator | None = None, cuda_graph: bool = False,
@@ -283,7 +290,7 @@ def upsample(x: Tensor, hw: tuple[int, int], content: Tensor | None = None) -> T
         return up
     # Departure from plain coarse-to-fine: its upsampled start is blurred and the finer scale spends
     # steps re-sharpening it (measured: with the band, 150 steps score about as 200 without)
-    return up + (content - resize(resize(content, tuple(x.shape[-2:])), hw))
+    return up + (content - resize(resize(content, (x.shape[-2], x.shape[-1])), hw))
 
 
 def _resize_style(style: StyleInput, long_side: int, cfg: StyleConfig) -> list[Tensor]:
@@ -304,7 +311,7 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
                     scale_index: int, callback: ProgressCallback | None,
                     cuda_graph: bool = False, *, history: int | None = None, tiled: Objective | None = None,
                     on_tile: Callable[[int, int], None] | None = None) -> tuple[Tensor, int]:
-    b, hw = x.shape[0], tuple(x.shape[-2:])
+    b, hw = x.shape[0], (x.shape[-2], x.shape[-1])
     sync_every = SYNC_EVERY.get(x.device.type, 1)
     # Adam steps are projected onto [0, 1]; L-BFGS's are not, since clipping behind its back corrupts
     # its curvature pairs (measured: 1.5% higher final loss); its result is clamped once at the end.
@@ -346,7 +353,7 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
     step_fn: Callable[[], None] = advance
     values = torch.zeros(n_steps, b, device=x.device)
     parts_log = torch.zeros(n_steps, 3, device=x.device)
-    history: list[float] = []  # the batch's summed loss per step, read back at sync points
+    losses_seen: list[float] = []  # the batch's summed loss per step, read back at sync points
     done, stop = 0, False
     for i in range(n_steps):
         if graphed and i < GRAPH_WARMUP:
@@ -360,11 +367,11 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
         if (i + 1) % sync_every and i + 1 < n_steps:
             continue
         for total_loss, (c, s, tv) in zip(values[done:i + 1].sum(1).tolist(), parts_log[done:i + 1].tolist()):
-            history.append(total_loss)
+            losses_seen.append(total_loss)
             step += 1
             if callback is not None:
                 callback(Progress(step, total, scale_index, hw, total_loss, c, s, tv, tiles))
-            stop = stop or not _finite(total_loss) or _stalled(history, cfg)
+            stop = stop or not _finite(total_loss) or _stalled(losses_seen, cfg)
         done = i + 1
         if stop:
             break

@@ -28,13 +28,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from .config import StyleConfig
 from .errors import ConfigError, PlanError
 from .geometry import MIN_SIDE, target_size
 from .optimize import LBFGS_HISTORY, Layout, Objective, schedule, style_grams
 from .tiling import Geometry, geometry, tiles
+from .vgg import FeatureExtractor
 
 RGB_BYTES = 12  # one float32 RGB pixel
 # Image-sized float32 tensors alive besides the L-BFGS history (counted in optimize._optimize_scale and
@@ -137,7 +137,7 @@ class Costs:
     calibrated_at: int = 0  # side (px) of the timing run
 
 
-def measure(extractor: nn.Module, cfg: StyleConfig, device: torch.device, *, timing: bool,
+def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device, *, timing: bool,
             memory_size: int = 128, timing_size: int | None = None) -> Costs:
     """Measure :class:`Costs` on ``device``: one small forward+backward with autograd's saved tensors
     counted (plus three of the largest for the backward's own buffers), and (``timing``) a timed
@@ -336,7 +336,10 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
         m = want
         while choice is None:
             top = math.ceil(max(hw) / align)
-            k = largest(lambda k, m=m: fits((k * align, k * align), m), 1, top)
+            def fits_tile(k: int, m: int = m) -> bool:
+                return fits((k * align, k * align), m)
+
+            k = largest(fits_tile, 1, top)
             if k is not None and (k * align >= min(GOOD_TILE, max(hw)) or m == 1):
                 t = k * align
                 choice = ((_even(hw[0], t, align), _even(hw[1], t, align)), m)

@@ -22,7 +22,7 @@ import json
 import math
 import re
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,7 +157,7 @@ class ServingLimits:
         return d
 
 
-def _require_keys(where: str, section: Any, keys: set[str], optional: set[str] = frozenset()) -> None:
+def _require_keys(where: str, section: Any, keys: Set[str], optional: Set[str] = frozenset()) -> None:
     if not isinstance(section, Mapping):
         raise ValueError(f"model-config.yaml: {where} must be a mapping, got {section!r}")
     unknown = sorted(set(section) - keys)
@@ -415,16 +415,16 @@ def resolve(preset: str, options: Mapping[str, Any], limits: ServingLimits) -> S
 
 
 def _from_config_error(e: ValueError, limits: ServingLimits) -> RequestError:
-    """Map a StyleConfig validation error (``"name=value ...; allowed: ..."``) to its request field."""
+    """Map a StyleConfig validation error (a :class:`ConfigError`: field, value, allowed) to its request field."""
     msg = str(e)
-    m = re.match(r"(?:unknown )?(\w+)", msg)
-    name = m.group(1) if m and m.group(1) in FIELD_NAMES else None
+    if not isinstance(e, ConfigError):  # not raised by a check: no field to name
+        return RequestError(msg)
+    name: str = e.field
     if name in _RANGED:  # this server's range, not the library's
         return RequestError(msg.split(";", 1)[0], field=name, allowed=_range(name, limits))
     if name == "style_blend_weights":
         name = STYLE_WEIGHTS
-    allowed = msg.split("allowed: ", 1)[1] if "allowed: " in msg else None
-    return RequestError(msg, field=name, allowed=allowed)
+    return RequestError(msg, field=name, allowed=e.allowed)
 
 
 _RANGED = ("size", "steps")  # options whose range the server narrows (max_size, max_steps)

@@ -121,7 +121,7 @@ def pip_requirements(root: str | os.PathLike[str]) -> list[str]:
     cfg = configparser.ConfigParser()
     cfg.read(Path(root) / "setup.cfg")
     wanted = [r.strip() for r in cfg["options"]["install_requires"].strip().splitlines()
-              if re.match(r"[A-Za-z0-9_.-]+", r.strip()).group(0).lower() in _RUNTIME]
+              if (name := re.match(r"[A-Za-z0-9_.-]+", r.strip())) and name.group(0).lower() in _RUNTIME]
     reqs = [*wanted, "pyyaml>=6", f"mlflow=={MLFLOW_VERSION}"]
     constraints = Path(root) / CONSTRAINTS
     return [*reqs, f"-c {constraints}"] if constraints.is_file() else reqs

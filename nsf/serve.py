@@ -101,8 +101,8 @@ def build_archive(export_path: str | os.PathLike[str] = "model_store", *, root: 
     export = Path(export_path).resolve()
     export.mkdir(parents=True, exist_ok=True)
     config_path = Path(model_config) if model_config is not None else root / MODEL_CONFIG
-    model_config = load_model_config(config_path)
-    limits = protocol.ServingLimits.all_devices(model_config)  # refuse a broken config before packing it
+    config = load_model_config(config_path)
+    limits = protocol.ServingLimits.all_devices(config)  # refuse a broken config before packing it
     weights = caffe_weights_path()
     info = VGG19Weights.CAFFE.value
     digest = _sha256(weights)
@@ -127,7 +127,7 @@ def build_archive(export_path: str | os.PathLike[str] = "model_store", *, root: 
     sha_file = export / f"{MODEL_NAME}.mar.sha256"
     sha_file.write_text(f"{mar_digest}  {mar.name}\n")
     card_path = export / f"{MODEL_NAME}.card.json"
-    card = model_card(model_config, limits, mar, mar_digest)
+    card = model_card(config, limits, mar, mar_digest)
     card_path.write_text(json.dumps(card, indent=2, default=str) + "\n")
     return Archive(mar, mar_digest, sha_file, card_path)
 
@@ -287,7 +287,7 @@ def serve(model_store: str | os.PathLike[str] = "model_store", *, workdir: str |
     # Its own process group: Ctrl-C reaches this process only, which then stops the Java frontend and
     # its Python workers in order, and kills what is left.
     proc = subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True)
-    stopping = {"signal": None}
+    stopping: dict[str, int | None] = {"signal": None}
 
     def stop(signum: int, _frame: Any) -> None:
         stopping["signal"] = signum

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
 
 from . import losses
+
+if TYPE_CHECKING:
+    from .vgg import FeatureExtractor
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,7 @@ class TiledFeatures:
         tile: owned tile ``(th, tw)`` in px, multiples of the stack's alignment; ``None`` for untiled.
     """
 
-    def __init__(self, extractor: nn.Module, layers: Sequence[str], height: int, width: int,
+    def __init__(self, extractor: FeatureExtractor, layers: Sequence[str], height: int, width: int,
                  tile: tuple[int, int] | None):
         self.extractor = extractor
         self.height, self.width = height, width
@@ -244,7 +248,7 @@ class TiledFeatures:
                                    content={n: content[n] for n in d_content})
                 surrogate = sum((d_grams[n] * g).sum() for n, g in part.grams.items()) \
                     + sum((d_content[n] * c).sum() for n, c in part.content.items())
-                (g,) = torch.autograd.grad(surrogate, window)
+                (g,) = torch.autograd.grad(cast(Tensor, surrogate), window)  # a sum of tensors (typed: | int)
             grad[..., t.wr0:t.wr1, t.wc0:t.wc1] += g
             if on_tile is not None:
                 on_tile(i + 1, len(self.tiles))

@@ -1,16 +1,26 @@
 """VGG-19 feature extraction by layer name (``conv4_2``, ``relu4_2``, ``pool3``...).
 
 The network is torchvision's ``vgg19().features`` layout; the names are computed
-from the modules themselves, so no index is written by hand anywhere.
+from its configuration list (``cfgs["E"]``) or from the modules themselves, so no index is
+written by hand anywhere. torchvision is imported only when a stack is built: importing it
+costs more than a second (it loads ``torch._dynamo``), which ``import nsf`` should not pay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.vgg import cfgs, make_layers
+
+from .errors import ConfigError
+
+VGG19_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+                                    512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+"""torchvision's ``cfgs["E"]`` (VGG-19): a convolution's output channels, or ``"M"`` for a max-pool.
+A test checks it against torchvision's own list; it is written here so that the layer names need
+neither torchvision nor a network."""
 
 
 def vgg19_features() -> nn.Sequential:
@@ -19,6 +29,8 @@ def vgg19_features() -> nn.Sequential:
     ReLUs are made out-of-place: with torchvision's in-place ReLU a stored ``convX_Y``
     output would be overwritten by the following ReLU (the seed notebook's bug).
     """
+    from torchvision.models.vgg import cfgs, make_layers
+
     features = make_layers(cfgs["E"], batch_norm=False)
     for module in features:
         if isinstance(module, nn.ReLU):
@@ -44,22 +56,40 @@ def layer_names(features: nn.Sequential) -> list[str]:
     return names
 
 
-VGG19_LAYERS: tuple[str, ...] = tuple(layer_names(vgg19_features()))
+def cfg_layer_names(cfg: Sequence[int | str]) -> list[str]:
+    """The names :func:`layer_names` gives the stack torchvision's ``make_layers(cfg)`` builds, without building it:
+    each number is a convolution followed by a ReLU, each ``"M"`` a pool."""
+    names: list[str] = []
+    block, conv = 1, 0
+    for v in cfg:
+        if v == "M":
+            names.append(f"pool{block}")
+            block, conv = block + 1, 0
+        else:
+            conv += 1
+            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
+    return names
+
+
+VGG19_LAYERS: tuple[str, ...] = tuple(cfg_layer_names(VGG19_CFG))
 """Every layer name of VGG-19's feature stack, in network order."""
 
 CONV_LAYERS: tuple[str, ...] = tuple(n for n in VGG19_LAYERS if n.startswith("conv"))
 
 
-def validate_layers(names: Sequence[str], what: str = "layer") -> None:
-    """Raise ``ValueError`` naming any unknown layer and listing the valid ones."""
+def validate_layers(names: Sequence[str], what: str = "layer", *, field: str = "layers") -> None:
+    """Raise :class:`~nsf.errors.ConfigError` naming any unknown layer and listing the valid ones.
+
+    ``field`` is the option the names came from (``style_layers``...), for the error's ``field``.
+    """
     unknown = [n for n in names if n not in VGG19_LAYERS]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown VGG-19 {what} name(s) {', '.join(map(repr, unknown))}; "
-            f"valid names: {', '.join(VGG19_LAYERS)}"
-        )
+            f"valid names: {', '.join(VGG19_LAYERS)}", field=field, value=tuple(names), allowed=list(VGG19_LAYERS))
     if not names:
-        raise ValueError(f"at least one {what} name is needed; valid names: {', '.join(VGG19_LAYERS)}")
+        raise ConfigError(f"at least one {what} name is needed; valid names: {', '.join(VGG19_LAYERS)}",
+                          field=field, value=tuple(names), allowed=list(VGG19_LAYERS))
 
 
 class FeatureExtractor(nn.Module):
@@ -110,7 +140,10 @@ class FeatureExtractor(nn.Module):
         return len(self._names)
 
 
-def freeze(module: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def freeze(module: M) -> M:
     """Eval mode, no parameter gradients: the network is fixed, only the pixels move."""
     module.eval()
     for p in module.parameters():
@@ -121,7 +154,9 @@ def freeze(module: nn.Module) -> nn.Module:
 __all__ = [
     "CONV_LAYERS",
     "FeatureExtractor",
+    "VGG19_CFG",
     "VGG19_LAYERS",
+    "cfg_layer_names",
     "freeze",
     "layer_names",
     "validate_layers",

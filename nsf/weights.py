@@ -52,6 +52,9 @@ PREPROCESSINGS = {p.name: p for p in (CAFFE, IMAGENET)}
 class Normalize(nn.Module):
     """Applies a :class:`Preprocessing` inside the model, so callers always pass [0, 1] RGB."""
 
+    mean: Tensor  # buffers (registered in __init__)
+    std: Tensor
+
     def __init__(self, pre: Preprocessing):
         super().__init__()
         self.pre = pre

@@ -132,3 +132,110 @@ def test_stylize_16_bit_png_with_the_plan_in_its_provenance(pair, tmp_path):
     assert meta["bit_depth"] == 16 and meta["plan"]["scales"][-1]["size"] == [30, 40]
     r = run_nsf("stylize", str(content), str(style), "-o", str(tmp_path / "o.jpg"), "--bit-depth", "16", cwd=tmp_path)
     assert r.returncode == 2 and "a .png output" in r.stderr
+
+
+# --- every generated flag, run once -------------------------------------------------------------
+# A valid value for each StyleConfig flag: (the flag's arguments, what the output's provenance must hold for
+# the field, other flags the value needs). Runs are in-process on a tiny image with one shared model: the
+# whole set takes seconds. A field added to StyleConfig without a row here fails the coverage test.
+FLAG_RUNS: dict[str, tuple[list[str], object, list[str]]] = {
+    "size": (["40"], 40, []),
+    "steps": (["1"], 1, []),
+    "content_weight": (["2.5"], 2.5, []),
+    "style_weight": (["0.5"], 0.5, []),
+    "tv_weight": (["0.1"], 0.1, []),
+    "content_layers": (["relu1_2"], ["relu1_2"], []),
+    "content_layer_weights": (["0.5"], [0.5], []),
+    "style_layers": (["relu1_1"], ["relu1_1"], []),
+    "style_layer_weights": (["0.25,0.75"], [0.25, 0.75], []),
+    "normalize_losses": ([], False, []),  # --no-normalize-losses
+    "gram_norm": (["none"], "none", []),
+    "optimizer": (["adam"], "adam", ["--lr", "0.01"]),
+    "lr": (["0.5"], 0.5, []),
+    "init": (["noise"], "noise", []),  # crashed with "got multiple values for keyword argument 'init'"
+    "style_blend_weights": (["0.7,0.3"], [0.7, 0.3], []),  # with two styles
+    "style_scale": (["0.5"], 0.5, []),
+    "preserve_color": ([], True, []),  # --preserve-color
+    "seed": (["3"], 3, []),
+    "scales": (["0.5,1.0"], [0.5, 1.0], ["--scale-steps", "0.5,0.5"]),
+    "scale_steps": (["1.0"], [1.0], []),
+    "restore_detail": ([], False, ["--scales", "0.5,1.0", "--scale-steps", "0.5,0.5"]),  # --no-restore-detail
+    "base_size": (["32"], 32, ["--size", "64"]),  # a refinement scale above base_size
+    "refine_steps": (["2"], [2], ["--size", "64", "--base-size", "32"]),
+    "stroke_scale": (["pixels"], "pixels", []),
+    "tol": (["0.01"], 0.01, []),
+    "patience": (["1"], 1, []),
+    "resize": (["square"], "square", []),
+    "max_pixels": (["100000"], 100000, []),
+}
+FAST_FLAGS = {"--size": "32", "--steps": "2", "--scales": "1.0", "--scale-steps": "1.0", "--tol": "0",
+              "--content-layers": "relu2_1", "--style-layers": "relu1_1,relu2_1"}
+
+
+@pytest.fixture(scope="module")
+def shared_model():
+    """nsf.model.style_fusion, building each distinct model once for the module's in-process CLI runs."""
+    import nsf.model
+
+    built: dict = {}
+    real = nsf.model.style_fusion
+
+    def cached(**kw):
+        key = tuple(sorted((k, str(v)) for k, v in kw.items()))
+        if key not in built:
+            built[key] = real(**kw)
+        return built[key]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(nsf.model, "style_fusion", cached)
+    yield
+    mp.undo()
+
+
+def _stylize(tmp_path: Path, pair, flags: list[str], capsys, styles: int = 1) -> dict:
+    from nsf.cli import main
+
+    content, style = pair
+    out = tmp_path / "out.png"
+    code = main(["stylize", str(content), *[str(style)] * styles, "-o", str(out), "--no-progress", "--device", "cpu",
+                 *flags])
+    assert code == 0, capsys.readouterr().err
+    return read_metadata(out)
+
+
+def test_every_generated_flag_has_a_run():
+    assert set(FLAG_RUNS) == set(FIELD_NAMES)
+
+
+@pytest.mark.parametrize("name", sorted(FLAG_RUNS))
+def test_every_generated_flag_runs(name, pair, tmp_path, capsys, shared_model):
+    args, expected, extra = FLAG_RUNS[name]
+    flag = "--" + name.replace("_", "-")
+    if not args:  # a boolean: the flag that sets the non-default value
+        flag = flag if expected else "--no-" + name.replace("_", "-")
+    flags = {**FAST_FLAGS, **dict(zip(extra[::2], extra[1::2], strict=True))}
+    flags.pop(flag, None)
+    if name == "style_layer_weights":
+        flags["--style-layers"] = "relu1_1,relu2_1"
+    argv = [*(x for kv in flags.items() for x in kv), flag, *args]
+    meta = _stylize(tmp_path, pair, argv, capsys, styles=2 if name == "style_blend_weights" else 1)
+    assert meta["params"][name] == expected, (name, meta["params"][name])
+
+
+def test_init_image_flag_starts_from_the_image(pair, tmp_path, capsys, shared_model):
+    start = tmp_path / "start.png"
+    Image.new("RGB", (64, 48), (0, 0, 255)).save(start)
+    flags = [*(x for kv in FAST_FLAGS.items() for x in kv), "--steps", "1", "--optimizer", "adam", "--lr", "1e-3"]
+    _stylize(tmp_path, pair, [*flags, "--init-image", str(start)], capsys)
+    r, g, b = Image.open(tmp_path / "out.png").convert("RGB").getpixel((5, 5))
+    assert b > 240 and r < 15 and g < 15  # one tiny step from the blue start, not from the grey gradient
+
+
+def test_init_with_a_path_says_to_use_init_image(pair, tmp_path, capsys, shared_model):
+    from nsf.cli import main
+
+    content, style = pair
+    code = main(["stylize", str(content), str(style), "-o", str(tmp_path / "o.png"), "--no-progress",
+                 "--init", str(content)])
+    err = capsys.readouterr().err
+    assert code == 2 and "init=" in err and "allowed: content, noise" in err and "--init-image" in err

@@ -9,6 +9,7 @@ import pytest
 
 from nsf import config as C
 from nsf.config import PRESETS, StyleConfig, make_config, preset
+from nsf.errors import ConfigError
 
 
 def test_defaults_are_defined_once():
@@ -100,9 +101,7 @@ def test_every_preset_is_valid():
         assert C.validate(cfg) is cfg
 
 
-@pytest.mark.parametrize(
-    ("overrides", "needle"),
-    [
+BAD_VALUES = [
         ({"steps": -1}, "steps=-1"),
         ({"steps": 0}, "steps=0"),
         ({"steps": 10**9}, "steps=1000000000"),
@@ -146,8 +145,12 @@ def test_every_preset_is_valid():
         ({"scale_steps": (0.0, 0.0, 0.0)}, "scale_steps=(0.0, 0.0, 0.0)"),
         ({"scale_steps": (0.5, -0.5, 1.0)}, "scale_steps=(0.5, -0.5, 1.0)"),
         ({"style_layer_weights": ("a", "b")}, "style_layer_weights=('a', 'b')"),
-    ],
-)
+        ({"init": "start.png"}, "init='start.png'"),
+        ({"style_layers": "relu1_1,relu2_1"}, "'relu1_1,relu2_1'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "needle"), BAD_VALUES)
 def test_bad_values_raise_value_error_naming_them(overrides, needle):
     with pytest.raises(ValueError) as e:
         make_config(**overrides)
@@ -155,6 +158,33 @@ def test_bad_values_raise_value_error_naming_them(overrides, needle):
     assert needle in msg
     # ...and says what would be accepted
     assert any(hint in msg for hint in ("allowed", "valid names", "give one per layer", "must be"))
+
+
+@pytest.mark.parametrize(("overrides", "needle"), BAD_VALUES)
+def test_bad_values_raise_a_config_error_with_field_value_and_allowed(overrides, needle):
+    # structured: a server maps it to {error, field, allowed} without reading the message
+    with pytest.raises(ConfigError) as e:
+        make_config(**overrides)
+    err = e.value
+    assert err.field in C.FIELD_NAMES and err.field in str(err).replace(" layer name", "_layers"), err
+    assert err.allowed, err
+    if len(overrides) == 1 and err.field in overrides and "sequence" not in str(err):
+        value = overrides[err.field]  # the value at fault: the option, or the one item of it that is out of range
+        assert repr(err.value) in repr(value) or repr(value) in repr(err.value), err
+    if err.field in ("optimizer", "gram_norm", "resize", "stroke_scale", "init"):
+        assert isinstance(err.allowed, list) and err.value not in err.allowed
+
+
+def test_unknown_names_are_config_errors():
+    with pytest.raises(ConfigError) as e:
+        make_config(stepz=10)
+    assert (e.value.field, e.value.value) == ("stepz", 10) and list(C.FIELD_NAMES) == e.value.allowed
+    with pytest.raises(ConfigError) as e:
+        preset("nope")
+    assert (e.value.field, e.value.value, e.value.allowed) == ("preset", "nope", list(PRESETS))
+    with pytest.raises(ConfigError) as e:
+        make_config(style_layers=("relu1_1", "relu9_1"))
+    assert e.value.field == "style_layers" and "relu5_1" in e.value.allowed
 
 
 def test_unknown_option_lists_valid_ones():

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 import nsf
 from nsf import image as im
+from nsf.errors import ConfigError
 from nsf.weights import WeightsError
 
 
@@ -91,8 +92,7 @@ def test_noise_init_differs_by_seed(model):
 
 
 def test_stylize_accepts_the_init_option(model):
-    # nsf bug: stylize() has its own `init` keyword (a start image) that shadows the StyleConfig
-    # option of the same name, so the documented values "noise"/"content" are opened as files.
+    # `init` is the StyleConfig option (content or noise) here as everywhere; a start image is init_image.
     content, style = smooth_image(32, 32, seed=12), random_image(32, 32, seed=13)
     out = model.stylize(content, style, **FAST, init="noise", seed=0)
     assert torch.equal(out, model(content, style, **FAST, init="noise", seed=0))
@@ -104,9 +104,14 @@ def test_init_image_path(model, tmp_path):
     Image.new("RGB", (32, 32), (0, 0, 255)).save(init_path)
     opts = {**FAST, "steps": 1, "optimizer": "adam", "lr": 1e-3}
     content, style = smooth_image(32, 32, seed=14), smooth_image(32, 32, seed=15)
-    for out in (model.stylize(content, style, init=init_path, **opts),
-                model.stylize(content, style, **{**opts, "init": str(init_path)})):
+    for start in (init_path, Image.open(init_path), init_path.read_bytes()):
+        out = model.stylize(content, style, init_image=start, **opts)
         assert_close(out[0, :, 5, 5], torch.tensor([0.0, 0.0, 1.0]), atol=5e-3, rtol=0)
+    # `init` has one meaning, the config option: a path there is refused, pointing at init_image
+    with pytest.raises(ConfigError, match=r"init='.*init.png'; allowed: content, noise \(a start image is "
+                                          r"stylize\(init_image=") as e:
+        model.stylize(content, style, **{**opts, "init": str(init_path)})
+    assert (e.value.field, e.value.allowed) == ("init", ["content", "noise"])
 
 
 def test_forward_batch(model):
@@ -233,7 +238,7 @@ def test_bad_images(model, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.png"):
         model.stylize(good, missing, **FAST)
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        model.stylize(good, good, init=missing, **FAST)
+        model.stylize(good, good, init_image=missing, **FAST)
     bad_tensors = [
         (torch.zeros(1, 1, 32, 32), "shape"),  # one channel
         (torch.zeros(2, 32, 32), "shape"),

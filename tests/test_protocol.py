@@ -23,6 +23,7 @@ from test_handler import MODEL_CONFIG, load_handler_module, make_context
 
 from nsf import protocol
 from nsf.config import make_config
+from nsf.errors import ConfigError
 from nsf.weights import CAFFE_FILENAME, caffe_weights_path
 
 # --- admission control ------------------------------------------------------------------------
@@ -228,6 +229,18 @@ def test_size_and_steps_out_of_range_name_this_servers_range(option, value):
     top = limits.max_size if option == "size" else limits.max_steps
     assert e.value.field == option and f"{option}={value}" in str(e.value)
     assert e.value.allowed == {"min": 16 if option == "size" else 1, "max": top}
+
+
+def test_config_errors_map_to_fields_from_their_structure_not_their_text():
+    limits = protocol.ServingLimits.from_model_config(yaml.safe_load(MODEL_CONFIG.read_text()), "cpu")
+    err = protocol._from_config_error(ConfigError("text that names nothing", field="style_blend_weights", value=-1,
+                                                  allowed="non-negative"), limits)
+    assert (err.field, err.allowed, err.message) == ("style_weights", "non-negative", "text that names nothing")
+    err = protocol._from_config_error(ConfigError("size=9; allowed: >= 16", field="size", value=9), limits)
+    assert (err.field, err.allowed) == ("size", {"min": 16, "max": limits.max_size})  # this server's range
+    with pytest.raises(protocol.RequestError) as e:  # through resolve: the allowed values come from the check
+        protocol.resolve("default", {"content_weight": 0, "style_weight": 0}, limits)
+    assert (e.value.field, e.value.allowed) == ("content_weight", "either > 0")
 
 
 # --- memory admission -------------------------------------------------------------------------

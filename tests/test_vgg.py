@@ -39,6 +39,29 @@ def test_names_are_computed_from_the_modules():
     assert features[vgg.VGG19_LAYERS.index("conv3_1")].out_channels == 256
 
 
+def test_layer_names_need_no_network_and_match_the_real_stack():
+    from torchvision.models.vgg import cfgs, make_layers
+
+    assert list(vgg.VGG19_CFG) == list(cfgs["E"])  # nsf's copy of torchvision's VGG-19 list
+    assert list(vgg.VGG19_LAYERS) == vgg.layer_names(vgg.vgg19_features())
+    for name in ("A", "D"):  # and the names from a list are those of the stack it builds (VGG-11, VGG-16)
+        assert vgg.cfg_layer_names(cfgs[name]) == vgg.layer_names(make_layers(cfgs[name]))
+
+
+def test_import_builds_no_network_and_skips_torchvision():
+    # `import nsf` must not build a VGG-19 (nor import torchvision, >1 s) to learn the layer names
+    import subprocess
+    import sys
+
+    code = ("import sys, torch.nn as nn; calls = []; orig = nn.Conv2d.__init__\n"
+            "def spy(self, *a, **k): calls.append(1); orig(self, *a, **k)\n"
+            "nn.Conv2d.__init__ = spy\n"
+            "import nsf, nsf.config, nsf.cli\n"
+            "print(len(calls), 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["0", "False"], out.stdout + out.stderr
+
+
 def test_relus_are_out_of_place():
     assert all(not m.inplace for m in vgg.vgg19_features() if isinstance(m, nn.ReLU))
 
