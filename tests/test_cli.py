@@ -162,6 +162,7 @@ FLAG_RUNS: dict[str, tuple[list[str], object, list[str]]] = {
     "restore_detail": ([], False, ["--scales", "0.5,1.0", "--scale-steps", "0.5,0.5"]),  # --no-restore-detail
     "base_size": (["32"], 32, ["--size", "64"]),  # a refinement scale above base_size
     "refine_steps": (["2"], [2], ["--size", "64", "--base-size", "32"]),
+    "refine_content_weight": (["1.5"], 1.5, ["--size", "64", "--base-size", "32"]),
     "stroke_scale": (["pixels"], "pixels", []),
     "tol": (["0.01"], 0.01, []),
     "patience": (["1"], 1, []),
