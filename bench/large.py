@@ -120,9 +120,9 @@ def step(args: argparse.Namespace) -> None:
 def table(args: argparse.Namespace) -> None:
     from speed import device_name
 
-    rows = [json.loads(line) for line in ROWS.read_text().splitlines()]
+    rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines()]
     runs = [r for r in rows if "name" in r]
-    lines = [f"`bash bench/large.sh` (`python bench/large.py run ...`: one child process per row, `/usr/bin/time -v`) "
+    lines = [f"`{args.command}` (`python bench/large.py run ...`: one child process per row, `/usr/bin/time -v`) "
              f"on {device_name('cpu')}, torch {torch.__version__}; quality by bench/score.py at the output's size.", "",
              "| run | pair | size | --max-memory | options | seconds | peak RSS GB | predicted GB | tiles per scale "
              "| history | style_ratio | content_ratio | image | measured |",
@@ -152,7 +152,33 @@ def table(args: argparse.Namespace) -> None:
     if args.record:
         from results import record
 
-        record("large cpu", text)
+        record(args.key, text)
+
+
+def figures(args: argparse.Namespace) -> None:
+    """The README's pictures: the 512 px result beside the same region of the 512 px result upscaled and of
+    the print-size result (a 512 x 512 crop of it), and the two stroke scales side by side at 1024 px."""
+    from PIL import Image
+
+    docs = REPO / "docs"
+    small, big = Image.open(args.small).convert("RGB"), Image.open(args.big).convert("RGB")
+    f = big.width / small.width
+    x, y, side = args.crop  # the crop's origin and side in the small image's pixels
+    region = (x, y, x + side, y + side)
+    up = small.crop(region).resize((512, 512), Image.Resampling.BICUBIC)
+    crop = big.crop(tuple(round(v * f) for v in region)).resize((512, 512), Image.Resampling.LANCZOS)
+    sheet = Image.new("RGB", (512 * 3, 512), "white")
+    for i, im in enumerate((small.resize((512, round(512 * small.height / small.width))), up, crop)):
+        sheet.paste(im, (512 * i, 0))
+    sheet.save(docs / "print_sizes.jpg", quality=88)
+    if args.strokes:
+        a, b = (Image.open(p).convert("RGB") for p in args.strokes)
+        box = (256, 128, 768, 640)
+        sheet = Image.new("RGB", (1024, 512))
+        sheet.paste(a.crop(box), (0, 0))
+        sheet.paste(b.crop(box), (512, 0))
+        sheet.save(docs / "stroke_scale.jpg", quality=88)
+    print("wrote docs/print_sizes.jpg", "and docs/stroke_scale.jpg" if args.strokes else "")
 
 
 def main() -> None:
@@ -173,8 +199,16 @@ def main() -> None:
     s.add_argument("--reps", type=int, default=2)
     t = sub.add_parser("table")
     t.add_argument("--record", action="store_true")
+    t.add_argument("--rows", default=str(ROWS), help="the JSON lines to tabulate")
+    t.add_argument("--key", default="large cpu", help="the RESULTS.md section")
+    t.add_argument("--command", default="bash bench/large.sh", help="the command the rows came from, for the table")
+    fg = sub.add_parser("figures")
+    fg.add_argument("small", help="the 512 px result")
+    fg.add_argument("big", help="the print-size result")
+    fg.add_argument("--crop", type=int, nargs=3, default=[192, 96, 128], metavar=("X", "Y", "SIDE"))
+    fg.add_argument("--strokes", nargs=2, metavar=("PICTURE", "PIXELS"), help="two 1024 px results")
     args = ap.parse_args()
-    {"run": run, "compare": compare, "step": step, "table": table}[args.cmd](args)
+    {"run": run, "compare": compare, "step": step, "table": table, "figures": figures}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -64,11 +64,11 @@ class StyleConfig:
                                 "that the coarser scale could not hold to the upsampled image")
     base_size: int = _opt(512, "the coarse-to-fine scales run up to this size; a larger output adds refinement "
                           "scales, each twice the last, up to size (0: scales relative to size alone)")
-    refine_steps: tuple[int, ...] = _opt((10, 6, 4, 3), "steps at each refinement scale above base_size, "
+    refine_steps: tuple[int, ...] = _opt((20, 6, 4, 3), "steps at each refinement scale above base_size, "
                                          "coarsest first (the last repeats)")
     refine_content_weight: float = _opt(1.0, "content_weight is multiplied by this at the refinement scales, "
                                         "where the composition is settled and the style adds detail")
-    stroke_scale: str = _opt("picture", f"{' or '.join(STROKE_SCALES)}: style strokes keep their size relative to "
+    stroke_scale: str = _opt("pixels", f"{' or '.join(STROKE_SCALES)}: style strokes keep their size relative to "
                              "the picture (the style image is resized with the output, upscaled if need be) or "
                              "to the style image's pixels (never upscaled: a print gets finer strokes)")
     tol: float = _opt(1e-4, "stop a scale early when the loss improved by less than this fraction "

@@ -45,9 +45,10 @@ UPDATE_COPIES = 16
 # Tiles smaller than this (owned px per side) spend most of a step on halos: fewer L-BFGS pairs first.
 GOOD_TILE = 384
 # A tiled step runs a forward (pass 1) and a forward+backward (pass 2) over its windows: the cost of one
-# window pixel in untiled step pixels, for admission control's pixel-step estimate (measured with
-# bench/large.py step, bench/RESULTS.md).
-TILED_WORK = 1.5
+# window pixel in untiled step pixels, for admission control's pixel-step estimate. Measured on the
+# 2-core CPU (bench/large.py step, bench/RESULTS.md): 1024 px in 4 tiles of 512, 1.31x the pixels in
+# windows, 1.62x the untiled step's time -> 1.24 per window pixel.
+TILED_WORK = 1.25
 AUTO_SHARE = {"cpu": 0.8, "cuda": 0.9}  # of the free memory that max_memory="auto" plans with
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
