@@ -121,8 +121,10 @@ def test_a_run_over_the_budget_is_tiled_and_gives_the_untiled_image(model):
     out = tight.stylize(content, style, **opts)
     plan = tight.last_plan
     assert plan.tiled and plan.scales[-1].tiles > 1, plan.table()
-    # float32 sums in another order, through 3 L-BFGS steps: under half an 8-bit level
-    assert_close(out, free, rtol=0, atol=2e-3)
+    # float32 sums in another order, through 3 L-BFGS steps (the float64 proof is test_tiling's): the same
+    # picture to a fortieth of an 8-bit level on average, no pixel two levels apart
+    diff = (out - free).abs()
+    assert float(diff.mean()) < 1e-4 and float(diff.max()) < 2 / 255
 
 
 @pytest.mark.slow
