@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_image, smooth_image
-from torch.testing import assert_close
 
 import nsf
 from nsf import plan as P
