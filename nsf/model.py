@@ -15,6 +15,7 @@ from . import plan as planner
 from .config import StyleConfig, make_config
 from .errors import OutOfMemory, PlanError
 from .optimize import ProgressCallback, StyleInput, run, style_parts
+from .tiling import release_host_memory
 from .version import __version__
 from .vgg import FeatureExtractor, freeze
 from .weights import LoadedWeights, Normalize
@@ -196,6 +197,8 @@ class StyleFusion(nn.Module):
             if not _is_oom(e):
                 raise
             failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        finally:
+            release_host_memory(device)  # a server's next request starts from what is alive, not the C heap
         if failure is not None:  # outside the except block: the failed run's tensors are freed by now
             if device.type == "cuda":
                 torch.cuda.empty_cache()
