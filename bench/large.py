@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> None:
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     meta = read_metadata(out)
     plan = meta.get("plan", {})
-    q = Scorer().score(out, content, style)
+    # the scorer runs VGG-19 on the whole output in float32 without tiling: a 4096 px output took it past
+    # the machine's 24 GB (OOM-killed, 2026-11-27); larger outputs are scored at 2048 px
+    q = Scorer().score(out if args.size <= 2048 else _downsized(out, 2048), content, style)
     row = {"name": args.name, "pair": args.pair, "size": args.size, "max_memory": args.max_memory, "set": args.set,
            "seconds": round(wall, 1), "nsf_seconds": meta.get("seconds"), "peak_rss_gb": round(rss_kb * 1024 / 1e9, 2),
            "predicted_peak_gb": round(plan.get("peak_bytes", 0) / 1e9, 2),
@@ -67,6 +69,14 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps(row), flush=True)
     with open(ROWS, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def _downsized(path: Path, side: int):  # noqa: ANN202 - a PIL image
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    img.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return img
 
 
 def compare(args: argparse.Namespace) -> None:
