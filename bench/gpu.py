@@ -150,7 +150,7 @@ class Bench:
 
         model = nsf.style_fusion(device=self.dev, compile=False, precision="fp32", channels_last=False)
         cfg = model.resolve_config(size=self.args.size)
-        ex = model.extractor(tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers))))
+        ex = model.extractor(cfg.layers)
         x = torch.rand(1, 3, self.args.size, self.args.size, device=self.dev)
         obj = Objective(ex, cfg, x, style_grams(ex, [x], (1.0,), cfg.style_layers, cfg.gram_norm))
         x = x.clone().requires_grad_(True)
@@ -327,7 +327,7 @@ class Bench:
             torch.cuda.empty_cache()
         model = nsf.style_fusion(device=self.dev, compile=False)
         cfg = model.config
-        ext = model.extractor(tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers))))
+        ext = model.extractor(cfg.layers)
         per_px = {}
         for side in (512, 4096):
             x = torch.rand(1, 3, side, side, device=self.dev)

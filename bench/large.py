@@ -98,7 +98,7 @@ def step(args: argparse.Namespace) -> None:
 
     model = nsf.style_fusion(device="cpu")
     cfg = model.config
-    ext = model.extractor(tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers))))
+    ext = model.extractor(cfg.layers)
     g = torch.Generator().manual_seed(0)
     c, s, x = (torch.rand(1, 3, args.size, args.size, generator=g) for _ in range(3))
     grams = O.style_grams(ext, [s], (1.0,), cfg.style_layers, cfg.gram_norm)

@@ -78,6 +78,11 @@ class StyleConfig:
                        "(square squashes to size x size)")
     max_pixels: int = _opt(50_000_000, "refuse input images with more pixels than this before decoding them")
 
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Every VGG layer a run reads: the content layers, then the style layers, each once."""
+        return tuple(dict.fromkeys((*self.content_layers, *self.style_layers)))
+
     def replace(self, **changes: Any) -> StyleConfig:
         """A validated copy with ``changes`` applied."""
         return make_config(self, **changes)

@@ -111,7 +111,7 @@ class StyleFusion(nn.Module):
 
     def costs(self, cfg: StyleConfig, *, timing: bool = False) -> planner.Costs:
         """This model's per-pixel memory (and, with ``timing``, time) costs for ``cfg``'s layers, measured once."""
-        layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
+        layers = cfg.layers
         extractor = self.extractor(layers)
         key = (layers, cfg.gram_norm, extractor.autocast, extractor.channels_last)
         cached = self._costs.get(key)
@@ -183,7 +183,7 @@ class StyleFusion(nn.Module):
             work = content
         init = init_image.to(device=device, dtype=torch.float32) if init_image is not None else None
         generator = torch.Generator().manual_seed(cfg.seed)
-        layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
+        layers = cfg.layers
         # "reduce-overhead" compiles with its own CUDA graphs; ours would nest them
         graphs = self.cuda_graphs is not False and device.type == "cuda" and self.compile != "reduce-overhead"
         plan = self.last_plan = self.plan_config(cfg, (content.shape[-2], content.shape[-1]), batch=content.shape[0],

@@ -143,7 +143,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     """Measure :class:`Costs` on ``device``: one small forward+backward with autograd's saved tensors
     counted (plus three of the largest for the backward's own buffers), and (``timing``) a timed
     forward+backward and forward at ``timing_size`` px."""
-    layers = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
+    layers = cfg.layers
     geo = geometry(extractor.body, extractor.module_names, layers)
     x = torch.rand(1, 3, memory_size, memory_size, generator=torch.Generator().manual_seed(0)).to(device)
     objective = Objective(extractor, cfg, x, style_grams(extractor, [x], (1.0,), cfg.style_layers, cfg.gram_norm))
