@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Literal, overload
 
 import torch
@@ -14,7 +15,7 @@ from . import image as im
 from . import plan as planner
 from .config import StyleConfig, make_config
 from .errors import OutOfMemory, PlanError
-from .optimize import ProgressCallback, StyleInput, run, style_parts
+from .optimize import ProgressCallback, ScaleCallback, ScaleDone, StyleInput, run, style_parts
 from .tiling import release_host_memory
 from .version import __version__
 from .vgg import FeatureExtractor, freeze
@@ -79,6 +80,8 @@ class StyleFusion(nn.Module):
         self._extractors: dict[tuple, FeatureExtractor] = {}
         self._costs: dict[tuple, planner.Costs] = {}
         self.last_plan: planner.Plan | None = None
+        # where the last run's ``stop`` hook ended it ({scale: 1-based, scales, step, total}); None: it ran to the end
+        self.last_partial: dict[str, int] | None = None
         if device is not None:
             self.to(device)
 
@@ -142,11 +145,14 @@ class StyleFusion(nn.Module):
         return self.plan_config(cfg, (int(hw[0]), int(hw[1])), batch=batch, style_sizes=style_sizes, timing=timing)
 
     def plan_config(self, cfg: StyleConfig, content: tuple[int, int], *, batch: int = 1,
-                    style_sizes: Sequence[tuple[int, int]] = (), timing: bool = False) -> planner.Plan:
-        """:meth:`plan` for a resolved config and a content ``(H, W)``, with the memory in use now."""
+                    style_sizes: Sequence[tuple[int, int]] = (), timing: bool = False,
+                    budget: int | None = None) -> planner.Plan:
+        """:meth:`plan` for a resolved config and a content ``(H, W)``, with the memory in use now, within
+        ``budget`` bytes (default: :meth:`memory_budget`)."""
         used, _ = planner.memory_now(self.device)
         return planner.plan(self.costs(cfg, timing=timing), cfg, content, batch=batch, style_sizes=style_sizes,
-                            budget=self.memory_budget(), in_use=used, device=str(self.device))
+                            budget=budget if budget is not None else self.memory_budget(), in_use=used,
+                            device=str(self.device))
 
     def resolve_config(self, preset: str | None = None, **overrides: Any) -> StyleConfig:
         """``preset`` (or this model's config) with ``overrides`` applied, validated."""
@@ -154,7 +160,8 @@ class StyleFusion(nn.Module):
 
     def transfer(self, content: Tensor, styles: Sequence[StyleInput], cfg: StyleConfig, *,
                  init_image: Tensor | None = None, callback: ProgressCallback | None = None,
-                 on_tile: Callable[[int, int], None] | None = None) -> Tensor:
+                 on_tile: Callable[[int, int], None] | None = None, on_scale: ScaleCallback | None = None,
+                 stop: Callable[[], bool] | None = None) -> Tensor:
         """The tensor core of :meth:`stylize`: ``content`` ``(B, 3, H, W)`` in [0, 1] -> stylized batch.
 
         Each style is a ``(B|1, 3, h, w)`` batch or a list of B ``(1, 3, h_i, w_i)`` images, one per
@@ -163,6 +170,9 @@ class StyleFusion(nn.Module):
         (:meth:`plan`): scales that would not fit the memory budget run tile by tile, with the same
         result; ``self.last_plan`` holds the plan. ``on_tile(done, total)`` follows a tiled step.
         ``init_image`` ``(B|1, 3, h, w)``: start from it instead of ``cfg.init``.
+        ``on_scale(ScaleDone)`` receives each coarse-to-fine scale's best image as the scale ends (colours
+        restored as in the result). ``stop()`` is polled after each step: once true, the run returns the
+        best image so far at the full size, and ``self.last_partial`` says where it stopped.
 
         Raises:
             nsf.errors.PlanError: the run cannot fit the budget at any tile size (names the largest size).
@@ -188,11 +198,21 @@ class StyleFusion(nn.Module):
         graphs = self.cuda_graphs is not False and device.type == "cuda" and self.compile != "reduce-overhead"
         plan = self.last_plan = self.plan_config(cfg, (content.shape[-2], content.shape[-1]), batch=content.shape[0],
                                                  style_sizes=[(p.shape[-2], p.shape[-1]) for ps in parts for p in ps])
+        self.last_partial = None
+
+        def scale_done(done: ScaleDone) -> None:
+            if done.stopped:
+                self.last_partial = {"scale": done.number, "scales": done.scales, "step": done.step,
+                                     "total": done.total}
+            if on_scale is not None:
+                on_scale(replace(done, image=im.recolor(done.image, im.resize(content, done.size)))
+                         if cfg.preserve_color else done)
+
         failure = None
         try:
             out = run(self.extractor(layers), work, parts, cfg, init=init, callback=callback,
                       compile_fn=_compile_fn(self.compile, device), generator=generator, cuda_graph=graphs,
-                      layout=plan.layout(), on_tile=on_tile)
+                      layout=plan.layout(), on_tile=on_tile, on_scale=scale_done, stop=stop)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -212,11 +232,9 @@ class StyleFusion(nn.Module):
 
     def _advice(self, cfg: StyleConfig, failed: planner.Plan) -> str:
         """What the planner says fits the memory free now, after a run planned as ``failed`` ran out of it."""
-        used, _ = planner.memory_now(self.device)
         budget = planner.auto_budget(self.device)
         try:
-            again = planner.plan(self.costs(cfg), cfg, failed.content, batch=failed.batch, budget=budget, in_use=used,
-                                 device=failed.device)
+            again = self.plan_config(cfg, failed.content, batch=failed.batch, budget=budget)
         except PlanError as e:
             return f"With the memory free now: {e}."
         tiles = "tiled" if again.tiled else "untiled"
@@ -245,6 +263,7 @@ class StyleFusion(nn.Module):
     def stylize(self, content: im.ImageLike, style: im.ImageLike | Sequence[im.ImageLike], *,
                 preset: str | None = None, init_image: im.ImageLike | None = None,
                 callback: ProgressCallback | None = None, on_tile: Callable[[int, int], None] | None = None,
+                on_scale: ScaleCallback | None = None, stop: Callable[[], bool] | None = None,
                 as_tensor: bool = False, **options: Any) -> Image.Image | Tensor:
         """Stylize ``content`` with ``style``.
 
@@ -256,6 +275,10 @@ class StyleFusion(nn.Module):
                 (``"content"`` or ``"noise"``, which may be passed here as ``init=...`` like any option).
             callback: called with an :class:`nsf.Progress` after each step.
             on_tile: called with ``(done, total)`` after each tile of a tiled step (print sizes).
+            on_scale: called with an :class:`nsf.optimize.ScaleDone` (the scale's best image) as each
+                coarse-to-fine scale ends, e.g. for previews.
+            stop: polled after each step; once it returns true the best image so far is returned at the
+                full size and ``last_metadata["partial"]`` says where the run stopped (a deadline).
             as_tensor: return the ``(1, 3, H, W)`` float tensor whatever the input (e.g. for 16-bit output).
             **options: any :class:`nsf.StyleConfig` field, e.g. ``size=512, steps=300, seed=0``.
 
@@ -269,7 +292,8 @@ class StyleFusion(nn.Module):
         styles = [self._as_tensor(s, f"style {i + 1}", cfg)
                   for i, s in enumerate(style if isinstance(style, (list, tuple)) else [style])]
         init_t = self._as_tensor(init_image, "init_image", cfg) if init_image is not None else None
-        out = self.transfer(c, styles, cfg, init_image=init_t, callback=callback, on_tile=on_tile)
+        out = self.transfer(c, styles, cfg, init_image=init_t, callback=callback, on_tile=on_tile, on_scale=on_scale,
+                            stop=stop)
         self.last_metadata = self.metadata(cfg)
         return out if as_tensor or isinstance(content, Tensor) else im.tensor_to_pil(out)
 
@@ -279,11 +303,12 @@ class StyleFusion(nn.Module):
         return im.pil_to_tensor(im.load_image(src, max_pixels=cfg.max_pixels, what=what))
 
     def metadata(self, cfg: StyleConfig) -> dict[str, Any]:
-        """Provenance of a run: versions, weights and their sha256, every parameter, the seed."""
+        """Provenance of a run: versions, weights and their sha256, every parameter, the seed; ``partial``
+        (where it stopped) when the last run was stopped before its end."""
         return {"nsf_version": __version__, "torch_version": torch.__version__, "weights": self.weights_name,
                 "weights_sha256": self.weights_sha256, "device": str(self.device), "seed": cfg.seed,
                 "precision": "bf16" if _autocast_dtype(self.precision, self.device) else "fp32",
-                "params": cfg.to_dict()}
+                "params": cfg.to_dict(), **({"partial": self.last_partial} if self.last_partial else {})}
 
 
 def _is_oom(e: BaseException) -> bool:

@@ -42,6 +42,24 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+@dataclass(frozen=True)
+class ScaleDone:
+    """What an ``on_scale`` hook receives when a coarse-to-fine scale ends (a server's progress preview)."""
+
+    scale: int  # the scale's index, as in Progress.scale (schedule() may fold small scales: not 0, 1, 2...)
+    number: int  # 1-based position of this scale in the run
+    scales: int  # scales in the run's schedule
+    size: tuple[int, int]  # (H, W) of this scale
+    step: int  # steps done so far over all scales
+    total: int  # steps planned over all scales
+    loss: float  # the scale's best loss, summed over the batch
+    image: Tensor  # (B, 3, H, W) in [0, 1]: the scale's best iterate (detached)
+    stopped: bool  # stop() asked to end the run here: the scales after this one do not run
+
+
+ScaleCallback = Callable[[ScaleDone], None]
+
+
 def _layer_weights(layers: Sequence[str], weights: Sequence[float] | None) -> dict[str, float]:
     return dict(zip(layers, weights if weights is not None else [1.0] * len(layers)))
 
@@ -213,7 +231,8 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
         init: Tensor | None = None, callback: ProgressCallback | None = None,
         compile_fn: Callable[[nn.Module], Callable] | None = None,
         generator: torch.Generator | None = None, cuda_graph: bool = False,
-        layout: Sequence[Layout] | None = None, on_tile: Callable[[int, int], None] | None = None) -> Tensor:
+        layout: Sequence[Layout] | None = None, on_tile: Callable[[int, int], None] | None = None,
+        on_scale: ScaleCallback | None = None, stop: Callable[[], bool] | None = None) -> Tensor:
     """Optimize pixels so their features match ``content`` and their Grams match ``styles``.
 
     Args:
@@ -230,6 +249,11 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
             :func:`nsf.plan.plan` chooses them for a memory budget; ``None``: untiled, full history.
             Tiled scales run eagerly (no compile, no CUDA graph).
         on_tile: called with ``(done, total)`` after each tile of a tiled step.
+        on_scale: called with a :class:`ScaleDone` (the scale's best image) as each scale ends.
+        stop: polled after each step (on CUDA at each host sync, every ``SYNC_EVERY`` steps); once it
+            returns true the scale ends with its best iterate and the later scales do not run (a
+            client's deadline or disconnect). The result is then that image brought to the last
+            scale's size (with the content's detail band, as between scales).
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1] at the last scale's size: the best iterate of the last scale.
@@ -253,7 +277,7 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
     total = sum(n for _, _, n in plan)
     step = 0
     x: Tensor | None = None
-    for (scale_index, hw, n_steps), lay in zip(plan, layout):
+    for number, ((scale_index, hw, n_steps), lay) in enumerate(zip(plan, layout), start=1):
         c = resize(content, hw)
         style_long = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
         sized = [_resize_style(s, style_long, cfg) for s in styles]
@@ -273,9 +297,20 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
         else:
             x = upsample(x, hw, c if cfg.restore_detail and init is None and cfg.init == "content" else None)
         x = x.detach().clone().contiguous().requires_grad_(True)
-        x, step = _optimize_scale(loss_fn, x, cfg, n_steps, step, total, scale_index, callback,
-                                  cuda_graph and not tiled, history=lay.history,
-                                  tiled=objective if tiled else None, on_tile=on_tile)
+        x, step, best, stopped = _optimize_scale(loss_fn, x, cfg, n_steps, step, total, scale_index, callback,
+                                                 cuda_graph and not tiled, history=lay.history,
+                                                 tiled=objective if tiled else None, on_tile=on_tile, stop=stop)
+        if not stopped and stop is not None and number < len(plan):
+            stopped = stop()  # asked between scales: the later scales do not start
+        if on_scale is not None:
+            on_scale(ScaleDone(scale_index, number, len(plan), hw, step, total, float(best.sum()),
+                               x.detach().clamp(0, 1), stopped))
+        if stopped:
+            final = plan[-1][1]
+            if hw != final:  # a partial result has the size asked for: the best image so far, upsampled
+                keep = cfg.restore_detail and init is None and cfg.init == "content"
+                x = upsample(x.detach(), final, resize(content, final) if keep else None)
+            break
     if x is None:  # pragma: no cover - schedule() always keeps the last scale
         raise RuntimeError("empty schedule")
     return x.detach().clamp(0, 1)
@@ -310,7 +345,9 @@ LBFGS_HISTORY = 100
 def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int, step: int, total: int,
                     scale_index: int, callback: ProgressCallback | None,
                     cuda_graph: bool = False, *, history: int | None = None, tiled: Objective | None = None,
-                    on_tile: Callable[[int, int], None] | None = None) -> tuple[Tensor, int]:
+                    on_tile: Callable[[int, int], None] | None = None,
+                    stop: Callable[[], bool] | None = None) -> tuple[Tensor, int, Tensor, bool]:
+    """Run one scale's steps -> ``(best image, steps so far, best loss per image (B,), stopped by stop())``."""
     b, hw = x.shape[0], (x.shape[-2], x.shape[-1])
     sync_every = SYNC_EVERY.get(x.device.type, 1)
     # Adam steps are projected onto [0, 1]; L-BFGS's are not, since clipping behind its back corrupts
@@ -354,7 +391,7 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
     values = torch.zeros(n_steps, b, device=x.device)
     parts_log = torch.zeros(n_steps, 3, device=x.device)
     losses_seen: list[float] = []  # the batch's summed loss per step, read back at sync points
-    done, stop = 0, False
+    done, end, stopped = 0, False, False
     for i in range(n_steps):
         if graphed and i < GRAPH_WARMUP:
             _on_side_stream(advance)  # warm-up steps (real steps) off the default stream, as capture wants
@@ -371,9 +408,10 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
             step += 1
             if callback is not None:
                 callback(Progress(step, total, scale_index, hw, total_loss, c, s, tv, tiles))
-            stop = stop or not _finite(total_loss) or _stalled(losses_seen, cfg)
+            end = end or not _finite(total_loss) or _stalled(losses_seen, cfg)
         done = i + 1
-        if stop:
+        stopped = stop is not None and i + 1 < n_steps and stop()
+        if end or stopped:
             break
     # the final update was never evaluated; evaluate it so the best iterate includes it
     # (with grad mode on, as in the steps, so a compiled objective is not recompiled)
@@ -381,8 +419,9 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
         with torch.no_grad():
             x.clamp_(0, 1)
     final = (tiled.value(x) if tiled is not None else loss_fn(x))[0].detach()
-    best_x = torch.where((final < best).view(-1, *[1] * (x.dim() - 1)), x.detach(), best_x)
-    return best_x, step
+    better = final < best
+    best_x = torch.where(better.view(-1, *[1] * (x.dim() - 1)), x.detach(), best_x)
+    return best_x, step, torch.where(better, final, best), stopped
 
 
 GRAPH_WARMUP = 3  # eager steps before capture: cuDNN/cuBLAS choices and lazy state settle first

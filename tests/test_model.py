@@ -167,6 +167,23 @@ def test_preserve_color_keeps_content_chroma(model):
         (yiq_out[:, 1:] - yiq_content[:, 1:]).abs().mean()
 
 
+def test_stop_and_previews_through_stylize(model):
+    # a deadline: stop once the first scale is done; previews carry the colours of the result
+    opts = {"size": 96, "steps": 6, "seed": 0, "preserve_color": True, "style_weight": 100.0}
+    content = smooth_image(96, 96, seed=3, lo=0.3, hi=0.7)
+    seen, steps = [], []
+    first = model.plan((96, 96), **opts).scales[0].steps
+    out = model.stylize(content, random_image(64, 64, seed=4), on_scale=seen.append, callback=steps.append,
+                        stop=lambda: len(steps) >= first, **opts)
+    assert out.shape[-2:] == (96, 96) and len(seen) == 1 and seen[0].stopped and seen[0].scales > 1
+    assert model.last_partial == {"scale": 1, "scales": seen[0].scales, "step": first, "total": 6}
+    assert model.last_metadata["partial"] == model.last_partial
+    chroma = im.rgb_to_yiq(im.resize(content, seen[0].size))[:, 1:]
+    assert (im.rgb_to_yiq(seen[0].image)[:, 1:] - chroma).abs().max() < 0.02  # the content's colours
+    model.stylize(content, random_image(64, 64, seed=4), **opts)
+    assert model.last_partial is None and "partial" not in model.last_metadata
+
+
 def test_model_level_options_are_defaults(model):
     m = nsf.style_fusion(device="cpu", preset="fast", steps=7)
     assert m.config == nsf.make_config("fast", steps=7)

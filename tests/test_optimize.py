@@ -221,6 +221,57 @@ def test_progress_over_two_scales(model):
     assert [p.size for p in calls] == [(64, 64), (64, 64), (128, 128), (128, 128)]
 
 
+def _two_scales():
+    cfg = make_config(size=128, steps=6, scales=(0.5, 1.0), scale_steps=(0.5, 0.5), tol=0.0,
+                      content_layers=("relu1_2",), style_layers=("relu1_1",))
+    return cfg, smooth_image(96, 96, seed=19), [smooth_image(64, 64, seed=20)]
+
+
+def test_on_scale_reports_each_scale_and_the_last_is_the_result(model):
+    cfg, content, styles = _two_scales()
+    ex = model.extractor(cfg.layers)
+    done = []
+    out = O.run(ex, content, styles, cfg, on_scale=done.append)
+    assert [(d.scale, d.number, d.scales, d.size, d.step, d.total, d.stopped) for d in done] == \
+        [(0, 1, 2, (64, 64), 3, 6, False), (1, 2, 2, (128, 128), 6, 6, False)]
+    assert torch.equal(done[-1].image, out)
+    with torch.no_grad():  # each scale's loss is that of the image it hands over
+        for d in done:
+            c = O.resize(content, d.size)
+            grams = O.style_grams(ex, [O._resize_style(styles[0], max(d.size), cfg)], (1.0,), cfg.style_layers,
+                                  cfg.gram_norm)
+            assert float(O.Objective(ex, cfg, c, grams)(d.image)[0].sum()) == pytest.approx(d.loss, rel=1e-4)
+    # a stop hook that never fires changes nothing
+    assert torch.equal(O.run(ex, content, styles, cfg, stop=lambda: False), out)
+
+
+def test_stop_ends_the_run_with_the_best_image_so_far_at_full_size(model):
+    cfg, content, styles = _two_scales()
+    ex = model.extractor(cfg.layers)
+    calls, done = [], []
+    out = O.run(ex, content, styles, cfg, callback=calls.append, on_scale=done.append,
+                stop=lambda: len(calls) >= 2)  # stop in the middle of the first scale
+    assert len(calls) == 2 and len(done) == 1
+    assert done[0].stopped and done[0].size == (64, 64)
+    assert out.shape == (1, 3, 128, 128)
+    # the partial result is the first scale's best image brought up like a next scale's start
+    expected = O.upsample(done[0].image, (128, 128), O.resize(content, (128, 128))).clamp(0, 1)
+    assert_close(out, expected)
+
+
+def test_stop_between_scales_skips_the_later_ones(model):
+    cfg, content, styles = _two_scales()
+    calls, done = [], []
+    O.run(model.extractor(cfg.layers), content, styles, cfg, callback=calls.append, on_scale=done.append,
+          stop=lambda: len(calls) >= 3)  # true only once the first scale's 3 steps are done
+    assert len(calls) == 3 and [d.stopped for d in done] == [True]
+    # a stop asked at the very end of the last scale cuts nothing: not partial
+    calls, done = [], []
+    O.run(model.extractor(cfg.layers), content, styles, cfg, callback=calls.append, on_scale=done.append,
+          stop=lambda: len(calls) >= 6)
+    assert len(calls) == 6 and [d.stopped for d in done] == [False, False]
+
+
 def test_early_stopping(model):
     # tol=1 means "stop unless the loss fell by 100 % over `patience` steps": it stops at patience + 1.
     cfg = small_cfg(steps=10, tol=1.0, patience=2)
@@ -249,7 +300,7 @@ def test_optimize_scale_returns_the_best_iterate():
 
     x = torch.zeros(1, 3, 4, 4, requires_grad=True)
     seen = []
-    best, step = O._optimize_scale(loss_fn, x, cfg, 5, 0, 5, 0, lambda p: seen.append(p.loss))
+    best, step, _, _ = O._optimize_scale(loss_fn, x, cfg, 5, 0, 5, 0, lambda p: seen.append(p.loss))
     assert step == 5 and len(seen) == 5
     best_loss = float(loss_fn(best)[0])
     assert best_loss == pytest.approx(min(seen))
