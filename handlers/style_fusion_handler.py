@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,6 +34,7 @@ if os.path.isdir(os.path.join(_HERE, "nsf")) and sys.path[:1] != [_HERE]:
 import torch  # noqa: E402
 
 from nsf.serving import Outcome, RequestError, Worker, from_kserve_v2, request_fields  # noqa: E402
+from nsf.serving.stream import MEDIA_TYPE  # noqa: E402
 from nsf.serving.torchserve_envelopes import EnvelopeError, guard_kserve_envelopes  # noqa: E402
 from nsf.weights import CAFFE_FILENAME, load_caffe  # noqa: E402
 
@@ -67,7 +69,7 @@ class StyleFusionHandler:
                     else from_kserve_v2(data)
             except RequestError as e:
                 request = e
-            (outcome,) = self.worker.answer([request])
+            (outcome,) = self.worker.answer([request], streams=False)
             # The kservev2 envelope names each output after the input at the same index: name ours.
             context.input_names = ["image" if outcome.ok else "error"]
             return [_reply(context, 0, outcome, as_text=True)]
@@ -82,8 +84,27 @@ class StyleFusionHandler:
             else:
                 requests.append(fields)
                 as_text.append(text)
-        outcomes = self.worker.answer(requests)
+        # a streamed request sends its previews as TorchServe intermediate responses (chunked HTTP); in a
+        # batch of several the frontend would send each message to every request, so previews need batch 1
+        progress = _streamer(context) if len(data) == 1 and not as_text[0] else None
+        outcomes = self.worker.answer(requests, progress=progress, streams=not any(as_text))
         return [_reply(context, i, o, t) for i, (o, t) in enumerate(zip(outcomes, as_text))]
+
+
+def _streamer(context: Any) -> Callable[[int, bytes], None]:
+    """``progress(idx, line)`` for :meth:`Worker.answer`: one TorchServe intermediate response per message.
+
+    TorchServe 0.12's frontend writes each one to the client as a chunk and never tells the worker that
+    the client has gone, so on this runtime only a request's deadline stops a run early.
+    """
+    from ts.handler_utils.utils import send_intermediate_predict_response
+
+    def send(idx: int, message: bytes) -> None:
+        context.set_response_content_type(idx, MEDIA_TYPE)
+        send_intermediate_predict_response([message], context.request_ids, "Intermediate Prediction success", 200,
+                                           context)
+
+    return send
 
 
 def _reply(context: Any, idx: int, outcome: Outcome, as_text: bool) -> Any:
@@ -95,6 +116,9 @@ def _reply(context: Any, idx: int, outcome: Outcome, as_text: bool) -> Any:
     n = len(processors) if processors else 0
     target = idx if idx < n else 0
     body = outcome.body
+    for key, value in outcome.headers.items():
+        if n:
+            context.set_response_header(target, key, value)
     if isinstance(body, dict):  # an error: {"error", "field", "allowed"}
         if n:
             context.set_response_status(outcome.status, outcome.phrase, target)

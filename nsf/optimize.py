@@ -250,10 +250,11 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
             Tiled scales run eagerly (no compile, no CUDA graph).
         on_tile: called with ``(done, total)`` after each tile of a tiled step.
         on_scale: called with a :class:`ScaleDone` (the scale's best image) as each scale ends.
-        stop: polled after each step (on CUDA at each host sync, every ``SYNC_EVERY`` steps); once it
-            returns true the scale ends with its best iterate and the later scales do not run (a
-            client's deadline or disconnect). The result is then that image brought to the last
-            scale's size (with the content's detail band, as between scales).
+        stop: polled before each step after the first (on CUDA at each host sync, every ``SYNC_EVERY``
+            steps); once it returns true the scale ends with its best iterate (at a scale's first step:
+            its start, the previous scale's result upsampled), ``on_scale`` says ``stopped``, and the
+            later scales do not run (a client's deadline or disconnect). The result is then that image
+            brought to the last scale's size (with the content's detail band, as between scales).
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1] at the last scale's size: the best iterate of the last scale.
@@ -300,8 +301,6 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
         x, step, best, stopped = _optimize_scale(loss_fn, x, cfg, n_steps, step, total, scale_index, callback,
                                                  cuda_graph and not tiled, history=lay.history,
                                                  tiled=objective if tiled else None, on_tile=on_tile, stop=stop)
-        if not stopped and stop is not None and number < len(plan):
-            stopped = stop()  # asked between scales: the later scales do not start
         if on_scale is not None:
             on_scale(ScaleDone(scale_index, number, len(plan), hw, step, total, float(best.sum()),
                                x.detach().clamp(0, 1), stopped))
@@ -393,6 +392,11 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
     losses_seen: list[float] = []  # the batch's summed loss per step, read back at sync points
     done, end, stopped = 0, False, False
     for i in range(n_steps):
+        # asked before a step (once the run has made one, and where every step so far has been
+        # reported): at a scale's first step the result is its start, the last scale's best upsampled
+        if stop is not None and i == done and step > 0 and stop():
+            stopped = True
+            break
         if graphed and i < GRAPH_WARMUP:
             _on_side_stream(advance)  # warm-up steps (real steps) off the default stream, as capture wants
         else:
@@ -410,8 +414,7 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
                 callback(Progress(step, total, scale_index, hw, total_loss, c, s, tv, tiles))
             end = end or not _finite(total_loss) or _stalled(losses_seen, cfg)
         done = i + 1
-        stopped = stop is not None and i + 1 < n_steps and stop()
-        if end or stopped:
+        if end:
             break
     # the final update was never evaluated; evaluate it so the best iterate includes it
     # (with grad mode on, as in the steps, so a compiled objective is not recompiled)

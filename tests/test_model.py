@@ -175,8 +175,9 @@ def test_stop_and_previews_through_stylize(model):
     first = model.plan((96, 96), **opts).scales[0].steps
     out = model.stylize(content, random_image(64, 64, seed=4), on_scale=seen.append, callback=steps.append,
                         stop=lambda: len(steps) >= first, **opts)
-    assert out.shape[-2:] == (96, 96) and len(seen) == 1 and seen[0].stopped and seen[0].scales > 1
-    assert model.last_partial == {"scale": 1, "scales": seen[0].scales, "step": first, "total": 6}
+    # asked before the second scale's first step: it stops there, with its start as the result
+    assert out.shape[-2:] == (96, 96) and [d.stopped for d in seen] == [False, True] and seen[0].scales == 2
+    assert model.last_partial == {"scale": 2, "scales": seen[0].scales, "step": first, "total": 6}
     assert model.last_metadata["partial"] == model.last_partial
     chroma = im.rgb_to_yiq(im.resize(content, seen[0].size))[:, 1:]
     assert (im.rgb_to_yiq(seen[0].image)[:, 1:] - chroma).abs().max() < 0.02  # the content's colours

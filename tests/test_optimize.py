@@ -262,9 +262,13 @@ def test_stop_ends_the_run_with_the_best_image_so_far_at_full_size(model):
 def test_stop_between_scales_skips_the_later_ones(model):
     cfg, content, styles = _two_scales()
     calls, done = [], []
-    O.run(model.extractor(cfg.layers), content, styles, cfg, callback=calls.append, on_scale=done.append,
-          stop=lambda: len(calls) >= 3)  # true only once the first scale's 3 steps are done
-    assert len(calls) == 3 and [d.stopped for d in done] == [True]
+    out = O.run(model.extractor(cfg.layers), content, styles, cfg, callback=calls.append, on_scale=done.append,
+                stop=lambda: len(calls) >= 3)  # true only once the first scale's 3 steps are done
+    # the second scale is stopped before its first step: its start (the first scale's best, upsampled
+    # with the content's detail band) is the result
+    assert len(calls) == 3 and [(d.stopped, d.step) for d in done] == [(False, 3), (True, 3)]
+    assert torch.equal(done[1].image, out)
+    assert_close(out, O.upsample(done[0].image, (128, 128), O.resize(content, (128, 128))).clamp(0, 1))
     # a stop asked at the very end of the last scale cuts nothing: not partial
     calls, done = [], []
     O.run(model.extractor(cfg.layers), content, styles, cfg, callback=calls.append, on_scale=done.append,

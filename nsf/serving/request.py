@@ -31,7 +31,9 @@ CONTENT = "content"
 STYLE = "style"
 _EXTRA_STYLE = re.compile(r"style_(\d+)")
 STYLE_WEIGHTS = "style_weights"  # the request's name for StyleConfig.style_blend_weights
-REQUEST_OPTIONS = ("preset", "format", STYLE_WEIGHTS)
+STREAM, DEADLINE = "stream", "deadline"  # progress messages while it runs; seconds until the best image so far
+REQUEST_OPTIONS = ("preset", "format", STYLE_WEIGHTS, STREAM, DEADLINE)
+MAX_DEADLINE = 86400.0  # s; a deadline is the client's bound within the worker's own time admission
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg"}
 IMAGE_VALUE = "an image as a base64 string (JSON) or a file (multipart)"
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -46,6 +48,8 @@ class Job:
     styles: list[Image.Image]
     config: StyleConfig
     format: str  # "png" or "jpeg"
+    stream: bool = False  # answer with progress messages (nsf.serving.stream), then the image
+    deadline: float | None = None  # seconds after the worker took the request: then the best image so far
 
     @property
     def content_type(self) -> str:
@@ -171,10 +175,26 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
     if fmt not in FORMATS:
         raise RequestError(f"unknown format {_show(fmt)}", field="format", allowed=["png", "jpeg"])
 
+    stream = _coerce(STREAM, fields[STREAM], bool, limits) if STREAM in fields else False
+    deadline = _deadline(fields[DEADLINE]) if DEADLINE in fields else None
+
     cfg = resolve(preset, options, limits)
     content = decode_image(fields[CONTENT], CONTENT, limits)
     styles = [decode_image(fields[name], name, limits) for name in style_names]
-    return Job(content, styles, cfg, "jpeg" if fmt == "jpg" else fmt)
+    return Job(content, styles, cfg, "jpeg" if fmt == "jpg" else fmt, stream, deadline)
+
+
+def _deadline(value: Any) -> float:
+    allowed = {"min_exclusive": 0, "max": MAX_DEADLINE}
+    try:
+        seconds = float(_text(value, DEADLINE) if isinstance(value, (bytes, bytearray, str)) else value)
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(f"deadline={_show(value)} is not a number of seconds", field=DEADLINE,
+                           allowed=allowed) from None
+    if isinstance(value, bool) or not 0 < seconds <= MAX_DEADLINE:  # also NaN
+        raise RequestError(f"deadline={_show(value)}; allowed: seconds in (0, {MAX_DEADLINE:g}]", field=DEADLINE,
+                           allowed=allowed)
+    return seconds
 
 
 def resolve(preset: str, options: Mapping[str, Any], limits: ServingLimits) -> StyleConfig:

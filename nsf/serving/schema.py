@@ -7,7 +7,8 @@ from typing import Any
 
 from ..config import MAX_WEIGHT, PRESETS, StyleConfig
 from .limits import HINTS, RANGED, ServingLimits
-from .request import CONTENT, STYLE, STYLE_WEIGHTS
+from .request import CONTENT, DEADLINE, MAX_DEADLINE, STREAM, STYLE, STYLE_WEIGHTS
+from .stream import PARTIAL_HEADER
 
 
 def request_schema(limits: ServingLimits) -> dict[str, Any]:
@@ -38,6 +39,12 @@ def request_schema(limits: ServingLimits) -> dict[str, Any]:
                        "description": "named option set the request starts from"}
     props["format"] = {"enum": ["png", "jpeg"], "default": "png",
                        "description": "response image format; PNG carries the provenance metadata"}
+    props[STREAM] = {"type": "boolean", "default": False,
+                     "description": "answer with newline-delimited JSON: a preview per coarse-to-fine scale, then "
+                                    "the image (README, 'Progress while a request runs')"}
+    props[DEADLINE] = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DEADLINE,
+                       "description": "seconds; past it the best image so far is the answer, marked partial "
+                                      f"(header {PARTIAL_HEADER}: true, PNG metadata 'partial')"}
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": f"style_fusion request on {limits.device} (JSON body; multipart/form-data takes the same "
                      "fields, images as files)",

@@ -15,8 +15,9 @@ import json
 import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +27,15 @@ from ..config import StyleConfig, make_config
 from ..errors import OutOfMemory, PlanError
 from ..image import encode, pil_to_tensor, tensor_to_pil
 from ..model import StyleFusion, style_fusion
+from ..optimize import ScaleDone
 from ..version import __version__
 from ..weights import LoadedWeights
 from .admission import CostModel, admit_memory, pixel_steps
 from .errors import RequestError, phrase
 from .limits import ServingLimits
 from .request import Job, parse_request, resolve
+from .stream import MEDIA_TYPE, PARTIAL_HEADER, StopWhen, line, preview, result
+from .stream import error as error_message
 
 logger = logging.getLogger(__name__)
 DEFAULT_RESPONSE_TIMEOUT = 120.0  # TorchServe's, for a model-config.yaml without responseTimeout
@@ -44,11 +48,17 @@ class Outcome:
 
     status: int  # 200, or the error's status (400, 413, 422, 500, 507)
     body: bytes | dict[str, Any]  # 200: the encoded image; else {"error", "field", "allowed"}
-    content_type: str  # "image/png" | "image/jpeg" | "application/json"
+    content_type: str  # "image/png" | "image/jpeg" | "application/json" | "application/x-ndjson" (stream)
+    partial: bool = False  # a deadline cut the run short: the best image so far
 
     @property
     def ok(self) -> bool:
         return self.status == 200
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers beyond the content type: ``X-NSF-Partial: true`` on a partial image."""
+        return {PARTIAL_HEADER: "true"} if self.partial else {}
 
     @property
     def phrase(self) -> str:
@@ -62,8 +72,8 @@ class Outcome:
         return json.dumps(self.body, default=str)
 
     @classmethod
-    def image(cls, data: bytes, content_type: str) -> Outcome:
-        return cls(200, data, content_type)
+    def image(cls, data: bytes, content_type: str, partial: bool = False) -> Outcome:
+        return cls(200, data, content_type, partial)
 
     @classmethod
     def refused(cls, error: RequestError) -> Outcome:
@@ -192,22 +202,37 @@ class Worker:
             self.cost.admit(job.config, *hw)
         return job
 
-    def answer(self, requests: Sequence[Mapping[str, Any] | RequestError]) -> list[Outcome]:
+    def answer(self, requests: Sequence[Mapping[str, Any] | RequestError], *,
+               progress: Callable[[int, bytes], None] | None = None,
+               gone: Sequence[threading.Event | None] = (), streams: bool = True) -> list[Outcome]:
         """One :class:`Outcome` per request, in order (a :class:`RequestError` stands for a request the
         server could not even read: it is answered as it is).
 
         Requests that share a resolved config and a content size run as one batched optimization, each
         image its own problem; a batch that fails is retried request by request. A run out of memory is
         a 507, any other failure a 500 for that request only.
+
+        A request with a ``deadline`` or ``stream`` runs on its own. Past its deadline (counted from this
+        call) the best image so far is its answer, with ``partial`` set. A streamed request's previews go
+        to ``progress(index, line)`` as each scale ends (NDJSON lines, :mod:`nsf.serving.stream`; none
+        when the server passes no ``progress``) and its outcome is the last line, the result or the
+        error (an error before the first preview is an ordinary error answer). ``gone[index]``, set by
+        the server when that request's client has disconnected, stops its run. ``streams=False``: the
+        endpoint cannot stream (a KServe v2 one); ``stream=true`` is then a 400 naming the field.
         """
-        start = time.perf_counter()
+        start, arrived = time.perf_counter(), time.monotonic()
         outcomes: list[Outcome | None] = [None] * len(requests)
         jobs: dict[int, Job] = {}
         for idx, request in enumerate(requests):
             try:
                 if isinstance(request, RequestError):
                     raise request
-                jobs[idx] = self.check(request)
+                job = self.check(request)
+                if job.stream and not streams:
+                    raise RequestError("stream=true: this endpoint answers in one piece; allowed: false here, or "
+                                       "stream from an endpoint that streams (README, 'Progress while a request "
+                                       "runs')", field="stream", allowed=[False])
+                jobs[idx] = job
             except RequestError as e:
                 logger.info("style_fusion: request %d refused (%d): %s", idx, e.status, e.message)
                 outcomes[idx] = Outcome.refused(e)
@@ -216,10 +241,48 @@ class Worker:
                 outcomes[idx] = Outcome.failed(e)
         groups: dict[tuple[StyleConfig, tuple[int, int]], list[int]] = {}
         for idx, job in jobs.items():
-            groups.setdefault((job.config, job.content.size), []).append(idx)
+            if job.stream or job.deadline is not None:
+                stop = StopWhen(None if job.deadline is None else arrived + job.deadline,
+                                gone[idx] if idx < len(gone) else None)
+                outcomes[idx] = self._run_alone(idx, job, stop, progress if job.stream else None)
+            else:
+                groups.setdefault((job.config, job.content.size), []).append(idx)
         for idxs in groups.values():
             self._run_group(idxs, jobs, outcomes, start)
         return [o if o is not None else Outcome.failed(RuntimeError("no answer")) for o in outcomes]
+
+    def _run_alone(self, idx: int, job: Job, stop: StopWhen,
+                   progress: Callable[[int, bytes], None] | None) -> Outcome:
+        """One request with a deadline or a stream: previews to ``progress``, ``stop`` polled every step."""
+        start, previews = time.perf_counter(), 0
+
+        def on_scale(done: ScaleDone) -> None:
+            nonlocal previews
+            if progress is not None and not stop.client_gone:
+                progress(idx, line(preview(done)))
+                previews += 1
+
+        try:
+            (data,) = self.run([job], stop=stop, on_scale=on_scale)
+        except Exception as e:  # noqa: BLE001 - one failing request must not take the worker down
+            outcome = _failure(idx, e)
+            return Outcome(200, line(error_message(outcome.status, dict(outcome.body))), MEDIA_TYPE) \
+                if previews and isinstance(outcome.body, dict) else outcome
+        partial = self.model.last_partial
+        if stop.client_gone:
+            logger.info("style_fusion: request %d: the client went away after %d preview(s); stopped at step %s "
+                        "of %d after %.2f s", idx, previews, partial["step"] if partial else job.config.steps,
+                        job.config.steps, time.perf_counter() - start)
+        else:
+            logger.info("style_fusion: request %d: content %dx%d -> %d px, %d steps, seed %d, %s%s, %.2f s", idx,
+                        *job.content.size, job.config.size, job.config.steps, job.config.seed,
+                        f"streamed with {previews} preview(s)" if job.stream else "alone",
+                        f", stopped by its deadline at step {partial['step']}" if partial else "",
+                        time.perf_counter() - start)
+        if job.stream:
+            return Outcome(200, line(result(data, job.content_type, partial is not None)), MEDIA_TYPE,
+                           partial is not None)
+        return Outcome.image(data, job.content_type, partial is not None)
 
     def _run_group(self, idxs: list[int], jobs: dict[int, Job], outcomes: list[Outcome | None],
                    start: float) -> None:
@@ -227,13 +290,7 @@ class Worker:
             images = self.run([jobs[i] for i in idxs])
         except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
             if len(idxs) == 1:
-                (i,) = idxs
-                if isinstance(e, OutOfMemory):  # the planner said it fits; another process took the memory
-                    logger.exception("style_fusion: request %d ran out of memory", i)
-                    outcomes[i] = Outcome.out_of_memory(e)
-                else:
-                    logger.exception("style_fusion: request %d failed", i)
-                    outcomes[i] = Outcome.failed(e)
+                outcomes[idxs[0]] = _failure(idxs[0], e)
                 return
             logger.warning("style_fusion: batch %s failed (%s: %s); running its requests one by one", idxs,
                            type(e).__name__, e)
@@ -250,16 +307,29 @@ class Worker:
         for i in idxs:
             self._run_group([i], jobs, outcomes, start)
 
-    def run(self, jobs: list[Job]) -> list[bytes]:
-        """Jobs with one config and one content size -> their encoded images (one batched optimization)."""
+    def run(self, jobs: list[Job], *, stop: Callable[[], bool] | None = None,
+            on_scale: Callable[[ScaleDone], None] | None = None) -> list[bytes]:
+        """Jobs with one config and one content size -> their encoded images (one batched optimization).
+
+        ``stop`` and ``on_scale`` are :meth:`nsf.StyleFusion.transfer`'s; ``self.model.last_partial`` then
+        says whether ``stop`` cut the run short (the metadata of a partial PNG says so too)."""
         cfg = jobs[0].config
         content = torch.cat([pil_to_tensor(job.content) for job in jobs])
         # one entry per style slot: a batch of one, or each request's own image (any size)
         styles = [pil_to_tensor(jobs[0].styles[k]) if len(jobs) == 1 else [pil_to_tensor(j.styles[k]) for j in jobs]
                   for k in range(len(jobs[0].styles))]
-        out = self.model.transfer(content, styles, cfg)
+        out = self.model.transfer(content, styles, cfg, stop=stop, on_scale=on_scale)
         meta = self.model.metadata(cfg)
         return [encode(tensor_to_pil(out[i : i + 1]), job.format, meta) for i, job in enumerate(jobs)]
+
+
+def _failure(idx: int, e: Exception) -> Outcome:
+    """The answer to a request whose run raised ``e``: 507 out of memory, else 500."""
+    if isinstance(e, OutOfMemory):  # the planner said it fits; another process took the memory
+        logger.exception("style_fusion: request %d ran out of memory", idx)
+        return Outcome.out_of_memory(e)
+    logger.exception("style_fusion: request %d failed", idx)
+    return Outcome.failed(e)
 
 
 def _probe_image(size: int) -> torch.Tensor:
