@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -82,6 +83,7 @@ class Reply:
     status: int
     content_type: str | None
     body: bytes
+    headers: Any = None  # the response's headers (case-insensitive lookup)
 
     def json(self):
         return json.loads(self.body)
@@ -104,9 +106,9 @@ class Server:
         req = urllib.request.Request(self.url + path, data=data, headers=headers, method="POST" if data else "GET")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return Reply(r.status, r.headers.get("Content-Type"), r.read())
+                return Reply(r.status, r.headers.get("Content-Type"), r.read(), r.headers)
         except urllib.error.HTTPError as e:
-            return Reply(e.code, e.headers.get("Content-Type"), e.read())
+            return Reply(e.code, e.headers.get("Content-Type"), e.read(), e.headers)
 
     def status_for_length(self, path: str, length: int) -> int:
         """The status TorchServe answers to the headers of a POST of ``length`` bytes (Expect: 100-continue)."""
@@ -116,6 +118,31 @@ class Server:
                       f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n"
                       "Expect: 100-continue\r\n\r\n".encode())
             return int(s.recv(4096).split(b" ", 2)[1])
+
+    def stream(self, fields: dict, *, timeout: float = 300, hang_up_after: int | None = None
+               ) -> tuple[int, Any, list[tuple[float, dict]]]:
+        """A streamed multipart request: ``(status, headers, [(seconds after sending, message), ...])``, one
+        message per NDJSON line as it arrives; ``hang_up_after=n`` closes the connection after n messages."""
+        import http.client
+
+        body, ctype = multipart_body(fields)
+        host, port = self.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        start = time.monotonic()
+        conn.request("POST", f"/predictions/{NAME}", body,
+                     {"Content-Type": ctype, "Authorization": f"Bearer {self.key}"})
+        r = conn.getresponse()
+        messages: list[tuple[float, dict]] = []
+        try:
+            while hang_up_after is None or len(messages) < hang_up_after:
+                line = r.readline()
+                if not line:
+                    break
+                if line.strip():
+                    messages.append((time.monotonic() - start, json.loads(line)))
+        finally:
+            conn.close()
+        return r.status, r.headers, messages
 
     def multipart(self, fields: dict, **kw) -> Reply:
         body, ctype = multipart_body(fields)

@@ -99,6 +99,29 @@ def test_same_request_same_seed_same_image(server):
     assert a.body == b.body
 
 
+def test_a_streamed_request_gets_previews_then_the_same_image(server):
+    fields = {"content": CONTENT, "style": STYLE, "size": "96", "steps": "6", "seed": "4"}
+    status, headers, messages = server.stream({**fields, "stream": "true"})
+    assert status == 200 and headers["Content-Type"] == "application/x-ndjson"
+    assert headers.get("Transfer-Encoding") == "chunked"  # sent as the run goes, not at its end
+    events = [m["event"] for _, m in messages]
+    scales = messages[0][1]["scales"]
+    assert events == ["preview"] * scales + ["result"] and scales > 1
+    # each preview arrived as its scale ended, before the result
+    times = [t for t, _ in messages]
+    assert times == sorted(times) and times[-1] > times[0]
+    final = messages[-1][1]
+    assert final["partial"] is False and final["content_type"] == "image/png"
+    plain = server.multipart(fields)
+    assert plain.status == 200 and base64.b64decode(final["image"]) == plain.body
+
+
+def test_a_deadline_gives_the_best_image_so_far_marked_partial(server):
+    r = server.multipart({"content": CONTENT, "style": STYLE, "size": "96", "steps": "6", "deadline": "0.001"})
+    assert r.status == 200 and r.headers["X-NSF-Partial"] == "true"
+    assert Image.open(io.BytesIO(r.body)).size == (96, 72) and read_metadata(r.body)["partial"]["step"] < 6
+
+
 def _bomb() -> bytes:
     buf = io.BytesIO()
     Image.new("L", (6000, 5000)).save(buf, format="PNG")  # 30 MP declared in a ~30 KB file
