@@ -82,7 +82,7 @@ def test_start_warms_up_calibrates_and_refuses_what_would_outrun_the_timeout(cap
     warm = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
     assert [m.split(" px")[0].rsplit(" ", 1)[1] for m in warm] == ["32", "48"]
     assert w.cost is not None and w.cost.budget == pytest.approx(0.8 * 4)
-    assert 1e-9 < w.cost.seconds_per_pixel_step < 1e-4
+    assert 1e-9 < w.cost.seconds_per_pixel_step < 1e-2  # a sanity range, not a timing: the machine may be busy
     assert any("calibrated" in r.getMessage() for r in caplog.records)
     (refused,) = w.answer([{"content": noise_png(96, 96), "style": noise_png(64, 64, 1), "size": b"512",
                             "steps": b"300"}])

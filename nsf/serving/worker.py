@@ -221,7 +221,7 @@ class Worker:
         endpoint cannot stream (a KServe v2 one); ``stream=true`` is then a 400 naming the field.
         """
         start, arrived = time.perf_counter(), time.monotonic()
-        outcomes: list[Outcome | None] = [None] * len(requests)
+        outcomes: dict[int, Outcome] = {}
         jobs: dict[int, Job] = {}
         for idx, request in enumerate(requests):
             try:
@@ -249,7 +249,7 @@ class Worker:
                 groups.setdefault((job.config, job.content.size), []).append(idx)
         for idxs in groups.values():
             self._run_group(idxs, jobs, outcomes, start)
-        return [o if o is not None else Outcome.failed(RuntimeError("no answer")) for o in outcomes]
+        return [outcomes[i] for i in range(len(requests))]
 
     def _run_alone(self, idx: int, job: Job, stop: StopWhen,
                    progress: Callable[[int, bytes], None] | None) -> Outcome:
@@ -284,8 +284,7 @@ class Worker:
                            partial is not None)
         return Outcome.image(data, job.content_type, partial is not None)
 
-    def _run_group(self, idxs: list[int], jobs: dict[int, Job], outcomes: list[Outcome | None],
-                   start: float) -> None:
+    def _run_group(self, idxs: list[int], jobs: dict[int, Job], outcomes: dict[int, Outcome], start: float) -> None:
         try:
             images = self.run([jobs[i] for i in idxs])
         except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
