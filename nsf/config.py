@@ -64,7 +64,9 @@ class StyleConfig:
                                 "that the coarser scale could not hold to the upsampled image")
     base_size: int = _opt(512, "the coarse-to-fine scales run up to this size; a larger output adds refinement "
                           "scales, each twice the last, up to size (0: scales relative to size alone)")
-    refine_steps: tuple[int, ...] = _opt((20, 6, 4, 3), "steps at each refinement scale above base_size, "
+    # 20 at 1024 and 2048 px: at 2048 px, 6 steps scored style/content 0.26/0.69, 20 steps 0.17/0.56
+    # (bench/RESULTS.md "large cpu", u2048 vs u2048r20); at 1024 px, 5/10/20 steps 0.22/0.11/0.098 style
+    refine_steps: tuple[int, ...] = _opt((20, 20, 4, 3), "steps at each refinement scale above base_size, "
                                          "coarsest first (the last repeats)")
     refine_content_weight: float = _opt(1.0, "content_weight is multiplied by this at the refinement scales, "
                                         "where the composition is settled and the style adds detail")
