@@ -34,6 +34,12 @@ NAME = "style_fusion"
 BIN = Path(sys.executable).parent
 
 
+def net_connections(p: psutil.Process) -> list:
+    """A process's inet sockets: ``net_connections`` (psutil 6+) or ``connections`` (5.x, which kserve 0.21 pins)."""
+    method = getattr(p, "net_connections", None) or p.connections
+    return method(kind="inet")
+
+
 def free_port_block(n: int = 5) -> int:
     """A port P with P..P+n-1 all free on 127.0.0.1 (the five listeners `nsf serve --port P` opens)."""
     rng = random.Random()
@@ -140,7 +146,7 @@ class Server:
         found = []
         for p in self.processes():
             try:
-                conns = p.net_connections(kind="inet")
+                conns = net_connections(p)
             except psutil.Error:
                 continue
             found += [(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
