@@ -144,7 +144,7 @@ def answer_within_budget(worker: Worker, requests: Sequence[Mapping[str, Any] | 
 # ---------------------------------------------------------------------------------------------
 
 
-class StyleFusionModel(kserve.Model):  # type: ignore[misc]  # kserve has no type hints
+class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base class
     """``style_fusion`` for kserve's model server: one :class:`~nsf.serving.Worker` per process."""
 
     def __init__(self, name: str, model_config: Mapping[str, Any], *, device: str = "cpu",
@@ -424,7 +424,7 @@ async def _schema_error_response(_request: Any, exc: RequestValidationError) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-class _ModelServer(kserve.ModelServer):  # type: ignore[misc]  # kserve has no type hints
+class _ModelServer(kserve.ModelServer):  # kserve has no type hints: an Any base class
     """kserve's ModelServer on ``host`` instead of its hard-coded 0.0.0.0.
 
     ``start()`` builds its REST server (one process, or a parent handing a bound socket to ``workers``
