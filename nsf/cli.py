@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import sys
 import time
 import typing
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, StyleConfig
+from .model import PRECISIONS
+from .model import style_fusion as _builder  # its signature holds the builder's defaults (runs look it up anew)
 from .version import __version__
 
 DEMO_CONTENT = "astronaut.jpg"
@@ -54,17 +57,39 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=_parse_list(inner), default=None, metavar="A,B,...", help=help_text)
 
 
+# Help of the builder's own arguments; their defaults are read from nsf.style_fusion's signature.
+_BUILDER_HELP = {
+    "weights": "caffe, torchvision, or a state-dict path",
+    "device": "cpu, cuda, cuda:1... (default: cuda if available)",
+    "compile": "auto (CUDA only), true, false, or a torch.compile mode",
+    "precision": "the network's precision: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16",
+    "channels_last": "NHWC convolutions: auto (CUDA only), true or false",
+    "cuda_graphs": "replay each L-BFGS step as one CUDA graph: auto (CUDA only), true or false",
+    "max_memory": "memory a run may use: auto (80%% of the free RAM, 90%% of the free GPU memory), a byte count, "
+                  "or e.g. 6GB, 1.5GiB; scales that would not fit run tile by tile, with the same result",
+}
+
+
+def builder_defaults() -> dict[str, Any]:
+    """The keyword defaults of :func:`nsf.style_fusion` (written once, there), by parameter name."""
+    return {name: p.default for name, p in inspect.signature(_builder).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named option set")
-    parser.add_argument("--weights", default="caffe", help="caffe (default), torchvision, or a state-dict path")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
-    parser.add_argument("--compile", default="auto",
-                        help="auto (CUDA only), true, false, or a torch.compile mode (default: auto)")
-    parser.add_argument("--max-memory", default="auto",
-                        help="memory a run may use: auto (80%% of the free RAM, 90%% of the free GPU memory), "
-                             "a byte count, or e.g. 6GB, 1.5GiB; scales that would not fit run tile by tile, "
-                             "with the same result (default: auto)")
+    defaults = builder_defaults()
+    parser.add_argument("--preset", default=defaults["preset"], choices=sorted(PRESETS),
+                        help=f"named option set (default: {defaults['preset']})")
+    for name, help_text in _BUILDER_HELP.items():
+        default = defaults[name]
+        shown = "" if default is None else f" (default: {_show_arg(default)})"
+        parser.add_argument("--" + name.replace("_", "-"), default=default, help=help_text + shown,
+                            choices=PRECISIONS if name == "precision" else None)
     _add_config_flags(parser)
+
+
+def _show_arg(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -147,9 +172,14 @@ def _add_registry_commands(sub: Any) -> None:
                    help="the model-config.yaml to pack (default: deploy/model-config.yaml of the checkout)")
 
 
-def _compile_arg(text: str) -> Any:
-    lowered = text.lower()
-    return {"true": True, "false": False, "auto": "auto"}.get(lowered, text)
+_SWITCHES = ("compile", "channels_last", "cuda_graphs")  # builder arguments that take True/False/"auto"/a mode
+
+
+def _builder_arg(name: str, value: Any) -> Any:
+    """A builder flag's text as the builder takes it: true/false as booleans for the switches."""
+    if name not in _SWITCHES or not isinstance(value, str):
+        return value  # text, or the signature's own default
+    return {"true": True, "false": False, "auto": "auto"}.get(value.lower(), value)
 
 
 def _progress(enabled: bool) -> Any:
@@ -217,8 +247,8 @@ def _model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)
                if getattr(args, f.name) is not None}
-    model = style_fusion(weights=args.weights, device=args.device, compile=_compile_arg(args.compile),
-                         max_memory=args.max_memory, preset=args.preset)
+    builder = {name: _builder_arg(name, getattr(args, name)) for name in _BUILDER_HELP}
+    model = style_fusion(**builder, preset=args.preset)
     return model, options
 
 

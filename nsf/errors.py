@@ -20,5 +20,17 @@ class PlanError(ConfigError):
     """A run that cannot fit the memory budget at any tile size; ``allowed`` names what would."""
 
 
+class ImageError(ConfigError):
+    """An input image that cannot be used: unreadable, truncated, too small, of the wrong type.
+
+    ``field`` names the image (``"content"``, ``"style"``, ``"image"``...), ``allowed`` what would be
+    accepted (the text after ``allowed:`` in the message).
+    """
+
+
+class ImageTooLargeError(ImageError):
+    """The image declares more pixels than the configured cap (``allowed``: ``"at most N pixels"``)."""
+
+
 class OutOfMemory(RuntimeError):
     """The device ran out of memory during a run that the plan said would fit (another process took it)."""

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
+from .errors import ImageError, ImageTooLargeError  # noqa: F401 (re-exported: callers catch them from here)
 from .geometry import MIN_SIDE, resize, target_size  # noqa: F401 (re-exported: the edge resizes too)
 
 ImageLike = str | os.PathLike | Image.Image | Tensor | bytes
@@ -30,18 +31,21 @@ METADATA_KEY = "nsf"
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-class ImageTooLargeError(ValueError):
-    """The image declares more pixels than the configured cap."""
+READABLE = "PNG, JPEG, WebP, BMP, TIFF, GIF..."
 
 
-def _open(src: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
+def _too_large(message: str, what: str, max_pixels: int) -> ImageTooLargeError:
+    return ImageTooLargeError(message, field=what, value=None, allowed=f"at most {max_pixels} pixels")
+
+
+def _open(src: str | os.PathLike | bytes, max_pixels: int, what: str = "image") -> Image.Image:
     name = "image bytes" if isinstance(src, bytes) else f"image file {str(src)!r}"
     if not isinstance(src, bytes):
         path = Path(src)
         if not path.exists():
             raise FileNotFoundError(f"{name} does not exist")
         if not path.is_file():
-            raise ValueError(f"{name} is not a file")
+            raise ImageError(f"{name} is not a file", field=what, value=str(src), allowed="an image file")
     fp = io.BytesIO(src) if isinstance(src, bytes) else src
     try:
         with _PIL_LIMIT_LOCK, warnings.catch_warnings():
@@ -53,18 +57,20 @@ def _open(src: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
             finally:
                 Image.MAX_IMAGE_PIXELS = old_limit
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageTooLargeError(f"{name} is too large to decode: {e}; allowed: at most {max_pixels} pixels") from e
+        raise _too_large(f"{name} is too large to decode: {e}; allowed: at most {max_pixels} pixels", what,
+                         max_pixels) from e
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(f"{name} is not a readable image ({e}); allowed: PNG, JPEG, WebP, BMP, TIFF, GIF...") from e
+        raise ImageError(f"{name} is not a readable image ({e}); allowed: {READABLE}", field=what,
+                         allowed=READABLE) from e
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageTooLargeError(
-            f"{name} is {w}x{h} = {w * h} pixels; allowed: at most {max_pixels} pixels (max_pixels)"
-        )
+        raise _too_large(f"{name} is {w}x{h} = {w * h} pixels; allowed: at most {max_pixels} pixels (max_pixels)",
+                         what, max_pixels)
     try:
         img.load()
     except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"{name} is truncated or corrupt ({e}); allowed: a complete image file") from e
+        raise ImageError(f"{name} is truncated or corrupt ({e}); allowed: a complete image file", field=what,
+                         allowed="a complete image file") from e
     return img
 
 
@@ -90,16 +96,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(src: ImageLike, *, max_pixels: int = 50_000_000, what: str = "image") -> Image.Image:
-    """Open a path, bytes or PIL image as 8-bit RGB, refusing bombs, corrupt files and tiny images."""
+    """Open a path, bytes or PIL image as 8-bit RGB, refusing bombs, corrupt files and tiny images.
+
+    Raises:
+        nsf.errors.ImageTooLargeError: more than ``max_pixels`` (read from the header, before decoding).
+        nsf.errors.ImageError: not an image, truncated, under ``MIN_SIDE`` pixels a side; ``field`` is ``what``.
+        FileNotFoundError: a path that does not exist.
+    """
     if isinstance(src, Image.Image):
         w, h = src.size
         if w * h > max_pixels:
-            raise ImageTooLargeError(f"{what} is {w}x{h} = {w * h} pixels; allowed: at most {max_pixels} pixels")
+            raise _too_large(f"{what} is {w}x{h} = {w * h} pixels; allowed: at most {max_pixels} pixels", what,
+                             max_pixels)
         img = src
     elif isinstance(src, (str, os.PathLike, bytes)):
-        img = _open(src, max_pixels)
+        img = _open(src, max_pixels, what)
     else:
-        raise ValueError(f"{what} is a {type(src).__name__}; allowed: a path, bytes, a PIL.Image or a tensor")
+        raise ImageError(f"{what} is a {type(src).__name__}; allowed: a path, bytes, a PIL.Image or a tensor",
+                         field=what, value=type(src).__name__, allowed="a path, bytes, a PIL.Image or a tensor")
     img = to_rgb(img)
     check_min_side(img.size[1], img.size[0], what)
     return img
@@ -107,7 +121,8 @@ def load_image(src: ImageLike, *, max_pixels: int = 50_000_000, what: str = "ima
 
 def check_min_side(h: int, w: int, what: str = "image") -> None:
     if min(h, w) < MIN_SIDE:
-        raise ValueError(f"{what} is {w}x{h} pixels; allowed: each side at least {MIN_SIDE} pixels")
+        raise ImageError(f"{what} is {w}x{h} pixels; allowed: each side at least {MIN_SIDE} pixels", field=what,
+                         value=(w, h), allowed=f"each side at least {MIN_SIDE} pixels")
 
 
 def pil_to_tensor(img: Image.Image, device: torch.device | str | None = None,
@@ -131,17 +146,21 @@ def tensor_to_pil(t: Tensor) -> Image.Image:
 def check_tensor(t: Tensor, what: str = "image") -> Tensor:
     """Validate an image tensor and return it as ``(B, 3, H, W)``."""
     if not torch.is_floating_point(t):
-        raise ValueError(f"{what} tensor has dtype {t.dtype}; allowed: a float tensor with values in [0, 1]")
+        raise ImageError(f"{what} tensor has dtype {t.dtype}; allowed: a float tensor with values in [0, 1]",
+                         field=what, value=str(t.dtype), allowed="a float tensor with values in [0, 1]")
     if t.dim() == 3:
         t = t.unsqueeze(0)
     if t.dim() != 4 or t.shape[1] != 3:
-        raise ValueError(f"{what} tensor has shape {tuple(t.shape)}; allowed: (3, H, W) or (B, 3, H, W)")
+        raise ImageError(f"{what} tensor has shape {tuple(t.shape)}; allowed: (3, H, W) or (B, 3, H, W)",
+                         field=what, value=tuple(t.shape), allowed="(3, H, W) or (B, 3, H, W)")
     check_min_side(t.shape[-2], t.shape[-1], what)
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} tensor has NaN or infinite values; allowed: finite values in [0, 1]")
+        raise ImageError(f"{what} tensor has NaN or infinite values; allowed: finite values in [0, 1]", field=what,
+                         allowed="finite values in [0, 1]")
     lo, hi = float(t.min()), float(t.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"{what} tensor has values in [{lo:.3g}, {hi:.3g}]; allowed: [0, 1]")
+        raise ImageError(f"{what} tensor has values in [{lo:.3g}, {hi:.3g}]; allowed: [0, 1]", field=what,
+                         value=(lo, hi), allowed="[0, 1]")
     return t
 
 

@@ -7,7 +7,7 @@
 and logs the default preset's measured quality and speed (``bench/RESULTS.md``) on its run.
 
 :func:`load_served` and :func:`predict_rows` are what the script runs inside MLflow: a request is
-checked by :func:`nsf.protocol.parse_request` against the limits of the packed model-config.yaml,
+checked by :func:`nsf.serving.parse_request` against the limits of the packed model-config.yaml,
 exactly as the TorchServe handler checks it, and a bad one raises an error that MLflow's scoring
 server answers with the handler's status and ``{"error", "field", "allowed"}`` body.
 
@@ -132,7 +132,7 @@ def signature(limits: Any) -> Any:
     bytes in Python, base64 over HTTP), every request option as a param, the image bytes out.
 
     Columns and params are all optional here, with no defaults: what a request lacks or gets wrong is
-    reported by :func:`nsf.protocol.parse_request`, as the TorchServe handler reports it.
+    reported by :func:`nsf.serving.parse_request`, as the TorchServe handler reports it.
     """
     import typing
 
@@ -140,7 +140,7 @@ def signature(limits: Any) -> Any:
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     from .config import StyleConfig
-    from .protocol import CONTENT, STYLE, STYLE_WEIGHTS
+    from .serving import CONTENT, STYLE, STYLE_WEIGHTS
 
     hints = typing.get_type_hints(StyleConfig)
     images = [CONTENT, STYLE] + [f"style_{i}" for i in range(2, limits.max_styles + 1)]
@@ -188,8 +188,8 @@ def log_model(*, tracking_uri: str | None = None, registered_model_name: str = M
     import pandas as pd
     from mlflow import MlflowClient
 
-    from . import protocol
     from .serve import build_archive, load_model_config, model_card, project_root
+    from .serving import ServingLimits
     from .weights import CAFFE_FILENAME, VGG19Weights, caffe_weights_path, sha256_file
 
     if mlflow.__version__ != MLFLOW_VERSION:
@@ -199,7 +199,7 @@ def log_model(*, tracking_uri: str | None = None, registered_model_name: str = M
     root = project_root(root)
     config_path = Path(model_config) if model_config is not None else root / "deploy" / "model-config.yaml"
     config = load_model_config(config_path)
-    limits = protocol.ServingLimits.all_devices(config)  # refuse a broken config before logging it
+    limits = ServingLimits.all_devices(config)  # refuse a broken config before logging it
     metrics, measured = measured_metrics(root / RESULTS)
     weights = caffe_weights_path()
     digest = sha256_file(weights)
@@ -278,7 +278,7 @@ class Served:
     """The loaded model of a registered version and the limits its requests are checked against."""
 
     model: Any  # nsf.StyleFusion
-    limits: Any  # nsf.protocol.ServingLimits
+    limits: Any  # nsf.serving.ServingLimits
 
 
 def load_served(artifacts: Mapping[str, str], device: str | None = None) -> Served:
@@ -286,13 +286,13 @@ def load_served(artifacts: Mapping[str, str], device: str | None = None) -> Serv
     ``weights_only=True``) and the limits of the packed model-config.yaml for ``device``'s type."""
     import torch
 
-    from . import protocol
     from .model import style_fusion
     from .serve import load_model_config
+    from .serving import ServingLimits
     from .weights import load_caffe
 
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    limits = protocol.ServingLimits.from_model_config(load_model_config(Path(artifacts[MODEL_CONFIG])), dev.type)
+    limits = ServingLimits.from_model_config(load_model_config(Path(artifacts[MODEL_CONFIG])), dev.type)
     weights = load_caffe(artifacts[WEIGHTS])  # WeightsError on a sha256 mismatch; nothing is unpickled
     model = style_fusion(weights=weights, device=dev, compile=limits.compile, preset=limits.preset,
                          **limits.overrides)
@@ -308,9 +308,9 @@ def _given(value: Any) -> bool:
 
 def predict_rows(served: Served, model_input: Any, params: Mapping[str, Any] | None = None) -> list[bytes]:
     """One encoded image per row (PNG with the provenance chunk, or JPEG): every row is checked first,
-    by :func:`nsf.protocol.parse_request` with the version's limits; a bad one raises :func:`request_error`."""
-    from . import protocol
+    by :func:`nsf.serving.parse_request` with the version's limits; a bad one raises :func:`request_error`."""
     from .image import encode, pil_to_tensor, tensor_to_pil
+    from .serving import CONTENT, STYLE, RequestError, parse_request
 
     options = {k: v for k, v in (params or {}).items() if _given(v)}
     if hasattr(model_input, "to_dict"):
@@ -319,15 +319,15 @@ def predict_rows(served: Served, model_input: Any, params: Mapping[str, Any] | N
         n = max((len(v) for v in model_input.values() if isinstance(v, (list, tuple))), default=1)
         rows = [{k: (v[i] if isinstance(v, (list, tuple)) else v) for k, v in model_input.items()} for i in range(n)]
     else:
-        raise request_error(protocol.RequestError(
+        raise request_error(RequestError(
             f"model input is a {type(model_input).__name__}; allowed: a table with columns content, style",
-            field="body", allowed=[protocol.CONTENT, protocol.STYLE]))
+            field="body", allowed=[CONTENT, STYLE]))
     jobs = []
     for row in rows:
         fields = {str(k): v for k, v in row.items() if _given(v)}
         try:
-            jobs.append(protocol.parse_request({**fields, **options}, served.limits))
-        except protocol.RequestError as e:
+            jobs.append(parse_request({**fields, **options}, served.limits))
+        except RequestError as e:
             raise request_error(e) from None
     model = served.model
     out = []
@@ -341,7 +341,7 @@ _ERROR_TYPE: list[type] = []
 
 
 def request_error(error: Any) -> Exception:
-    """A :class:`nsf.protocol.RequestError` as an exception MLflow's scoring server answers with the
+    """A :class:`nsf.serving.RequestError` as an exception MLflow's scoring server answers with the
     handler's status (400, 413, 422) and exactly its body ``{"error", "field", "allowed"}``.
 
     The server catches ``MlflowException`` and answers ``serialize_as_json()`` with
@@ -352,7 +352,7 @@ def request_error(error: Any) -> Exception:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
-        from .protocol import RequestError
+        from .serving import RequestError
 
         class ServingRequestError(RequestError, MlflowException):
             def __init__(self, cause: RequestError):

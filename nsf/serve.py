@@ -94,7 +94,7 @@ def build_archive(export_path: str | os.PathLike[str] = "model_store", *, root: 
 
     ``model_config``: another model-config.yaml to pack (default: the checkout's deploy/model-config.yaml).
     """
-    from . import protocol
+    from .serving import ServingLimits
     from .weights import CAFFE_FILENAME, VGG19Weights, caffe_weights_path
 
     root = project_root(root)
@@ -102,7 +102,7 @@ def build_archive(export_path: str | os.PathLike[str] = "model_store", *, root: 
     export.mkdir(parents=True, exist_ok=True)
     config_path = Path(model_config) if model_config is not None else root / MODEL_CONFIG
     config = load_model_config(config_path)
-    limits = protocol.ServingLimits.all_devices(config)  # refuse a broken config before packing it
+    limits = ServingLimits.all_devices(config)  # refuse a broken config before packing it
     weights = caffe_weights_path()
     info = VGG19Weights.CAFFE.value
     digest = _sha256(weights)
@@ -139,7 +139,7 @@ def model_card(model_config: dict[str, Any], limits: dict[str, Any], mar: Path |
     ``mar=None``: the card of the model without a ``.mar`` (``"archive": null``), as an MLflow
     version registered without ``--with-mar`` carries it.
     """
-    from . import protocol
+    from .serving import request_schema
     from .weights import CAFFE_FILENAME, VGG19Weights
 
     info = VGG19Weights.CAFFE.value
@@ -172,7 +172,7 @@ def model_card(model_config: dict[str, Any], limits: dict[str, Any], mar: Path |
                                 "text chunk) or image/jpeg; under a KServe envelope the image base64-encoded",
                      "error": '4xx with JSON {"error": ..., "field": ..., "allowed": ...}; 413 for an image '
                               "over max_pixels or a body over the size limit"},
-        "request_schema": {dev: protocol.request_schema(lim) for dev, lim in limits.items()},
+        "request_schema": {dev: request_schema(lim) for dev, lim in limits.items()},
     }
 
 

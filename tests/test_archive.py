@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nsf import protocol
+from nsf.config import PRESETS
 from nsf.version import __version__
 from nsf.weights import CAFFE_FILENAME, VGG19Weights
 
@@ -93,7 +93,7 @@ def test_model_card(built):
     for dev, lim in card["limits"].items():
         assert lim["max_size"] == cfg["nsf"]["devices"][dev]["max_size"]
         assert card["request_schema"][dev]["properties"]["size"]["maximum"] == lim["max_size"]
-    assert card["parameters"]["defaults"]["steps"] == protocol.PRESETS[cfg["nsf"]["preset"]].steps
+    assert card["parameters"]["defaults"]["steps"] == PRESETS[cfg["nsf"]["preset"]].steps
     assert card["torchserve"]["responseTimeout"] == cfg["responseTimeout"]
 
 
@@ -116,7 +116,9 @@ def test_unpacked_archive_serves_with_its_own_code(unpacked, tmp_path):
             setattr(type(ctx), name, getattr(Context, name))
         handler = h.StyleFusionHandler()
         handler.initialize(ctx)
-        assert handler.model.weights_sha256.startswith("c34748d2")
+        assert handler.worker.model.weights_sha256.startswith("c34748d2")
+        import nsf.serving.worker
+        assert nsf.serving.worker.__file__.startswith(sys.argv[1]), nsf.serving.worker.__file__
         buf = io.BytesIO(); Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, "PNG")
         out = handler.handle([{"content": buf.getvalue(), "style": buf.getvalue(), "size": b"32",
                                "steps": b"2"}], ctx)

@@ -40,6 +40,20 @@ def test_every_config_field_has_a_flag():
     assert all(getattr(args, f) is None for f in FIELD_NAMES)  # unset flags defer to the preset
 
 
+def test_builder_flags_default_to_the_builders_own_defaults():
+    """The builder's defaults are written once, in nsf.style_fusion's signature: every one has a flag that
+    defaults to it."""
+    import inspect
+
+    from nsf.model import style_fusion
+
+    params = {n: p.default for n, p in inspect.signature(style_fusion).parameters.items() if n != "options"}
+    args = build_parser().parse_args(["stylize", "c", "s", "-o", "o.png"])
+    assert set(params) == {"weights", "device", "compile", "precision", "channels_last", "cuda_graphs",
+                           "max_memory", "preset"}
+    assert {name: getattr(args, name) for name in params} == params
+
+
 def test_list_flags_parse():
     args = build_parser().parse_args(["stylize", "c", "s", "t", "-o", "o.png", "--style-layers", "relu1_1,relu2_1",
                                       "--style-blend-weights", "0.7,0.3", "--preserve-color"])
@@ -86,6 +100,8 @@ def test_demo_runs_on_bundled_images(tmp_path):
         (["--style-layers", "relu9_9"], "relu9_9"),
         (["--weights", "nonsense"], "unknown weights 'nonsense'"),
         (["--style-weight", "-1"], "style_weight=-1"),
+        (["--channels-last", "maybe"], "channels_last='maybe'; allowed"),
+        (["--precision", "fp8"], "invalid choice: 'fp8'"),
     ],
 )
 def test_bad_options_exit_2_with_a_message(pair, tmp_path, extra, needle):
@@ -221,6 +237,18 @@ def test_every_generated_flag_runs(name, pair, tmp_path, capsys, shared_model):
     argv = [*(x for kv in flags.items() for x in kv), flag, *args]
     meta = _stylize(tmp_path, pair, argv, capsys, styles=2 if name == "style_blend_weights" else 1)
     assert meta["params"][name] == expected, (name, meta["params"][name])
+
+
+def test_builder_flags_reach_the_builder(pair, tmp_path, capsys, shared_model, monkeypatch):
+    import nsf.model
+
+    calls, build = [], nsf.model.style_fusion
+    monkeypatch.setattr(nsf.model, "style_fusion", lambda **kw: calls.append(kw) or build(**kw))
+    flags = [*(x for kv in FAST_FLAGS.items() for x in kv), "--precision", "fp32", "--channels-last", "false",
+             "--cuda-graphs", "auto", "--compile", "false", "--max-memory", "8GB", "--weights", "caffe"]
+    assert _stylize(tmp_path, pair, flags, capsys)["weights"] == "caffe"
+    assert calls == [{"weights": "caffe", "device": "cpu", "compile": False, "precision": "fp32",
+                      "channels_last": False, "cuda_graphs": "auto", "max_memory": "8GB", "preset": "default"}]
 
 
 def test_init_image_flag_starts_from_the_image(pair, tmp_path, capsys, shared_model):

@@ -212,6 +212,26 @@ def test_cap_above_pils_own_limit_is_honoured(tmp_path, monkeypatch):
     assert img.size == (40, 40)
 
 
+def test_image_errors_carry_the_field_and_what_is_allowed(tmp_path):
+    """A server maps these to {error, field, allowed} from their attributes, not by parsing the message."""
+    png = tmp_path / "ok.png"
+    pil_rgb(48, 40).save(png)
+    data = png.read_bytes()
+    pil_rgb(8, 8).save(png)
+    cases = [(b"garbage", 10**6, im.READABLE), (data[: len(data) // 2], 10**6, "a complete image file"),
+             (png.read_bytes(), 10**6, "each side at least 16 pixels"),
+             (_png_header_only(5000, 5000), 10**6, "at most 1000000 pixels"), (data, 100, "at most 100 pixels")]
+    for src, cap, allowed in cases:
+        with pytest.raises(im.ImageError) as e:
+            im.load_image(src, max_pixels=cap, what="style")
+        assert (e.value.field, e.value.allowed) == ("style", allowed), str(e.value)
+        assert str(e.value).endswith(f"allowed: {allowed}") or f"allowed: {allowed} (" in str(e.value)
+        assert isinstance(e.value, im.ImageTooLargeError) is allowed.startswith("at most")
+    with pytest.raises(im.ImageError) as e:
+        im.check_tensor(torch.zeros(1, 3, 8, 8), "content")
+    assert (e.value.field, e.value.allowed) == ("content", "each side at least 16 pixels")
+
+
 # --- tensors ----------------------------------------------------------------------------------------
 
 

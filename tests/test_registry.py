@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nsf import protocol
+from nsf import serving
 from nsf.image import encode
 from nsf.serve import load_model_config
 from nsf.version import __version__
@@ -65,8 +65,8 @@ def store(tmp_path_factory) -> Iterator[tuple[Path, registry.Registered]]:
 
 
 @pytest.fixture(scope="module")
-def limits() -> protocol.ServingLimits:
-    return protocol.ServingLimits.from_model_config(load_model_config(REPO / "deploy" / "model-config.yaml"), "cpu")
+def limits() -> serving.ServingLimits:
+    return serving.ServingLimits.from_model_config(load_model_config(REPO / "deploy" / "model-config.yaml"), "cpu")
 
 
 def test_import_nsf_does_not_import_mlflow():
@@ -100,11 +100,11 @@ def test_bad_input_gets_the_servers_error(store, limits, fields):
     _, done = store
     use(done.tracking_uri)
     m = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    with pytest.raises(protocol.RequestError) as server:
-        protocol.parse_request(fields, limits)
+    with pytest.raises(serving.RequestError) as server:
+        serving.parse_request(fields, limits)
     images = {k: [v] for k, v in fields.items() if k in ("content", "style")}
     params = {k: v for k, v in fields.items() if k not in images}
-    with pytest.raises(protocol.RequestError) as got:
+    with pytest.raises(serving.RequestError) as got:
         m.predict(images, params=params)
     assert same(got.value.to_dict(), server.value.to_dict()) and got.value.status == server.value.status
 
@@ -236,8 +236,8 @@ def test_mlflow_models_serve(store, tmp_path, limits):
 
         bad = {**SMALL, "size": 5000}
         status, ctype, body = post(url, request(bad))
-        with pytest.raises(protocol.RequestError) as server:
-            protocol.parse_request({"content": CONTENT, "style": STYLE, **bad}, limits)
+        with pytest.raises(serving.RequestError) as server:
+            serving.parse_request({"content": CONTENT, "style": STYLE, **bad}, limits)
         assert status == 400 and ctype == "application/json"
         assert json.loads(body) == json.loads(server.value.to_json())  # TorchServe's body, exactly
         status, _, body = post(url, request(SMALL, content=b"not an image"))

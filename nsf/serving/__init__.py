@@ -1,0 +1,40 @@
+"""The serving core of ``style_fusion``, server-neutral: nothing here imports TorchServe or KServe.
+
+Data flows one way, one module per reason to change:
+
+* :mod:`.errors` -- :class:`RequestError`, the error contract (status, ``{error, field, allowed}``);
+* :mod:`.limits` -- :class:`ServingLimits`, what a request may ask for (model-config.yaml's ``nsf`` section);
+* :mod:`.request` -- request fields in, a checked :class:`Job` out (:func:`parse_request`);
+* :mod:`.admission` -- refusing up front what would outrun the worker's time or memory;
+* :mod:`.schema` -- the request's JSON Schema (for the model card);
+* :mod:`.worker` -- :class:`Worker`: start-up (build, warm up, calibrate) and answering requests
+  (batching, retry, errors) as :class:`Outcome` s.
+
+A server adapter (``handlers/style_fusion_handler.py`` for TorchServe) maps its request shapes onto
+:meth:`Worker.answer` and each :class:`Outcome` onto its response. :mod:`.torchserve_envelopes` is
+TorchServe's only: it imports ``ts`` when called, never on import.
+"""
+
+from .admission import CostModel, admit_memory, pixel_steps
+from .errors import RequestError, phrase
+from .limits import ServingLimits
+from .request import (
+    CONTENT,
+    FORMATS,
+    STYLE,
+    STYLE_WEIGHTS,
+    Job,
+    allowed_fields,
+    decode_image,
+    from_config_error,
+    from_kserve_v2,
+    parse_request,
+    request_fields,
+    resolve,
+)
+from .schema import request_schema
+from .worker import Outcome, Worker
+
+__all__ = ["CONTENT", "FORMATS", "STYLE", "STYLE_WEIGHTS", "CostModel", "Job", "Outcome", "RequestError",
+           "ServingLimits", "Worker", "admit_memory", "allowed_fields", "decode_image", "from_config_error",
+           "from_kserve_v2", "parse_request", "phrase", "pixel_steps", "request_fields", "request_schema", "resolve"]

@@ -1,0 +1,69 @@
+"""Admission: refuse up front (422) what would outrun the worker's time limit or its memory budget.
+
+A refused request names the largest steps (or size) that would be admitted, so a client can retry
+within the limit instead of waiting for a timeout and a worker restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..config import StyleConfig
+from ..errors import PlanError
+from ..geometry import MIN_SIDE
+from ..optimize import schedule
+from ..plan import Plan, largest
+from .errors import RequestError
+
+
+def admit_memory(plan: Callable[[], Plan]) -> Plan:
+    """The run's plan, or a 422 :class:`RequestError` naming the largest size that fits the worker's memory."""
+    try:
+        return plan()
+    except PlanError as e:
+        raise RequestError.from_error(e, message=f"{e} on this worker", field="size") from None
+
+
+def pixel_steps(cfg: StyleConfig, height: int, width: int) -> int:
+    """The work of a run: sum over its coarse-to-fine scales of H * W * steps (early stopping may do less)."""
+    return sum(h * w * n for _, (h, w), n in schedule(height, width, cfg))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """``seconds = seconds_per_pixel_step * work``, measured by the worker at start-up.
+
+    ``budget`` is the seconds a request may run: a share (``time_budget``) of the server's response
+    timeout, so that a request refused here is one that would otherwise have been cut off (and its
+    worker restarted) after running for the whole timeout. ``work(cfg, height, width)`` is a run's
+    untiled pixel-steps: :func:`pixel_steps`, or a plan's (``nsf.plan.Plan.work``: tiled scales cost
+    more per pixel; ``inf`` for a run that cannot fit the memory budget).
+    """
+
+    seconds_per_pixel_step: float
+    budget: float
+    work: Callable[[StyleConfig, int, int], float] = field(default=pixel_steps, compare=False)
+
+    def seconds(self, cfg: StyleConfig, height: int, width: int) -> float:
+        return self.seconds_per_pixel_step * self.work(cfg, height, width)
+
+    def admit(self, cfg: StyleConfig, height: int, width: int) -> None:
+        """Raise a 422 :class:`RequestError` naming the largest steps (or size) that fit the budget."""
+        estimate = self.seconds(cfg, height, width)
+        if estimate <= self.budget:
+            return
+        why = (f"size={cfg.size} with steps={cfg.steps} would take about {estimate:.0f} s on this worker "
+               f"({self.seconds_per_pixel_step:.3g} s per pixel-step, measured at start-up), over its "
+               f"{self.budget:.0f} s limit per request")
+        fits = largest(lambda n: self.seconds(dataclasses.replace(cfg, steps=n), height, width) <= self.budget,
+                       1, cfg.steps - 1)
+        if fits:
+            raise RequestError(f"{why}; at size={cfg.size} at most steps={fits} fit", field="steps", status=422,
+                               allowed={"min": 1, "max": fits, "seconds_limit": round(self.budget)})
+        fits = largest(lambda n: self.seconds(dataclasses.replace(cfg, size=n), height, width) <= self.budget,
+                       MIN_SIDE, cfg.size - 1)
+        raise RequestError(f"{why}; with steps={cfg.steps} at most size={fits} fits" if fits else why,
+                           field="size", status=422,
+                           allowed={"min": MIN_SIDE, "max": fits, "seconds_limit": round(self.budget)})

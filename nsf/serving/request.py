@@ -1,0 +1,319 @@
+"""Request fields in, a checked :class:`Job` out.
+
+A request is a mapping of field names to values: multipart/form-data gives bytes, a JSON body gives
+typed values with the images as base64 strings, KServe v2 gives named inputs (:func:`from_kserve_v2`).
+:func:`parse_request` checks every field against :class:`~nsf.serving.limits.ServingLimits` and the
+option rules of :class:`nsf.StyleConfig`, decodes the images behind the pixel-cap guard, and returns a
+:class:`Job`. Anything wrong raises :class:`~nsf.serving.errors.RequestError` naming the field and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from ..config import MAX_WEIGHT, PRESETS, StyleConfig, make_config
+from ..errors import ConfigError, ImageError
+from ..image import load_image
+from .errors import RequestError
+from .limits import HINTS, RANGED, ServingLimits
+
+CONTENT = "content"
+STYLE = "style"
+_EXTRA_STYLE = re.compile(r"style_(\d+)")
+STYLE_WEIGHTS = "style_weights"  # the request's name for StyleConfig.style_blend_weights
+REQUEST_OPTIONS = ("preset", "format", STYLE_WEIGHTS)
+FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg"}
+IMAGE_VALUE = "an image as a base64 string (JSON) or a file (multipart)"
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+@dataclass
+class Job:
+    """A checked request: decoded RGB images, the resolved config and the output format."""
+
+    content: Image.Image
+    styles: list[Image.Image]
+    config: StyleConfig
+    format: str  # "png" or "jpeg"
+
+    @property
+    def content_type(self) -> str:
+        return FORMATS[self.format]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a server hands over -> a field mapping
+# ---------------------------------------------------------------------------------------------
+
+
+def request_fields(row: Any) -> tuple[dict[str, Any], bool]:
+    """One request as a server hands it over -> ``(fields, images_as_text)``.
+
+    Accepts a multipart/form-data field mapping (values bytes), ``{"body": {...}}`` or
+    ``{"body": b"<json>"}`` (a JSON body), or a bare field mapping whose images are base64 text
+    (a KServe v1 instance). ``images_as_text`` is true when the images came as base64 text without
+    a body wrapper, i.e. from a JSON envelope that wants a JSON-safe (base64) answer.
+    """
+    if not isinstance(row, Mapping):
+        raise RequestError("the request has no fields; allowed: multipart/form-data with file fields content "
+                           "and style, or a JSON object", field="body", allowed=[CONTENT, STYLE])
+    keys = set(row)
+    if keys and keys <= {"body", "data"}:
+        payload = row.get("body") if row.get("body") is not None else row.get("data")
+        if isinstance(payload, (bytes, bytearray, str)):
+            payload = _json_body(payload)
+        if not isinstance(payload, Mapping):
+            raise RequestError(f"the JSON body is a {type(payload).__name__}; allowed: a JSON object with "
+                               "base64 images content and style", field="body", allowed="a JSON object")
+        return dict(payload), False
+    images_as_text = not any(isinstance(v, (bytes, bytearray)) for v in row.values())
+    return dict(row), images_as_text
+
+
+def _json_body(payload: bytes | bytearray | str) -> Any:
+    try:
+        return json.loads(payload)
+    except RecursionError:  # json.loads recurses per nesting level: "[[[[..." a few thousand deep
+        raise RequestError("the JSON body is nested too deeply; allowed: a flat JSON object of fields",
+                           field="body", allowed="a JSON object") from None
+    except (UnicodeDecodeError, ValueError):
+        raw = bytes(payload[:16]) if isinstance(payload, (bytes, bytearray)) else b""
+        hint = " (it looks like a bare image: send it as the multipart field 'content')" if _looks_like_image(raw) \
+            else ""
+        raise RequestError(f"the request body is neither multipart/form-data nor JSON{hint}; allowed: "
+                           "multipart/form-data with file fields content and style, or a JSON object with "
+                           "base64 images", field="body", allowed=["multipart/form-data", "application/json"]
+                           ) from None
+
+
+def _looks_like_image(head: bytes) -> bool:
+    return head.startswith((b"\x89PNG", b"\xff\xd8", b"GIF8", b"RIFF", b"BM", b"II*", b"MM\x00"))
+
+
+def from_kserve_v2(inputs: Any) -> dict[str, Any]:
+    """KServe v2 ``inputs`` -> a field mapping.
+
+    Each input's ``name`` is a field; BYTES inputs carry base64 text (or the option's text), the
+    others a list that is unwrapped when it holds one value.
+    """
+    if not isinstance(inputs, Sequence) or isinstance(inputs, (str, bytes)):
+        raise RequestError("KServe v2 request without an inputs list", field="inputs",
+                           allowed="a list of {name, datatype, shape, data}")
+    fields: dict[str, Any] = {}
+    for item in inputs:
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+            raise RequestError(f"KServe v2 input {_show(item)} has no name", field="inputs",
+                               allowed="{name, datatype, shape, data}")
+        value = item.get("data")
+        if isinstance(value, list) and len(value) == 1 and item["name"] != STYLE_WEIGHTS:
+            value = value[0]
+        fields[item["name"]] = value
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields -> a checked job
+# ---------------------------------------------------------------------------------------------
+
+
+def allowed_fields(limits: ServingLimits) -> list[str]:
+    """Every field a request may carry under ``limits``."""
+    styles = [STYLE] + [f"style_{i}" for i in range(2, limits.max_styles + 1)]
+    return [CONTENT, *styles, *limits.fields, *REQUEST_OPTIONS]
+
+
+def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
+    """Check a request's fields and decode its images; raise :class:`RequestError` on anything wrong."""
+    total = sum(_size_of(v) for v in fields.values())
+    if total > limits.max_request_bytes:
+        raise RequestError(f"the request carries {total} bytes; allowed: at most {limits.max_request_bytes}",
+                           field="body", allowed=f"at most {limits.max_request_bytes} bytes", status=413)
+    allowed = allowed_fields(limits)
+    unknown = [k for k in fields if k not in allowed]
+    if unknown:
+        name = unknown[0]
+        m = _EXTRA_STYLE.fullmatch(str(name))
+        why = (f"at most {limits.max_styles} style images (style, style_2 ... style_{limits.max_styles})"
+               if m and int(m.group(1)) > limits.max_styles else "not a field of this model")
+        raise RequestError(f"unknown field {_show(name)}: {why}", field=str(name), allowed=allowed)
+    for name in (CONTENT, STYLE):
+        if fields.get(name) is None:
+            raise RequestError(f"the request has no {name} image", field=name,
+                               allowed="an image file (multipart) or base64 string (JSON)")
+    style_names = [STYLE] + [f"style_{i}" for i in range(2, limits.max_styles + 1) if f"style_{i}" in fields]
+    for i, name in enumerate(style_names[1:], start=2):
+        if name != f"style_{i}":
+            raise RequestError(f"{name} given without style_{i}; number extra styles style_2, style_3... "
+                               "without gaps", field=name, allowed=f"style_{i}")
+
+    options = {name: _coerce(name, fields[name], HINTS[name], limits) for name in limits.fields if name in fields}
+    if STYLE_WEIGHTS in fields:
+        weights = _weights(fields[STYLE_WEIGHTS])
+        if len(weights) != len(style_names):
+            raise RequestError(f"style_weights has {len(weights)} values for {len(style_names)} style images",
+                               field=STYLE_WEIGHTS, allowed=f"{len(style_names)} non-negative numbers, one per style")
+        options["style_blend_weights"] = weights
+    preset = _text(fields["preset"], "preset") if "preset" in fields else limits.preset
+    if preset not in PRESETS:
+        raise RequestError(f"unknown preset {_show(preset)}", field="preset", allowed=list(PRESETS))
+    fmt = _text(fields["format"], "format").lower() if "format" in fields else "png"
+    if fmt not in FORMATS:
+        raise RequestError(f"unknown format {_show(fmt)}", field="format", allowed=["png", "jpeg"])
+
+    cfg = resolve(preset, options, limits)
+    content = decode_image(fields[CONTENT], CONTENT, limits)
+    styles = [decode_image(fields[name], name, limits) for name in style_names]
+    return Job(content, styles, cfg, "jpeg" if fmt == "jpg" else fmt)
+
+
+def resolve(preset: str, options: Mapping[str, Any], limits: ServingLimits) -> StyleConfig:
+    """The run's config: ``preset`` + the server's overrides + the client's options, within the limits."""
+    try:
+        # max_pixels: the cap the images were checked against, so the provenance record tells the truth
+        cfg = make_config(preset, **{**limits.overrides, **options, "max_pixels": limits.max_pixels})
+    except ConfigError as e:
+        raise from_config_error(e, limits) from None
+    except ValueError as e:  # not raised by a check: no field to name
+        raise RequestError(str(e)) from None
+    for name in RANGED:
+        value, top = getattr(cfg, name), limits.bounds(name)["max"]
+        if value > top:
+            source = "" if name in options else f" (from preset {preset!r}; send {name} to lower it)"
+            raise RequestError(f"{name}={value}{source} is over this server's limit on {limits.device}",
+                               field=name, allowed=limits.bounds(name))
+    return cfg
+
+
+def from_config_error(e: ConfigError, limits: ServingLimits) -> RequestError:
+    """A StyleConfig validation error (field, value, allowed) as the request error of its request field."""
+    if e.field in RANGED:  # this server's range, not the library's
+        return RequestError.from_error(e, message=str(e).split(";", 1)[0], allowed=limits.bounds(e.field))
+    return RequestError.from_error(e, field=STYLE_WEIGHTS if e.field == "style_blend_weights" else e.field)
+
+
+def decode_image(value: Any, name: str, limits: ServingLimits) -> Image.Image:
+    """Bytes (multipart) or base64 text (JSON: bare, ``data:`` URL or ``{"b64": ...}``) -> RGB image."""
+    if isinstance(value, Mapping) and set(value) == {"b64"}:
+        value = value["b64"]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"{name} is not valid base64", field=name, allowed=IMAGE_VALUE) from None
+    elif isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    else:
+        raise RequestError(f"{name} is a {type(value).__name__}", field=name, allowed=IMAGE_VALUE)
+    if not data:
+        raise RequestError(f"{name} is empty", field=name, allowed="an image file")
+    try:
+        return load_image(data, max_pixels=limits.max_pixels, what=name)
+    except ImageError as e:  # unreadable, truncated, too small (400) or over the pixel cap (413)
+        raise RequestError.from_error(e, field=name, message=f"{name}: {e}") from None
+    except (ValueError, OSError) as e:  # PIL failing past the checks (a broken EXIF block...)
+        raise RequestError(f"{name}: {e}", field=name, allowed="a PNG, JPEG, WebP... image") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Coercion: multipart text and JSON values -> StyleConfig types
+# ---------------------------------------------------------------------------------------------
+
+
+def _size_of(value: Any) -> int:
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(_size_of(v) for v in value.values())
+    return 0
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _text(value: Any, name: str) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"{name} is not UTF-8 text", field=name, allowed="text") from None
+    if not isinstance(value, str):
+        raise RequestError(f"{name}={_show(value)} is not text", field=name, allowed="text")
+    return value.strip()
+
+
+def _coerce(name: str, value: Any, kind: type, limits: ServingLimits) -> Any:
+    """A client's option value (bytes/text from multipart, typed from JSON) as the StyleConfig type."""
+    if isinstance(value, (bytes, bytearray)):
+        value = _text(value, name)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise RequestError(f"{name}={_show(value)} is not a boolean", field=name, allowed=["true", "false"])
+    if kind is int:
+        out: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            out = value
+        elif isinstance(value, float) and value.is_integer():
+            out = int(value)
+        elif isinstance(value, str) and re.fullmatch(r"[+-]?\d{1,19}", value):
+            out = int(value)
+        if out is None:  # the range is checked once, by resolve()
+            raise RequestError(f"{name}={_show(value)} is not an integer", field=name,
+                               allowed=limits.bounds(name) if name in RANGED else "an integer")
+        return out
+    if kind is float:
+        number: float | None = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (ValueError, OverflowError):  # "abc", or an int past float's range
+                number = None
+        if number is None or not math.isfinite(number):
+            raise RequestError(f"{name}={_show(value)} is not a finite number", field=name,
+                               allowed={"min": 0, "max": MAX_WEIGHT} if name.endswith("weight") else "a number")
+        return number
+    return _text(value, name)
+
+
+def _weights(value: Any) -> tuple[float, ...]:
+    if isinstance(value, (bytes, bytearray, str)):
+        text = _text(value, STYLE_WEIGHTS)
+        items: list[Any] = [t.strip() for t in text.replace(";", ",").split(",") if t.strip()]
+    elif isinstance(value, Sequence):
+        items = list(value)
+    else:
+        items = [value]
+    out = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            number = float(item)
+        except (TypeError, ValueError):
+            raise RequestError(f"style_weights holds {_show(item)}, not a number", field=STYLE_WEIGHTS,
+                               allowed="comma-separated non-negative numbers, one per style") from None
+        if not math.isfinite(number):
+            raise RequestError(f"style_weights holds {number}", field=STYLE_WEIGHTS,
+                               allowed="finite non-negative numbers")
+        out.append(number)
+    return tuple(out)

@@ -1,0 +1,44 @@
+"""The JSON Schema of a request under some :class:`~nsf.serving.limits.ServingLimits` (for the model card)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..config import MAX_WEIGHT, PRESETS, StyleConfig
+from .limits import HINTS, RANGED, ServingLimits
+from .request import CONTENT, STYLE, STYLE_WEIGHTS
+
+
+def request_schema(limits: ServingLimits) -> dict[str, Any]:
+    """JSON Schema of the JSON request body on ``limits.device``; multipart takes the same fields."""
+    base = limits.base
+    image = {"type": "string", "contentEncoding": "base64",
+             "description": f"an image (PNG, JPEG, WebP, BMP, TIFF, GIF), at most {limits.max_pixels} pixels"}
+    props: dict[str, Any] = {CONTENT: {**image, "description": "content image; " + image["description"]},
+                             STYLE: {**image, "description": "style image; " + image["description"]}}
+    for i in range(2, limits.max_styles + 1):
+        props[f"style_{i}"] = {**image, "description": f"style image {i} (blended by style_weights)"}
+    meta = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(StyleConfig)}
+    json_types = {int: "integer", float: "number", bool: "boolean"}
+    for name in limits.fields:
+        prop: dict[str, Any] = {"type": json_types[HINTS[name]], "default": getattr(base, name),
+                                "description": meta[name]}
+        if name in RANGED:
+            prop.update(minimum=limits.bounds(name)["min"], maximum=limits.bounds(name)["max"])
+        elif HINTS[name] is float:
+            prop.update(minimum=0, maximum=MAX_WEIGHT)
+        elif name == "seed":
+            prop.update(minimum=0)
+        props[name] = prop
+    props[STYLE_WEIGHTS] = {"type": "array", "items": {"type": "number", "minimum": 0},
+                            "description": "blend weights, one per style image (multipart: comma-separated); "
+                                           "default: equal"}
+    props["preset"] = {"enum": list(PRESETS), "default": limits.preset,
+                       "description": "named option set the request starts from"}
+    props["format"] = {"enum": ["png", "jpeg"], "default": "png",
+                       "description": "response image format; PNG carries the provenance metadata"}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": f"style_fusion request on {limits.device} (JSON body; multipart/form-data takes the same "
+                     "fields, images as files)",
+            "type": "object", "required": [CONTENT, STYLE], "additionalProperties": False, "properties": props}

@@ -1,0 +1,268 @@
+"""A serving worker, whatever the server: the model built from a model config, warmed up and timed at
+start-up, then requests in, one :class:`Outcome` per request out.
+
+``Worker.start(model_config)`` reads the limits for the device type, builds :func:`nsf.style_fusion`,
+runs the warm-up sizes, times a short run for admission control and, when the model compiles, keeps
+requests of new shapes from compiling. ``Worker.answer(requests)`` checks every request (parse, memory
+and time admission), runs the good ones -- requests with one config and content size as one batched
+optimization, a batch that fails retried request by request -- and answers each in order with the
+encoded image or its error. A server adapter only maps its own request and response shapes onto this.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import StyleConfig, make_config
+from ..errors import OutOfMemory, PlanError
+from ..image import encode, pil_to_tensor, tensor_to_pil
+from ..model import StyleFusion, style_fusion
+from ..version import __version__
+from ..weights import LoadedWeights
+from .admission import CostModel, admit_memory, pixel_steps
+from .errors import RequestError, phrase
+from .limits import ServingLimits
+from .request import Job, parse_request, resolve
+
+logger = logging.getLogger(__name__)
+DEFAULT_RESPONSE_TIMEOUT = 120.0  # TorchServe's, for a model-config.yaml without responseTimeout
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to one request: 200 and the encoded image, or an error status and its JSON body."""
+
+    status: int  # 200, or the error's status (400, 413, 422, 500, 507)
+    body: bytes | dict[str, Any]  # 200: the encoded image; else {"error", "field", "allowed"}
+    content_type: str  # "image/png" | "image/jpeg" | "application/json"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    @property
+    def phrase(self) -> str:
+        """The status's reason phrase (``"Unprocessable Entity"``...)."""
+        return phrase(self.status)
+
+    def json(self) -> str:
+        """An error's body as JSON text (``ValueError`` for an image)."""
+        if not isinstance(self.body, dict):
+            raise ValueError("a 200 outcome holds image bytes, not a JSON body")
+        return json.dumps(self.body, default=str)
+
+    @classmethod
+    def image(cls, data: bytes, content_type: str) -> Outcome:
+        return cls(200, data, content_type)
+
+    @classmethod
+    def refused(cls, error: RequestError) -> Outcome:
+        return cls(error.status, error.to_dict(), JSON)
+
+    @classmethod
+    def out_of_memory(cls, error: OutOfMemory) -> Outcome:
+        """507: the planner said the run fits, the device ran out of memory all the same."""
+        return cls(507, {"error": str(error), "field": "size", "allowed": None}, JSON)
+
+    @classmethod
+    def failed(cls, error: BaseException) -> Outcome:
+        """500: anything else; the worker carries on."""
+        return cls(500, {"error": f"internal error: {type(error).__name__}: {error}", "field": None,
+                         "allowed": None}, JSON)
+
+
+class Worker:
+    """One model on one device serving requests under :class:`ServingLimits`."""
+
+    def __init__(self, limits: ServingLimits, model: StyleFusion, *, response_timeout: float) -> None:
+        self.limits = limits
+        self.model = model
+        self.response_timeout = float(response_timeout)
+        self.cost: CostModel | None = None  # time admission, set by calibrate()
+        self.ready = False
+
+    @classmethod
+    def start(cls, model_config: Mapping[str, Any], *, device: torch.device | str = "cpu",
+              weights: str | os.PathLike[str] | LoadedWeights = "caffe",
+              response_timeout: float | None = None) -> Worker:
+        """Build, warm up and calibrate a worker from a parsed model-config.yaml.
+
+        Args:
+            model_config: the mapping with the ``nsf`` section (:class:`ServingLimits` for ``device``'s type).
+            device: where the model runs (``"cpu"``, ``"cuda:1"``...).
+            weights: as for :func:`nsf.style_fusion` (a server passes ``load_caffe(path)``: sha256-checked).
+            response_timeout: the seconds a request may take before the server gives up on it; admission
+                refuses what would run over ``time_budget`` of it. Default: the config's ``responseTimeout``
+                (TorchServe's key), else 120.
+
+        Returns:
+            a worker with ``ready`` set.
+        """
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)
+        limits = ServingLimits.from_model_config(model_config, dev.type)
+        if response_timeout is None:
+            response_timeout = float(model_config.get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT))
+        model = style_fusion(weights=weights, device=dev, compile=limits.compile, max_memory=limits.max_memory,
+                             preset=limits.preset, **limits.overrides)
+        logger.info("style_fusion: nsf %s from %s on %s, weights %s sha256 %s, limits %s", __version__,
+                    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), dev, model.weights_name,
+                    model.weights_sha256, limits.to_dict())
+        worker = cls(limits, model, response_timeout=response_timeout)
+        worker.warm_up()
+        worker.calibrate()
+        if model.compiles:
+            # Shapes compiled above (warmup_sizes, calibrate) stay compiled; a request of another shape
+            # runs eager (CUDA graphs still apply) instead of compiling inside the request: about 20 s
+            # per coarse-to-fine scale on an H100, and past dynamo's recompile limit it would go eager anyway.
+            torch.compiler.set_stance("eager_on_recompile")
+        worker.ready = True
+        return worker
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Compile (on CUDA) and run the step once per configured size, so requests do not pay for it."""
+        limits = self.limits
+        for size in limits.warmup_sizes:
+            start = time.perf_counter()
+            cfg = resolve(limits.preset, {"size": size, "steps": max(1, limits.warmup_steps)}, limits)
+            content = _probe_image(size)
+            self.model.transfer(content, [content.flip(-1)], cfg)
+            self._sync()
+            logger.info("style_fusion: warm-up at %d px, %d steps: %.1f s", size, cfg.steps,
+                        time.perf_counter() - start)
+
+    def calibrate(self) -> CostModel | None:
+        """Time a short single-scale run on this worker: seconds per pixel-step, for time admission
+        (``self.cost``; ``None`` when the limits' ``time_budget`` is 0)."""
+        limits = self.limits
+        if limits.time_budget <= 0:
+            self.cost = None
+            return None
+        size, steps = limits.calibrate
+        cfg = make_config(limits.base, size=size, steps=steps, scales=(1.0,), scale_steps=(1.0,), tol=0.0)
+        content = _probe_image(size)
+        self.model.transfer(content, [content.flip(-1)], make_config(cfg, steps=1))  # first-call costs
+        self._sync()
+        start = time.perf_counter()
+        self.model.transfer(content, [content.flip(-1)], cfg)
+        self._sync()
+        seconds = time.perf_counter() - start
+        self.cost = CostModel(seconds / pixel_steps(cfg, size, size), limits.time_budget * self.response_timeout,
+                              work=self._work)
+        logger.info("style_fusion: calibrated %.3g s per pixel-step (%d px, %d steps: %.2f s); requests estimated "
+                    "over %.0f s (%.0f%% of responseTimeout %.0f s) are refused with 422",
+                    self.cost.seconds_per_pixel_step, size, steps, seconds, self.cost.budget,
+                    100 * limits.time_budget, self.response_timeout)
+        return self.cost
+
+    def _work(self, cfg: StyleConfig, height: int, width: int) -> float:
+        """A run's pixel-steps as planned for this worker's memory (tiled scales cost more; inf: cannot fit)."""
+        try:
+            return self.model.plan_config(cfg, (height, width)).work
+        except PlanError:
+            return math.inf
+
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def check(self, fields: Mapping[str, Any]) -> Job:
+        """A request's fields -> a job admitted to run; :class:`RequestError` for a bad request or one
+        over the worker's memory (422) or time (422) limit."""
+        job = parse_request(fields, self.limits)
+        hw = (job.content.height, job.content.width)
+        admit_memory(lambda: self.model.plan_config(job.config, hw,
+                                                    style_sizes=[(s.height, s.width) for s in job.styles]))
+        if self.cost is not None:
+            self.cost.admit(job.config, *hw)
+        return job
+
+    def answer(self, requests: Sequence[Mapping[str, Any] | RequestError]) -> list[Outcome]:
+        """One :class:`Outcome` per request, in order (a :class:`RequestError` stands for a request the
+        server could not even read: it is answered as it is).
+
+        Requests that share a resolved config and a content size run as one batched optimization, each
+        image its own problem; a batch that fails is retried request by request. A run out of memory is
+        a 507, any other failure a 500 for that request only.
+        """
+        start = time.perf_counter()
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        jobs: dict[int, Job] = {}
+        for idx, request in enumerate(requests):
+            try:
+                if isinstance(request, RequestError):
+                    raise request
+                jobs[idx] = self.check(request)
+            except RequestError as e:
+                logger.info("style_fusion: request %d refused (%d): %s", idx, e.status, e.message)
+                outcomes[idx] = Outcome.refused(e)
+            except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
+                logger.exception("style_fusion: request %d failed", idx)
+                outcomes[idx] = Outcome.failed(e)
+        groups: dict[tuple[StyleConfig, tuple[int, int]], list[int]] = {}
+        for idx, job in jobs.items():
+            groups.setdefault((job.config, job.content.size), []).append(idx)
+        for idxs in groups.values():
+            self._run_group(idxs, jobs, outcomes, start)
+        return [o if o is not None else Outcome.failed(RuntimeError("no answer")) for o in outcomes]
+
+    def _run_group(self, idxs: list[int], jobs: dict[int, Job], outcomes: list[Outcome | None],
+                   start: float) -> None:
+        try:
+            images = self.run([jobs[i] for i in idxs])
+        except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
+            if len(idxs) == 1:
+                (i,) = idxs
+                if isinstance(e, OutOfMemory):  # the planner said it fits; another process took the memory
+                    logger.exception("style_fusion: request %d ran out of memory", i)
+                    outcomes[i] = Outcome.out_of_memory(e)
+                else:
+                    logger.exception("style_fusion: request %d failed", i)
+                    outcomes[i] = Outcome.failed(e)
+                return
+            logger.warning("style_fusion: batch %s failed (%s: %s); running its requests one by one", idxs,
+                           type(e).__name__, e)
+        else:
+            for i, data in zip(idxs, images):
+                job = jobs[i]
+                logger.info("style_fusion: request %d: content %dx%d -> %d px, %d steps, seed %d, batch of %d, "
+                            "%.2f s", i, *job.content.size, job.config.size, job.config.steps, job.config.seed,
+                            len(idxs), time.perf_counter() - start)
+                outcomes[i] = Outcome.image(data, job.content_type)
+            return
+        # A batch that failed (or ran out of memory) is retried request by request, outside the except
+        # block: the exception's frames, and the failed batch's tensors with them, are gone by now.
+        for i in idxs:
+            self._run_group([i], jobs, outcomes, start)
+
+    def run(self, jobs: list[Job]) -> list[bytes]:
+        """Jobs with one config and one content size -> their encoded images (one batched optimization)."""
+        cfg = jobs[0].config
+        content = torch.cat([pil_to_tensor(job.content) for job in jobs])
+        # one entry per style slot: a batch of one, or each request's own image (any size)
+        styles = [pil_to_tensor(jobs[0].styles[k]) if len(jobs) == 1 else [pil_to_tensor(j.styles[k]) for j in jobs]
+                  for k in range(len(jobs[0].styles))]
+        out = self.model.transfer(content, styles, cfg)
+        meta = self.model.metadata(cfg)
+        return [encode(tensor_to_pil(out[i : i + 1]), job.format, meta) for i, job in enumerate(jobs)]
+
+
+def _probe_image(size: int) -> torch.Tensor:
+    """A smooth synthetic ``(1, 3, size, size)`` image for warm-up and calibration runs."""
+    content = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(size))
+    return torch.nn.functional.interpolate(content, size=(size, size), mode="bilinear").clamp(0, 1)

@@ -1,0 +1,142 @@
+"""nsf.serving.request and .errors: what a server hands over -> fields -> a checked job, and the
+error contract mapped from the library's structured errors.
+
+Pure: no server, no model (images are decoded, nothing is optimized)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serving_requests import BAD, CONTENT, STYLE, b64, model_config, truncated_png
+
+from nsf.errors import ConfigError, ImageError, ImageTooLargeError, PlanError
+from nsf.serving import (
+    RequestError,
+    ServingLimits,
+    from_config_error,
+    from_kserve_v2,
+    parse_request,
+    request_fields,
+    resolve,
+)
+from nsf.serving.errors import phrase
+
+
+@pytest.fixture(scope="module")
+def limits() -> ServingLimits:
+    return ServingLimits.from_model_config(model_config(), "cpu")
+
+
+def test_request_fields_recognises_the_shapes():
+    assert request_fields({"content": b"x", "style": b"y"}) == ({"content": b"x", "style": b"y"}, False)
+    assert request_fields({"body": {"content": "eA=="}}) == ({"content": "eA=="}, False)
+    assert request_fields({"body": b'{"size": 3}'}) == ({"size": 3}, False)
+    assert request_fields({"content": "eA==", "size": 3}) == ({"content": "eA==", "size": 3}, True)
+    with pytest.raises(RequestError):
+        request_fields("not a mapping")
+
+
+def test_from_kserve_v2_unwraps_single_values():
+    fields = from_kserve_v2([{"name": "size", "datatype": "INT64", "shape": [1], "data": [64]},
+                             {"name": "style_weights", "datatype": "FP32", "shape": [1], "data": [1.0]}])
+    assert fields == {"size": 64, "style_weights": [1.0]}
+    for bad in ("x", [{"datatype": "BYTES"}], [5]):
+        with pytest.raises(RequestError) as e:
+            from_kserve_v2(bad)
+        assert e.value.field == "inputs" and e.value.status == 400
+
+
+def test_deep_json_nesting_is_a_400():
+    with pytest.raises(RequestError, match="nested too deeply"):
+        request_fields({"body": b"[" * 100_000 + b"]" * 100_000})
+
+
+@pytest.mark.parametrize("row, status, field", BAD.values(), ids=BAD.keys())
+def test_bad_request_is_refused_naming_the_field(limits, row, status, field):
+    with pytest.raises(RequestError) as e:
+        parse_request(request_fields(row)[0], limits)
+    err = e.value
+    assert (err.status, err.field) == (status, field), err.to_dict()
+    assert err.message and err.allowed is not None
+    assert json.loads(err.to_json()) == json.loads(json.dumps(err.to_dict(), default=str))
+
+
+def test_a_good_request_is_a_job(limits):
+    job = parse_request({"content": CONTENT, "style": b64(STYLE), "size": b"48", "steps": 2, "format": "jpg",
+                         "style_2": {"b64": b64(STYLE)}, "style_weights": "0.7,0.3", "preserve_color": "yes"}, limits)
+    assert job.content.size == (64, 48) and [s.size for s in job.styles] == [(40, 40), (40, 40)]
+    assert (job.config.size, job.config.steps, job.config.style_blend_weights) == (48, 2, (0.7, 0.3))
+    assert job.config.preserve_color is True and job.config.max_pixels == limits.max_pixels
+    assert (job.format, job.content_type) == ("jpeg", "image/jpeg")
+
+
+@pytest.mark.parametrize("option, value", [("size", 8), ("size", 100_000), ("steps", 0), ("steps", 10**9)])
+def test_size_and_steps_out_of_range_name_this_servers_range(limits, option, value):
+    with pytest.raises(RequestError) as e:
+        resolve("default", {option: value}, limits)
+    top = limits.max_size if option == "size" else limits.max_steps
+    assert e.value.field == option and f"{option}={value}" in str(e.value)
+    assert e.value.allowed == {"min": 16 if option == "size" else 1, "max": top}
+
+
+def test_config_errors_map_to_fields_from_their_structure_not_their_text(limits):
+    err = from_config_error(ConfigError("text that names nothing", field="style_blend_weights", value=-1,
+                                        allowed="non-negative"), limits)
+    assert (err.field, err.allowed, err.message) == ("style_weights", "non-negative", "text that names nothing")
+    err = from_config_error(ConfigError("size=9; allowed: >= 16", field="size", value=9), limits)
+    assert (err.field, err.allowed) == ("size", {"min": 16, "max": limits.max_size})  # this server's range
+    with pytest.raises(RequestError) as e:  # through resolve: the allowed values come from the check
+        resolve("default", {"content_weight": 0, "style_weight": 0}, limits)
+    assert (e.value.field, e.value.allowed) == ("content_weight", "either > 0")
+
+
+def test_library_errors_map_by_type_and_attributes():
+    """Status from the error's type, field and allowed from its attributes; a message without 'allowed:'
+    loses nothing."""
+    cases = [(ImageError("no clue in this text", field="style", allowed="a PNG"), 400),
+             (ImageTooLargeError("no clue either", field="content", allowed="at most 9 pixels"), 413),
+             (PlanError("nor here", field="size", allowed={"min": 16, "max": 99}), 422),
+             (ConfigError("nothing", field="tol", allowed=">= 0"), 400)]
+    for error, status in cases:
+        err = RequestError.from_error(error)
+        assert err.to_dict() == {"error": str(error), "field": error.field, "allowed": error.allowed}
+        assert err.status == status and err.phrase == phrase(status)
+    err = RequestError.from_error(cases[0][0], field="style_2", message="style_2: unreadable", status=400)
+    assert err.to_dict() == {"error": "style_2: unreadable", "field": "style_2", "allowed": "a PNG"}
+    assert [phrase(s) for s in (400, 413, 422, 500, 507)] == ["Bad Request", "Payload Too Large",
+                                                              "Unprocessable Entity", "Internal Server Error",
+                                                              "Insufficient Storage"]
+
+
+def test_image_errors_reach_the_body_as_the_library_raised_them(limits):
+    with pytest.raises(RequestError) as e:
+        parse_request({"content": CONTENT, "style": truncated_png()}, limits)
+    assert e.value.to_dict() == {"error": e.value.message, "field": "style", "allowed": "a complete image file"}
+    assert e.value.message.startswith("style: image bytes is truncated or corrupt")
+
+
+_FUZZ_KEYS = ["content", "style", "style_2", "style_3", "style_5", "size", "steps", "seed", "content_weight",
+              "style_weight", "tv_weight", "preserve_color", "preset", "format", "style_weights", "init", "x"]
+_FUZZ_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.binary(max_size=24), st.sampled_from([CONTENT, STYLE, truncated_png(), b64(STYLE),
+                                                                   "png", "jpeg", "fast", "0.5,0.5"]),
+    st.lists(st.one_of(st.floats(), st.integers(), st.text(max_size=3)), max_size=3),
+    st.dictionaries(st.sampled_from(["b64", "x"]), st.text(max_size=8), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(_FUZZ_KEYS), _FUZZ_VALUES, max_size=8))
+def test_parse_request_only_ever_raises_request_errors(limits, fields):
+    try:
+        job = parse_request(fields, limits)
+    except RequestError as e:
+        assert e.status in (400, 413)
+        json.loads(e.to_json())
+    else:
+        assert job.config.size <= limits.max_size and job.config.steps <= limits.max_steps
+        assert len(job.styles) >= 1 and job.format in ("png", "jpeg")
