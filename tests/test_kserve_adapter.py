@@ -9,6 +9,9 @@ import asyncio
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -283,3 +286,29 @@ def test_the_pickled_model_carries_no_worker(loaded):
     state = loaded.__getstate__()
     assert state["worker"] is None and state["_runner"] is None and state["ready"] is False
     assert state["model_config"] == loaded.model_config
+
+
+# --- the edges: what imports kserve, the CLI's checks ------------------------------------------------
+
+
+def test_the_library_and_the_torchserve_path_never_import_kserve():
+    code = ("import sys, nsf, nsf.serving, nsf.cli, nsf.serve, nsf.serve_kserve, nsf.serving.kserve_protocol; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('kserve', 'fastapi', 'uvicorn')); "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--workers", "2"], "--workers is for --runtime kserve"),
+    (["serve", "--host", "0.0.0.0"], "--host is for --runtime kserve"),
+    (["serve", "--runtime", "kserve", "--workdir", "w"], "--workdir is TorchServe's"),
+    (["serve", "--runtime", "kserve", "--model-config", "/nonexistent/model-config.yaml"], "does not exist"),
+    (["serve", "--runtime", "kserve", "--workers", "0"], "allowed: 1 or more"),
+])
+def test_nsf_serve_refuses_options_of_the_other_runtime(argv, message, capsys):
+    from nsf.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
