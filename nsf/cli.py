@@ -134,14 +134,25 @@ def _add_serving_commands(sub: Any) -> None:
     a.add_argument("--root", default=None, help="checkout holding handlers/ and deploy/ (default: found)")
     a.add_argument("--model-config", default=None,
                    help="the model-config.yaml to pack (default: deploy/model-config.yaml of the checkout)")
-    s = sub.add_parser("serve", help="run TorchServe in the foreground with the style_fusion archive")
+    s = sub.add_parser("serve", help="serve style_fusion in the foreground: TorchServe with the archive (default) "
+                                      "or KServe's model server (--runtime kserve)")
+    s.add_argument("--runtime", choices=["torchserve", "kserve"], default="torchserve",
+                   help="torchserve: the .mar under TorchServe (the 'serve' extra, Java 17); kserve: KServe's Python "
+                        "model server, KServe v1 and v2 protocols (the 'kserve' extra). Default: torchserve")
     s.add_argument("--model-store", default="model_store",
-                   help="folder holding style_fusion.mar (default: model_store)")
+                   help="torchserve: folder holding style_fusion.mar (default: model_store)")
     s.add_argument("--port", type=int, default=None,
-                   help="inference port N; management, metrics and gRPC take N+1..N+4 (default: as in "
-                        "deploy/config.properties, 8080-8082, 7070-7071)")
+                   help="torchserve: inference port N; management, metrics and gRPC take N+1..N+4 (default: as in "
+                        "deploy/config.properties, 8080-8082, 7070-7071). kserve: the HTTP port (default: 8080)")
     s.add_argument("--workdir", default=None,
-                   help="where TorchServe runs: key_file.json, logs/ (default: MODEL_STORE/run)")
+                   help="torchserve: where TorchServe runs: key_file.json, logs/ (default: MODEL_STORE/run)")
+    s.add_argument("--host", default=None,
+                   help="kserve: address to bind (default: 127.0.0.1; the KServe server has no authentication)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="kserve: worker processes, each with its own model (default: 1)")
+    s.add_argument("--model-config", default=None,
+                   help="kserve: the model-config.yaml with the serving limits (default: deploy/model-config.yaml)")
+    s.add_argument("--device", default=None, help="kserve: cpu, cuda, cuda:N (default: the first GPU, else cpu)")
     s.add_argument("--root", default=None, help="checkout holding handlers/ and deploy/ (default: found)")
 
 
@@ -261,6 +272,24 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    if args.runtime == "kserve":
+        from .serve_kserve import DEFAULT_PORT, serve_kserve
+
+        if args.workdir is not None:
+            raise ValueError("--workdir is TorchServe's; the KServe server keeps no files (its log is this output)")
+        return serve_kserve(host=args.host or "127.0.0.1", port=DEFAULT_PORT if args.port is None else args.port,
+                            workers=1 if args.workers is None else args.workers, model_config=args.model_config,
+                            device=args.device, root=args.root)
+    given = [f for f in ("host", "workers", "model_config", "device") if getattr(args, f) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} is for --runtime kserve; TorchServe takes its listeners "
+                         "from deploy/config.properties (--port) and its worker settings from the .mar")
+    from .serve import serve
+
+    return serve(args.model_store, workdir=args.workdir, port=args.port, root=args.root)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -272,9 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {built.mar} (sha256 {built.sha256})\n      {built.sha256_file}\n      {built.card}")
             return 0
         if args.command == "serve":
-            from .serve import serve
-
-            return serve(args.model_store, workdir=args.workdir, port=args.port, root=args.root)
+            return _serve(args)
         if args.command == "plan":
             return _plan(args)
         if args.command == "export":

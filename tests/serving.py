@@ -1,4 +1,5 @@
-"""Helpers to run a real TorchServe (`nsf serve`) on free loopback ports and talk to it over HTTP.
+"""Helpers to run a real TorchServe (`nsf serve`) or KServe model server (`nsf serve --runtime kserve`) on
+free loopback ports and talk to it over HTTP.
 
 Shared by the end-to-end tests and bench/load.py. Every server is stopped by ``running_server``'s
 exit (also when a test fails); ``Server.processes()`` finds what it started by its work folder.
@@ -6,6 +7,7 @@ exit (also when a test fails); ``Server.processes()`` finds what it started by i
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -33,6 +35,12 @@ from nsf.serve import wait_ready
 REPO = Path(__file__).resolve().parents[1]
 NAME = "style_fusion"
 BIN = Path(sys.executable).parent
+
+
+def net_connections(p: psutil.Process) -> list:
+    """A process's inet sockets: ``net_connections`` (psutil 6+) or ``connections`` (5.x, which kserve 0.21 pins)."""
+    method = getattr(p, "net_connections", None) or p.connections
+    return method(kind="inet")
 
 
 def free_port_block(n: int = 5) -> int:
@@ -167,7 +175,7 @@ class Server:
         found = []
         for p in self.processes():
             try:
-                conns = p.net_connections(kind="inet")
+                conns = net_connections(p)
             except psutil.Error:
                 continue
             found += [(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
@@ -247,3 +255,138 @@ def running_server(store: Path, workdir: Path, env: dict[str, str] | None = None
         log.close()
 
 
+
+
+# --- KServe's model server (`nsf serve --runtime kserve`) ----------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def v2_inputs(fields: dict) -> list[dict]:
+    """A fields mapping (images as bytes, options as JSON values) as KServe v2 inputs."""
+    kinds = {bool: "BOOL", int: "INT64", float: "FP32", str: "BYTES"}
+    out = []
+    for name, value in fields.items():
+        if isinstance(value, bytes):
+            out.append({"name": name, "datatype": "BYTES", "shape": [1], "data": [b64(value)]})
+        elif isinstance(value, list):
+            out.append({"name": name, "datatype": "FP32", "shape": [len(value)], "data": value})
+        else:
+            out.append({"name": name, "datatype": kinds[type(value)], "shape": [1], "data": [value]})
+    return out
+
+
+@dataclass
+class KServer:
+    """A running `nsf serve --runtime kserve`: the launcher process, its server process and its URL."""
+
+    url: str
+    proc: subprocess.Popen
+    workdir: Path
+
+    def request(self, path: str, data: bytes | None = None, content_type: str | None = "application/json",
+                timeout: float = 300) -> Reply:
+        headers = {"Content-Type": content_type} if content_type and data is not None else {}
+        req = urllib.request.Request(self.url + path, data=data, headers=headers,
+                                     method="POST" if data is not None else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return Reply(r.status, r.headers.get("Content-Type"), r.read())
+        except urllib.error.HTTPError as e:
+            return Reply(e.code, e.headers.get("Content-Type"), e.read())
+
+    def v1(self, *instances: dict, timeout: float = 300) -> Reply:
+        """POST /v1/models/style_fusion:predict with instances whose images are bytes (sent as base64)."""
+        body = {"instances": [{k: b64(v) if isinstance(v, bytes) else v for k, v in i.items()} for i in instances]}
+        return self.request(f"/v1/models/{NAME}:predict", json.dumps(body).encode(), timeout=timeout)
+
+    def v2(self, fields: dict, request_id: str | None = None, timeout: float = 300) -> Reply:
+        body: dict = {"inputs": v2_inputs(fields)}
+        if request_id is not None:
+            body["id"] = request_id
+        return self.request(f"/v2/models/{NAME}/infer", json.dumps(body).encode(), timeout=timeout)
+
+    def processes(self) -> list[psutil.Process]:
+        """The launcher and everything it started (the server, kserve's worker processes)."""
+        try:
+            launcher = psutil.Process(self.proc.pid)
+            return [launcher, *launcher.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def server(self) -> psutil.Process:
+        """The KServe server process (python -m nsf.serving.kserve_runtime)."""
+        (server,) = [p for p in psutil.Process(self.proc.pid).children() if "kserve_runtime" in " ".join(p.cmdline())]
+        return server
+
+    def workers(self) -> list[psutil.Process]:
+        """The processes that run the model: the server itself, or kserve's spawned worker processes."""
+        server = self.server()
+        spawned = [p for p in server.children() if "spawn_main" in " ".join(p.cmdline())]
+        return spawned or [server]
+
+    def listening(self) -> list[tuple[str, int]]:
+        found = []
+        for p in self.processes():
+            try:
+                found += [(c.laddr.ip, c.laddr.port) for c in net_connections(p) if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:
+                continue
+        return found
+
+    def log_text(self) -> str:
+        path = self.workdir / "nsf-serve.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        from nsf.serve_kserve import wait_ready
+
+        try:
+            wait_ready(self.url, timeout=timeout, proc=self.proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n{self.log_text()[-4000:]}") from None
+
+    def stop(self, sig: int = signal.SIGINT) -> float:
+        """Ctrl-C's path (SIGINT to the launcher); kill whatever is left. Returns the seconds it took."""
+        start = time.monotonic()
+        procs = self.processes()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+        seconds = time.monotonic() - start
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        return seconds
+
+
+@contextmanager
+def running_kserve(workdir: Path, model_config: Path, *, workers: int = 1, env: dict[str, str] | None = None,
+                   ready: bool = True, port: int | None = None) -> Iterator[KServer]:
+    """`nsf serve --runtime kserve` on a free loopback port; with ``ready`` wait until the model answers."""
+    port = port or free_port_block(1)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "nsf-serve.log", "ab")
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "nsf", "serve", "--runtime", "kserve", "--port", str(port),
+                             "--workers", str(workers), "--model-config", str(model_config), "--device", "cpu"],
+                            cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = KServer(f"http://127.0.0.1:{port}", proc, workdir)
+    try:
+        if ready:
+            server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        log.close()

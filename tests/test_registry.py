@@ -31,6 +31,7 @@ from nsf.weights import CAFFE_FILENAME, VGG19Weights, sha256_file
 
 mlflow = pytest.importorskip("mlflow", reason="the 'mlflow' extra is not installed")
 psutil = pytest.importorskip("psutil")
+from serving import net_connections  # noqa: E402
 
 from nsf import registry  # noqa: E402
 
@@ -223,7 +224,7 @@ def test_mlflow_models_serve(store, tmp_path, limits):
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.5)
         listening = {c.laddr.ip for p in seen.values() if p.is_running()
-                     for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+                     for c in net_connections(p) if c.status == psutil.CONN_LISTEN}
         assert listening == {"127.0.0.1"}
 
         use(done.tracking_uri)

@@ -1,0 +1,525 @@
+"""KServe's own Python model server as nsf's second serving runtime (``nsf serve --runtime kserve``).
+
+``python -m nsf.serving.kserve_runtime --model-config deploy/model-config.yaml`` serves ``style_fusion``
+with kserve's ``ModelServer`` (pinned: ``kserve==0.21.0``, the ``kserve`` extra) on 127.0.0.1:8080:
+
+* ``StyleFusionModel`` is a ``kserve.Model`` over the serving core's :class:`~nsf.serving.Worker`:
+  ``load()`` builds, warms up and calibrates it (``ready`` after that), ``predict`` answers the v1
+  (``POST /v1/models/style_fusion:predict``) and v2 (``POST /v2/models/style_fusion/infer``) protocols with
+  the fields, limits, statuses and ``{error, field, allowed}`` bodies of the TorchServe handler (the shapes:
+  :mod:`nsf.serving.kserve_protocol`). The optimization runs on one thread of its own per worker
+  process, one request after another, so the event loop keeps answering health checks and refusals.
+* :class:`ErrorShape`, an ASGI middleware on kserve's FastAPI app, answers nsf's errors and reshapes
+  kserve's own (400/404/422/500/503 ``{"error"}`` or ``{"detail"}``) to ``{error, field, allowed}``, and
+  refuses a body over the request size limit before reading it.
+* kserve's REST server binds 0.0.0.0 with no option to change it: :class:`_ModelServer` sets its uvicorn
+  config's host (a private attribute of kserve 0.21.0; ``tests/test_kserve_serve.py`` checks the bind)
+  before it serves; gRPC is off. The server has no authentication of its own: loopback locally, the
+  gateway's or mesh's authentication in a cluster (README, "Serving with KServe").
+
+The library never imports this module (``nsf/serving/__init__.py`` does not either): only this server and
+its tests import kserve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import logging
+import math
+import os
+import queue
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import kserve
+import kserve.model_server
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve import InferOutput, InferRequest, InferResponse
+
+from .errors import RequestError
+from .kserve_protocol import (
+    error_body,
+    reshape_error,
+    schema_error,
+    v1_answer,
+    v1_requests,
+    v2_outputs,
+    v2_request,
+)
+from .limits import ServingLimits
+from .worker import Outcome, Worker
+
+logger = logging.getLogger(__name__)
+MODEL_NAME = "style_fusion"
+DEFAULT_PORT = 8080
+# Requests a worker process holds beyond the one it runs, before it answers 503 (TorchServe's
+# job_queue_size in deploy/config.properties). In a cluster Knative's queue proxy holds them instead.
+QUEUE_SIZE = 8
+QUEUE_ENV = "NSF_KSERVE_QUEUE_SIZE"
+# Seconds kserve lets in-flight requests finish after SIGTERM/Ctrl-C before it cancels them.
+GRACE_SECONDS = 30
+JSON_TYPE = "application/json"
+
+
+class ServingError(Exception):
+    """An answer other than 200 from ``predict``: its status and ``{error, field, allowed}`` body
+    (:class:`ErrorShape` writes the response; kserve's endpoints would answer any exception with a 500)."""
+
+    def __init__(self, status: int, body: Mapping[str, Any]) -> None:
+        super().__init__(body.get("error"))
+        self.status = status
+        self.body = dict(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run at a time, off the event loop
+# ---------------------------------------------------------------------------------------------
+
+
+class _Runner:
+    """One daemon thread running submitted calls in order: the optimization blocks for seconds to minutes,
+    the event loop must not. A call cancelled while it waits (the server shutting down) never runs.
+
+    A daemon thread, not an executor: interpreter exit does not wait for a run in progress, so SIGTERM
+    stops the server after kserve's grace period however long the run would have taken.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]]
+        self._calls = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="nsf-runner", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            future, fn, args = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting request
+                future.set_exception(e)
+
+
+def answer_within_budget(worker: Worker, requests: Sequence[Mapping[str, Any] | RequestError]) -> list[Outcome]:
+    """``worker.answer(requests)``, the requests (a v1 request's instances) admitted together.
+
+    The worker admits each request on its own against its time budget; the instances of one HTTP request
+    run inside that one request, so their estimated seconds are added up first: over the budget, every
+    instance is refused with one 422 (``field: "instances"``) before anything runs.
+    """
+    cost = worker.cost
+    if cost is not None and len(requests) > 1:
+        total = 0.0
+        for request in requests:
+            if isinstance(request, RequestError):
+                continue
+            try:
+                job = worker.check(request)
+            except Exception:  # noqa: BLE001 - refused (or failed) on its own by worker.answer below
+                continue
+            total += cost.seconds(job.config, job.content.height, job.content.width)
+        if total > cost.budget:
+            error = RequestError(f"the {len(requests)} instances would take about {total:.0f} s together on this "
+                                 f"worker, over its {cost.budget:.0f} s limit per request; send fewer per request",
+                                 field="instances", status=422, allowed={"seconds_limit": round(cost.budget)})
+            return [Outcome.refused(error) for _ in requests]
+    return worker.answer(requests)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base class
+    """``style_fusion`` for kserve's model server: one :class:`~nsf.serving.Worker` per process."""
+
+    def __init__(self, name: str, model_config: Mapping[str, Any], *, device: str = "cpu",
+                 response_timeout: float | None = None, queue_size: int = QUEUE_SIZE) -> None:
+        super().__init__(name)
+        self.model_config = dict(model_config)
+        self.device = device
+        # Checked here, in the process that starts the server, before any worker process is spawned.
+        self.limits = ServingLimits.from_model_config(self.model_config, _device_type(device))
+        self.response_timeout = response_timeout
+        self.queue_size = int(queue_size)
+        self.worker: Worker | None = None
+        self._runner: _Runner | None = None
+        self._pending = 0  # requests of this process waiting for or in a run (touched on the event loop only)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        """Build, warm up and calibrate the worker; ``ready`` once it can answer."""
+        worker = Worker.start(self.model_config, device=self.device, response_timeout=self.response_timeout)
+        self.worker, self._runner = worker, _Runner()
+        self.ready = worker.ready
+        return bool(self.ready)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """kserve's ``--workers N`` pickles the model into N spawned processes: each builds its own worker."""
+        state = dict(self.__dict__)
+        state.update(worker=None, _runner=None, _pending=0, ready=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """In a spawned worker process: shape the app's errors; load once the app starts, in the background.
+
+        kserve's parent process pings each worker process every 0.5 s and replaces one that does not answer
+        within 5 s (its answering thread starts after the unpickling), so the load (seconds to minutes) must
+        not hold up the unpickling nor compete with it; until the load is done the model is not ready (503,
+        and ``GET /v1/models/style_fusion`` says so).
+        """
+        self.__dict__.update(state)
+        log_to_stderr()
+        install_error_shape(kserve.model_server.app, self)
+        kserve.model_server.app.add_middleware(_OnStartup, start=self._load_in_background)
+
+    def _load_in_background(self) -> None:
+        def load() -> None:
+            try:
+                self.load()
+            except Exception:  # noqa: BLE001 - logged; the process stays up and answers 503 (not ready)
+                logger.exception("style_fusion: loading the model failed in worker process %d", os.getpid())
+
+        threading.Thread(target=load, name="nsf-load", daemon=True).start()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def validate(self, payload: Any) -> Any:
+        """Leave every check to :meth:`predict` (kserve's own answers a bad v1 body with its 400 shape)."""
+        return payload
+
+    async def predict(self, payload: Any, headers: Mapping[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> Any:
+        """A v1 body (dict, or bytes for a non-JSON content type) or a v2 :class:`kserve.InferRequest`.
+
+        Raises:
+            ServingError: the answer is not a 200 (its status and ``{error, field, allowed}``).
+        """
+        if isinstance(payload, InferRequest):
+            return await self._predict_v2(payload)
+        return await self._predict_v1(payload)
+
+    async def _predict_v1(self, payload: Any) -> dict[str, Any]:
+        # Streaming (stream=true) would branch here: kserve streams a v1 answer when predict returns an
+        # async generator; the v2 infer route cannot stream.
+        try:
+            requests = v1_requests(payload)
+        except RequestError as e:
+            raise ServingError(e.status, e.to_dict()) from None
+        status, body = v1_answer(await self.answer(requests))
+        if status != 200:
+            raise ServingError(status, body)
+        return body
+
+    async def _predict_v2(self, request: InferRequest) -> InferResponse:
+        try:
+            inputs = [{"name": i.name, "datatype": i.datatype, "shape": i.shape, "data": _input_data(i)}
+                      for i in request.inputs]
+        except Exception as e:  # noqa: BLE001 - a tensor kserve cannot turn into values is the client's error
+            raise ServingError(400, {"error": f"unreadable KServe v2 input: {type(e).__name__}: {e}",
+                                     "field": "inputs", "allowed": "JSON data, or BYTES with the binary "
+                                                                   "extension"}) from None
+        (outcome,) = await self.answer([v2_request(inputs)])
+        if not outcome.ok:
+            raise ServingError(outcome.status, error_body(outcome))
+        outputs = [InferOutput(name=o["name"], shape=o["shape"], datatype=o["datatype"], data=o["data"])
+                   for o in v2_outputs(outcome)]
+        return InferResponse(response_id=request.id or uuid.uuid4().hex, model_name=self.name,
+                             infer_outputs=outputs)
+
+    async def answer(self, requests: Sequence[Mapping[str, Any] | RequestError]) -> list[Outcome]:
+        """Run ``Worker.answer`` on this process's runner thread (one run at a time); 503 when not ready
+        or when ``queue_size`` requests already wait."""
+        worker, runner = self.worker, self._runner
+        if worker is None or runner is None or not self.ready:
+            raise ServingError(503, {"error": f"{self.name} is not ready: the worker is loading", "field": None,
+                                     "allowed": None})
+        if self._pending > self.queue_size:
+            raise ServingError(503, {"error": f"this worker is busy: {self._pending} requests are running or "
+                                              "waiting; retry later", "field": None,
+                                     "allowed": {"queue": self.queue_size}})
+        self._pending += 1
+        try:
+            return list(await asyncio.wrap_future(runner.submit(answer_within_budget, worker, list(requests))))
+        finally:
+            self._pending -= 1
+
+    # -- metadata (GET /v2/models/style_fusion) ---------------------------------------------
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        kinds = {"integer": "INT64", "number": "FP32", "boolean": "BOOL"}
+        from .schema import request_schema
+
+        props = request_schema(self.limits)["properties"]
+        return [{"name": name, "datatype": kinds.get(p.get("type"), "FP32" if p.get("type") == "array" else "BYTES"),
+                 "shape": [-1] if p.get("type") == "array" else [1]} for name, p in props.items()]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return [{"name": "image", "datatype": "BYTES", "shape": [1]}]
+
+
+def _input_data(infer_input: Any) -> Any:
+    """A v2 input's values: the JSON list, or the decoded tensor of the binary extension."""
+    data = infer_input.data
+    if isinstance(data, list):
+        return data
+    array = infer_input.as_numpy()
+    return [bytes(v) for v in array.ravel()] if array.dtype == object else array.ravel().tolist()
+
+
+def _device_type(device: str) -> str:
+    return device.split(":", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and request size, as an ASGI middleware on kserve's app
+# ---------------------------------------------------------------------------------------------
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class ErrorShape:
+    """ASGI middleware: nsf's error bodies for every error the server answers, and the request size cap.
+
+    * a :class:`ServingError` from ``predict`` becomes its status and JSON body;
+    * an error response kserve or FastAPI wrote (status >= 400 without nsf's ``field`` key) is reshaped by
+      :func:`~nsf.serving.kserve_protocol.reshape_error`;
+    * any other exception is a 500 ``{error, field: null, allowed: null}`` (and logged);
+    * a body over ``max_body`` bytes (by its Content-Length, or counted as it arrives) is a 413 before the
+      server holds it (uvicorn and kserve set no limit of their own).
+    """
+
+    def __init__(self, app: Callable[..., Any], *, model: str, max_body: int) -> None:
+        self.app = app
+        self.model = model
+        self.max_body = max_body
+        self.endpoints = [f"POST /v1/models/{model}:predict", f"POST /v2/models/{model}/infer",
+                          f"GET /v1/models/{model}", f"GET /v2/models/{model}/ready"]
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = {"error": f"the request body is over {self.max_body} bytes", "field": "body",
+                     "allowed": f"at most {self.max_body} bytes"}
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            await _send_json(send, 413, too_large)
+            return
+        received = 0
+        started = False
+        held: dict[str, Any] | None = None  # an error response being rewritten
+        chunks: list[bytes] = []
+
+        async def counting_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        async def reshaping_send(message: dict[str, Any]) -> None:
+            nonlocal started, held
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400:
+                    held = message
+                    return
+            elif message["type"] == "http.response.body" and held is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                status, body = reshape_error(held["status"], b"".join(chunks), model=self.model,
+                                             endpoints=self.endpoints)
+                await _send_json(send, status, body)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, reshaping_send)
+        except ServingError as e:
+            if started:
+                raise
+            await _send_json(send, e.status, e.body)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await _send_json(send, 413, too_large)
+        except Exception as e:  # noqa: BLE001 - any other failure is this request's 500, in nsf's shape
+            logger.exception("style_fusion: request failed")
+            if started:
+                raise
+            await _send_json(send, 500, {"error": f"internal error: {type(e).__name__}: {e}", "field": None,
+                                         "allowed": None})
+
+
+class _OnStartup:
+    """ASGI middleware calling ``start()`` when the server starts the app (its lifespan startup)."""
+
+    def __init__(self, app: Callable[..., Any], *, start: Callable[[], None]) -> None:
+        self.app = app
+        self.start = start
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope.get("type") != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def starting_receive() -> Any:
+            message = await receive()
+            if message.get("type") == "lifespan.startup":
+                self.start()
+            return message
+
+        await self.app(scope, starting_receive, send)
+
+
+async def _send_json(send: Callable[..., Any], status: int, body: Mapping[str, Any]) -> None:
+    data = json.dumps(body, default=str).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", JSON_TYPE.encode()), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def max_body_bytes(limits: ServingLimits) -> int:
+    """The largest request body: the fields' limit as base64 (4/3) plus 1 MiB for JSON and the options."""
+    return math.ceil(limits.max_request_bytes * 4 / 3) + 2**20
+
+
+def install_error_shape(app: Any, model: StyleFusionModel) -> None:
+    """Add :class:`ErrorShape` to kserve's FastAPI app, and answer a v2 body that fails its schema with nsf's
+    400 (once; before the app serves its first request)."""
+    if not any(getattr(m, "cls", None) is ErrorShape for m in app.user_middleware):
+        app.add_middleware(ErrorShape, model=model.name, max_body=max_body_bytes(model.limits))
+        # FastAPI's own handler answers 422 and echoes the input back, which fails to serialize when the
+        # body held NaN (a 500): this one names the field and echoes nothing.
+        app.add_exception_handler(RequestValidationError, _schema_error_response)
+
+
+async def _schema_error_response(_request: Any, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(schema_error(exc.errors()), status_code=400)
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------------------------
+
+
+class _ModelServer(kserve.ModelServer):  # kserve has no type hints: an Any base class
+    """kserve's ModelServer on ``host`` instead of its hard-coded 0.0.0.0.
+
+    ``start()`` builds its REST server (one process, or a parent handing a bound socket to ``workers``
+    spawned processes), then calls ``setup_event_loop()`` before anything binds or serves: the host of
+    the uvicorn config is set there. ``_rest_server``, ``_rest_multiprocess_server`` and ``config`` are
+    kserve 0.21.0's internals (the version is pinned; the bind is tested).
+    """
+
+    def __init__(self, *, host: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.host = host
+
+    def setup_event_loop(self) -> None:
+        multi = getattr(self, "_rest_multiprocess_server", None)
+        for rest in (getattr(self, "_rest_server", None), getattr(multi, "_rest_server", None)):
+            if rest is not None:
+                rest.config.host = self.host
+        super().setup_event_loop()
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``"auto"``: the first CUDA device if there is one, else the CPU."""
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def serve(model_config: Mapping[str, Any], *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1,
+          device: str | None = None, response_timeout: float | None = None, queue_size: int = QUEUE_SIZE) -> None:
+    """Serve ``style_fusion`` in the foreground until SIGINT/SIGTERM.
+
+    ``workers`` > 1: kserve's parent process binds the port and spawns that many processes, each with its
+    own model (loaded in the background; each answers 503 until its warm-up is done) and restarts one
+    that dies. With one worker the model loads before the port opens.
+    """
+    if workers < 1:
+        raise ValueError(f"workers={workers}; allowed: >= 1")
+    model = StyleFusionModel(MODEL_NAME, model_config, device=resolve_device(device),
+                             response_timeout=response_timeout, queue_size=queue_size)
+    if workers == 1:
+        install_error_shape(kserve.model_server.app, model)
+        model.load()
+    else:
+        # The parent only hands the model to its worker processes (pickled: each loads its own worker);
+        # kserve registers a model only when it is ready.
+        model.ready = True
+    logger.info("style_fusion: KServe model server on http://%s:%d, %d worker process(es)", host, port, workers)
+    server = _ModelServer(host=host, http_port=port, workers=workers, enable_grpc=False, enable_docs_url=False,
+                          grace_period=GRACE_SECONDS)
+    server.start([model])
+
+
+def log_to_stderr() -> None:
+    """The serving core's log lines (calibration, each request) on stderr, beside kserve's."""
+    nsf_logger = logging.getLogger("nsf")
+    if not any(getattr(h, "nsf_kserve", False) for h in nsf_logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)s %(name)s %(levelname)s %(message)s"))
+        handler.nsf_kserve = True  # type: ignore[attr-defined]
+        nsf_logger.addHandler(handler)
+        nsf_logger.setLevel(logging.INFO)
+        nsf_logger.propagate = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Names chosen not to collide with the flags kserve.model_server parses from sys.argv at import.
+    p = argparse.ArgumentParser(prog="python -m nsf.serving.kserve_runtime",
+                                description="Serve style_fusion with KServe's model server (v1 and v2 REST).")
+    p.add_argument("--model-config", required=True, help="model-config.yaml (its nsf section holds the limits)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; the server has no "
+                                                        "authentication of its own)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default: {DEFAULT_PORT})")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model (default: 1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the first GPU, else cpu)")
+    p.add_argument("--response-timeout", type=float, default=None,
+                   help="seconds a request may take (time admission refuses what would outrun "
+                        "time_budget of it; default: the config's responseTimeout)")
+    p.add_argument("--queue-size", type=int, default=int(os.environ.get(QUEUE_ENV, QUEUE_SIZE)),
+                   help=f"requests a worker process holds beyond the one it runs before answering 503 (default: "
+                        f"${QUEUE_ENV}, else {QUEUE_SIZE})")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import yaml
+
+    config = yaml.safe_load(Path(args.model_config).read_text())
+    log_to_stderr()
+    serve(config, host=args.host, port=args.port, workers=args.workers, device=args.device,
+          response_timeout=args.response_timeout, queue_size=args.queue_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
