@@ -86,6 +86,32 @@ def multipart_body(fields: dict[str, bytes | str]) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def stream_lines(url: str, path: str, body: bytes, headers: dict[str, str], timeout: float = 300,
+                 hang_up_after: int | None = None) -> tuple[int, Any, list[tuple[float, dict]]]:
+    """POST and read the NDJSON answer as it comes: ``(status, headers, [(seconds after sending, message)])``;
+    ``hang_up_after=n`` closes the connection after n messages (a client that goes away)."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    start = time.monotonic()
+    conn.request("POST", path, body, headers)
+    r = conn.getresponse()
+    messages: list[tuple[float, dict]] = []
+    try:
+        while r.status == 200 and (hang_up_after is None or len(messages) < hang_up_after):
+            line = r.readline()
+            if not line:
+                break
+            if line.strip():
+                messages.append((time.monotonic() - start, json.loads(line)))
+        if r.status != 200:
+            messages.append((time.monotonic() - start, json.loads(r.read())))
+    finally:
+        conn.close()
+    return r.status, r.headers, messages
+
+
 @dataclass
 class Reply:
     status: int
@@ -129,28 +155,10 @@ class Server:
 
     def stream(self, fields: dict, *, timeout: float = 300, hang_up_after: int | None = None
                ) -> tuple[int, Any, list[tuple[float, dict]]]:
-        """A streamed multipart request: ``(status, headers, [(seconds after sending, message), ...])``, one
-        message per NDJSON line as it arrives; ``hang_up_after=n`` closes the connection after n messages."""
-        import http.client
-
+        """A streamed multipart request (see :func:`stream_lines`)."""
         body, ctype = multipart_body(fields)
-        host, port = self.url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-        start = time.monotonic()
-        conn.request("POST", f"/predictions/{NAME}", body,
-                     {"Content-Type": ctype, "Authorization": f"Bearer {self.key}"})
-        r = conn.getresponse()
-        messages: list[tuple[float, dict]] = []
-        try:
-            while hang_up_after is None or len(messages) < hang_up_after:
-                line = r.readline()
-                if not line:
-                    break
-                if line.strip():
-                    messages.append((time.monotonic() - start, json.loads(line)))
-        finally:
-            conn.close()
-        return r.status, r.headers, messages
+        return stream_lines(self.url, f"/predictions/{NAME}", body,
+                            {"Content-Type": ctype, "Authorization": f"Bearer {self.key}"}, timeout, hang_up_after)
 
     def multipart(self, fields: dict, **kw) -> Reply:
         body, ctype = multipart_body(fields)
@@ -293,9 +301,16 @@ class KServer:
                                      method="POST" if data is not None else "GET")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return Reply(r.status, r.headers.get("Content-Type"), r.read())
+                return Reply(r.status, r.headers.get("Content-Type"), r.read(), r.headers)
         except urllib.error.HTTPError as e:
-            return Reply(e.code, e.headers.get("Content-Type"), e.read())
+            return Reply(e.code, e.headers.get("Content-Type"), e.read(), e.headers)
+
+    def v1_stream(self, fields: dict, *, timeout: float = 300, hang_up_after: int | None = None
+                  ) -> tuple[int, Any, list[tuple[float, dict]]]:
+        """A streamed v1 request of one instance (see :func:`stream_lines`)."""
+        body = {"instances": [{k: b64(v) if isinstance(v, bytes) else v for k, v in fields.items()}]}
+        return stream_lines(self.url, f"/v1/models/{NAME}:predict", json.dumps(body).encode(),
+                            {"Content-Type": "application/json"}, timeout, hang_up_after)
 
     def v1(self, *instances: dict, timeout: float = 300) -> Reply:
         """POST /v1/models/style_fusion:predict with instances whose images are bytes (sent as base64)."""

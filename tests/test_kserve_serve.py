@@ -153,6 +153,53 @@ def test_same_bytes_as_the_library(kserver, model):
     assert v1 == v2 == encode(img, "png", model.last_metadata)
 
 
+# --- progress while a request runs --------------------------------------------------------------
+
+
+def test_a_streamed_v1_request_gets_previews_then_the_same_image(kserver):
+    fields = {"content": CONTENT, "style": STYLE, "size": 96, "steps": 6, "seed": 4}
+    status, headers, messages = kserver.v1_stream({**fields, "stream": True})
+    assert status == 200 and headers.get("Transfer-Encoding") == "chunked"
+    events = [m["event"] for _, m in messages]
+    scales = messages[0][1]["scales"]
+    assert events == ["preview"] * scales + ["result"] and scales > 1
+    times = [t for t, _ in messages]
+    assert times == sorted(times) and times[-1] > times[0]
+    final = messages[-1][1]
+    assert final["partial"] is False
+    plain = base64.b64decode(kserver.v1(fields).json()["predictions"][0])
+    assert base64.b64decode(final["image"]) == plain
+
+
+def test_a_client_that_goes_away_stops_the_work(kserver):
+    # 40 steps at 128 px over three scales: the client hangs up after the first preview
+    fields = {"content": CONTENT, "style": STYLE, "size": 128, "steps": 40, "seed": 1, "stream": True}
+    status, _, messages = kserver.v1_stream(fields, hang_up_after=1)
+    assert status == 200 and [m["event"] for _, m in messages] == ["preview"]
+    deadline = time.monotonic() + 120
+    while "the client went away" not in (log := kserver.log_text()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    line = next(x for x in log.splitlines() if "the client went away" in x)
+    step, total = (int(x) for x in line.split("stopped at step ")[1].split(" after")[0].split(" of "))
+    assert step < total == 40, line  # the later scales never ran
+    assert kserver.v1(SMALL).status == 200  # and the worker serves on
+
+
+def test_a_deadline_answers_the_best_image_so_far_marked_partial(kserver):
+    r = kserver.v1({**SMALL, "size": 96, "steps": 6, "deadline": 0.001})
+    assert r.status == 200 and r.headers["X-NSF-Partial"] == "true"
+    assert read_metadata(base64.b64decode(r.json()["predictions"][0]))["partial"]["step"] < 6
+    r = kserver.v2({**SMALL, "deadline": 0.001})
+    assert r.status == 200 and r.headers["X-NSF-Partial"] == "true"
+
+
+def test_stream_where_it_cannot_stream_is_a_400(kserver):
+    for r in (kserver.v2({**SMALL, "stream": True}), kserver.v1({**SMALL, "stream": True}, SMALL)):
+        assert r.status == 400 and _error(r)["field"] == "stream", r.body[:300]
+    status, _, messages = kserver.v1_stream({**SMALL, "steps": 0, "stream": True})  # refused before any preview
+    assert status == 400 and messages[-1][1]["field"] == "steps"
+
+
 # --- bad requests --------------------------------------------------------------------------------
 
 

@@ -31,10 +31,12 @@ from .request import (
     parse_request,
     request_fields,
     resolve,
+    wants_stream,
 )
 from .schema import request_schema
 from .worker import Outcome, Worker
 
 __all__ = ["CONTENT", "FORMATS", "STYLE", "STYLE_WEIGHTS", "CostModel", "Job", "Outcome", "RequestError",
            "ServingLimits", "Worker", "admit_memory", "allowed_fields", "decode_image", "from_config_error",
-           "from_kserve_v2", "parse_request", "phrase", "pixel_steps", "request_fields", "request_schema", "resolve"]
+           "from_kserve_v2", "parse_request", "phrase", "pixel_steps", "request_fields", "request_schema", "resolve",
+           "wants_stream"]

@@ -34,7 +34,8 @@ import queue
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ from .kserve_protocol import (
     v2_request,
 )
 from .limits import ServingLimits
+from .request import wants_stream
+from .stream import PARTIAL_HEADER
 from .worker import Outcome, Worker
 
 logger = logging.getLogger(__name__)
@@ -113,7 +116,8 @@ class _Runner:
                 future.set_exception(e)
 
 
-def answer_within_budget(worker: Worker, requests: Sequence[Mapping[str, Any] | RequestError]) -> list[Outcome]:
+def answer_within_budget(worker: Worker, requests: Sequence[Mapping[str, Any] | RequestError],
+                         **kw: Any) -> list[Outcome]:
     """``worker.answer(requests)``, the requests (a v1 request's instances) admitted together.
 
     The worker admits each request on its own against its time budget; the instances of one HTTP request
@@ -136,7 +140,7 @@ def answer_within_budget(worker: Worker, requests: Sequence[Mapping[str, Any] | 
                                  f"worker, over its {cost.budget:.0f} s limit per request; send fewer per request",
                                  field="instances", status=422, allowed={"seconds_limit": round(cost.budget)})
             return [Outcome.refused(error) for _ in requests]
-    return worker.answer(requests)
+    return worker.answer(requests, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +153,7 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
 
     def __init__(self, name: str, model_config: Mapping[str, Any], *, device: str = "cpu",
                  response_timeout: float | None = None, queue_size: int = QUEUE_SIZE) -> None:
-        super().__init__(name)
+        super().__init__(name, return_response_headers=True)  # X-NSF-Partial on a deadline's answer
         self.model_config = dict(model_config)
         self.device = device
         # Checked here, in the process that starts the server, before any worker process is spawned.
@@ -211,22 +215,69 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
             ServingError: the answer is not a 200 (its status and ``{error, field, allowed}``).
         """
         if isinstance(payload, InferRequest):
-            return await self._predict_v2(payload)
-        return await self._predict_v1(payload)
+            return await self._predict_v2(payload, response_headers)
+        return await self._predict_v1(payload, response_headers)
 
-    async def _predict_v1(self, payload: Any) -> dict[str, Any]:
-        # Streaming (stream=true) would branch here: kserve streams a v1 answer when predict returns an
-        # async generator; the v2 infer route cannot stream.
+    async def _predict_v1(self, payload: Any, response_headers: dict[str, str] | None) -> Any:
         try:
             requests = v1_requests(payload)
         except RequestError as e:
             raise ServingError(e.status, e.to_dict()) from None
-        status, body = v1_answer(await self.answer(requests))
+        if len(requests) == 1 and not isinstance(requests[0], RequestError) and wants_stream(requests[0]):
+            return await self._stream(requests[0])
+        # several instances share one answer: streaming one of them is a 400 naming the field
+        outcomes = await self.answer(requests, streams=False)
+        _mark_partial(outcomes, response_headers)
+        status, body = v1_answer(outcomes)
         if status != 200:
             raise ServingError(status, body)
         return body
 
-    async def _predict_v2(self, request: InferRequest) -> InferResponse:
+    async def _stream(self, fields: Mapping[str, Any]) -> AsyncIterator[bytes]:
+        """``stream=true`` on v1: kserve sends an async iterator from ``predict`` chunk by chunk (no content type).
+
+        The answer starts with the first preview; a request refused or failed before it gets its ordinary
+        error status. When the client disconnects, Starlette cancels the response and the worker's ``gone``
+        event stops the run before its next step.
+        """
+        worker, runner = self._admit()
+        loop = asyncio.get_running_loop()
+        messages: asyncio.Queue[bytes | None] = asyncio.Queue()
+        gone = threading.Event()
+
+        def progress(_idx: int, message: bytes) -> None:  # on the runner thread
+            loop.call_soon_threadsafe(messages.put_nowait, message)
+
+        self._pending += 1
+        done = asyncio.wrap_future(runner.submit(partial(worker.answer, [fields], progress=progress, gone=[gone])))
+        done.add_done_callback(lambda _: messages.put_nowait(None))  # after the last preview (FIFO)
+        try:
+            first = await messages.get()
+            if first is None:  # nothing sent yet: refused or failed before its first preview
+                (outcome,) = await done
+                if not outcome.ok:
+                    raise ServingError(outcome.status, error_body(outcome))
+        except BaseException:
+            gone.set()
+            self._pending -= 1
+            raise
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                message = first
+                while message is not None:
+                    yield message
+                    message = await messages.get()
+                (outcome,) = await done
+                if isinstance(outcome.body, bytes):
+                    yield outcome.body  # the result (or error) line
+            finally:
+                gone.set()  # the client went away (cancelled here) or the stream ended: stop either way
+                self._pending -= 1
+
+        return stream()
+
+    async def _predict_v2(self, request: InferRequest, response_headers: dict[str, str] | None) -> InferResponse:
         try:
             inputs = [{"name": i.name, "datatype": i.datatype, "shape": i.shape, "data": _input_data(i)}
                       for i in request.inputs]
@@ -234,7 +285,8 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
             raise ServingError(400, {"error": f"unreadable KServe v2 input: {type(e).__name__}: {e}",
                                      "field": "inputs", "allowed": "JSON data, or BYTES with the binary "
                                                                    "extension"}) from None
-        (outcome,) = await self.answer([v2_request(inputs)])
+        (outcome,) = await self.answer([v2_request(inputs)], streams=False)
+        _mark_partial([outcome], response_headers)
         if not outcome.ok:
             raise ServingError(outcome.status, error_body(outcome))
         outputs = [InferOutput(name=o["name"], shape=o["shape"], datatype=o["datatype"], data=o["data"])
@@ -242,9 +294,19 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
         return InferResponse(response_id=request.id or uuid.uuid4().hex, model_name=self.name,
                              infer_outputs=outputs)
 
-    async def answer(self, requests: Sequence[Mapping[str, Any] | RequestError]) -> list[Outcome]:
-        """Run ``Worker.answer`` on this process's runner thread (one run at a time); 503 when not ready
-        or when ``queue_size`` requests already wait."""
+    async def answer(self, requests: Sequence[Mapping[str, Any] | RequestError], **kw: Any) -> list[Outcome]:
+        """Run ``Worker.answer`` (``kw``: its options) on this process's runner thread (one run at a time);
+        503 when not ready or when ``queue_size`` requests already wait."""
+        worker, runner = self._admit()
+        self._pending += 1
+        try:
+            return list(await asyncio.wrap_future(runner.submit(partial(answer_within_budget, worker, list(requests),
+                                                                        **kw))))
+        finally:
+            self._pending -= 1
+
+    def _admit(self) -> tuple[Worker, _Runner]:
+        """This process's worker and runner; 503 when not ready or when ``queue_size`` requests already wait."""
         worker, runner = self.worker, self._runner
         if worker is None or runner is None or not self.ready:
             raise ServingError(503, {"error": f"{self.name} is not ready: the worker is loading", "field": None,
@@ -253,11 +315,7 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
             raise ServingError(503, {"error": f"this worker is busy: {self._pending} requests are running or "
                                               "waiting; retry later", "field": None,
                                      "allowed": {"queue": self.queue_size}})
-        self._pending += 1
-        try:
-            return list(await asyncio.wrap_future(runner.submit(answer_within_budget, worker, list(requests))))
-        finally:
-            self._pending -= 1
+        return worker, runner
 
     # -- metadata (GET /v2/models/style_fusion) ---------------------------------------------
 
@@ -271,6 +329,12 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
 
     def get_output_types(self) -> list[dict[str, Any]]:
         return [{"name": "image", "datatype": "BYTES", "shape": [1]}]
+
+
+def _mark_partial(outcomes: Sequence[Outcome], response_headers: dict[str, str] | None) -> None:
+    """``X-NSF-Partial: true`` when a deadline cut a run short (the PNG's metadata says where)."""
+    if response_headers is not None and any(o.partial for o in outcomes):
+        response_headers[PARTIAL_HEADER] = "true"
 
 
 def _input_data(infer_input: Any) -> Any:

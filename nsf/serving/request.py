@@ -184,6 +184,16 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
     return Job(content, styles, cfg, "jpeg" if fmt == "jpg" else fmt, stream, deadline)
 
 
+def wants_stream(fields: Mapping[str, Any]) -> bool:
+    """Whether a request asks for ``stream=true`` (a value that is not a boolean is left to :func:`parse_request`,
+    which refuses it naming the field)."""
+    value = fields.get(STREAM)
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    return value is True or (isinstance(value, str) and value.strip().lower() in _TRUE) or \
+        (isinstance(value, int) and not isinstance(value, bool) and value == 1)
+
+
 def _deadline(value: Any) -> float:
     allowed = {"min_exclusive": 0, "max": MAX_DEADLINE}
     try:
