@@ -132,7 +132,7 @@ class Objective(nn.Module):
                     self.content_scale[n] = 1.0 / losses.wide(f).pow(2).flatten(1).mean(1).clamp_min(1e-12)
                 at_content = self.style_terms(sums.grams, sums.means, sums.kept)
                 for n, d in at_content.items():
-                    self.style_scale[n] = 1.0 / torch.maximum(d, self._floor(n)).clamp_min(1e-20)
+                    self.style_scale[n] = 1.0 / torch.maximum(d, self._floor(n).to(d.dtype)).clamp_min(1e-20)
 
     @property
     def _gram_layers(self) -> list[str]:
