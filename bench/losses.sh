@@ -18,3 +18,7 @@ q --tag mean_cov_avg --set "style_loss='mean_cov'" "iterate_average=0.9"
 g() { "$PY" bench/grid.py --pairs "${PAIRS[@]}" --pattern "bench/out/default_{column}_256_{content}_{style}.png" "$@"; }
 g -o docs/style_losses.jpg --columns gram mean_cov sliced
 g -o docs/color_control.jpg --columns gram luminance histogram --labels "off" "luminance" "histogram"
+# mean_cov stylizes harder at equal weights (content_ratio 0.31-0.59 vs gram's 0.30-0.41): again with twice the
+# content weight, to compare the losses at a similar content_ratio
+q --tag mean_cov_cw2 --set "style_loss='mean_cov'" "content_weight=2.0"
+"$PY" bench/color.py --tags gram luminance histogram mean_cov sliced --record
