@@ -1,7 +1,10 @@
 """Quality and time of a preset on image pairs, scored by the neutral scorer in bench/score.py.
 
 Usage: python bench/quality.py --size 256 [--preset default] [--pairs content:style ...] [--images DIR]
-Writes the stylized images to bench/out/ and prints one line per pair plus a markdown table.
+                               [--set key=value ...] [--tag NAME]
+Writes the stylized images to bench/out/ (named by preset, tag, size and pair) and prints one line per pair
+plus a markdown table (both style yardsticks: style_ratio, the Gram one, and sw_ratio, the sliced one; seconds
+of wall clock and of this process's CPU time, which a shared machine disturbs less).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--record", action="store_true", help="write the table into bench/RESULTS.md")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (python literals)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--tag", default="", help="names the outputs and the RESULTS section (e.g. the loss)")
     args = ap.parse_args()
     import ast
 
@@ -56,15 +60,17 @@ def main() -> None:
 
             def count(p: nsf.Progress, steps_done: list[int] = steps_done) -> None:
                 steps_done.append(p.step)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             img = model.stylize(c, s, size=size, callback=count, **overrides)
-            secs = time.perf_counter() - t0
-            path = out_dir / f"{args.preset}_{size}_{c_name}_{s_name}.png"
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+            tag = f"{args.tag}_" if args.tag else ""
+            path = out_dir / f"{args.preset}_{tag}{size}_{c_name}_{s_name}.png"
             img.save(path)
             q = scorer.score(path, c, s)
-            row = {"preset": args.preset, "size": size, "pair": pair, "seconds": round(secs, 1),
+            row = {"preset": args.preset, "size": size, "pair": pair, "seconds": round(secs, 1), "cpu_s": round(cpu, 1),
                    "steps": len(steps_done), "style_ratio": round(q["style_ratio"], 4),
-                   "content_ratio": round(q["content_ratio"], 4), "image": str(path), "overrides": args.set}
+                   "content_ratio": round(q["content_ratio"], 4), "sw_ratio": round(q["sw_ratio"], 4),
+                   "image": str(path), "overrides": args.set}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:
@@ -74,11 +80,12 @@ def main() -> None:
 
     cmd = " ".join(["python bench/quality.py"] + [a for a in sys.argv[1:] if a != "--record"])
     lines = [f"`{cmd}` on {device_name('cpu')}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.", "",
-             "| preset | size | pair | steps | seconds | style_ratio | content_ratio | image |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| preset | size | pair | steps | seconds | cpu s | style_ratio | content_ratio | sw_ratio | image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['size']} | {r['pair']} | {r['steps']} | {r['seconds']} | "
-                     f"{r['style_ratio']} | {r['content_ratio']} | {os.path.relpath(r['image'], REPO)} |")
+        lines.append(f"| {r['preset']} | {r['size']} | {r['pair']} | {r['steps']} | {r['seconds']} | {r['cpu_s']} | "
+                     f"{r['style_ratio']} | {r['content_ratio']} | {r['sw_ratio']} | "
+                     f"{os.path.relpath(r['image'], REPO)} |")
     table = "\n".join(lines)
     print("\n" + table)
     if args.record:

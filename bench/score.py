@@ -6,7 +6,14 @@ It uses the Caffe VGG-19 network (the network only: its own Gram and MSE below),
   with G = F F^T / (C*H*W) computed at each image's own size (0 = the style's statistics, 1 = no
   better than the content image);
 * content_ratio: MSE(relu4_2(output), relu4_2(content)) / MSE(relu4_2(style resized to the content's
-  shape), relu4_2(content)) (0 = the content's features, about 1 = no closer than the style image).
+  shape), relu4_2(content)) (0 = the content's features, about 1 = no closer than the style image);
+* sw_ratio, a second style yardstick that does not look at Gram matrices: mean over relu1_1..relu5_1 of
+  SW(output, style) / SW(content, style), SW the sliced Wasserstein-2 distance between the layer's feature
+  distributions over positions, on FIXED random directions (as many as channels, seeded per layer; the same for
+  every image and run) with each projection's distribution compared at 1000 quantiles (so maps of different
+  sizes compare). It matches the whole distribution of features, not only their second moments; the sliced
+  style loss optimizes a similar quantity (on fresh directions each step), as the gram loss optimizes the
+  first yardstick's, so neither yardstick alone can judge the losses.
 
 The output is compared with the content resized to the output's size; the style is scored at its
 file's size capped to the same longer side as the output, so runs at different sizes compare fairly.
@@ -26,6 +33,8 @@ from nsf.weights import Normalize, load_weights
 
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 CONTENT_LAYER = "relu4_2"
+SW_QUANTILES = 1000
+SW_SEED = 20261127
 
 
 class Scorer:
@@ -49,6 +58,22 @@ class Scorer:
             t = F.interpolate(t, size=hw, mode="bilinear", antialias=True, align_corners=False)
         return t.to(self.device)
 
+    @staticmethod
+    def _quantiles(f: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+        """``(1, C, h, w)`` features -> each direction's sorted projections at SW_QUANTILES ranks ``(K, Q)``."""
+        _, c, h, w = f.shape
+        proj = dirs.T @ f[0].reshape(c, h * w).double()  # (K, N)
+        values = proj.sort(dim=1).values
+        return F.interpolate(values.unsqueeze(0), size=SW_QUANTILES, mode="linear", align_corners=True)[0]
+
+    def _directions(self, layer: str, c: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(SW_SEED + STYLE_LAYERS.index(layer))
+        d = torch.randn(c, c, generator=g, dtype=torch.float64)
+        return (d / d.norm(dim=0, keepdim=True)).to(self.device)
+
+    def _sw(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).pow(2).mean())
+
     @torch.no_grad()
     def score(self, output, content, style) -> dict[str, float]:
         out = self._load(output)
@@ -57,14 +82,19 @@ class Scorer:
         sty = self._load(style, long_side=max(hw))
         sty_as_content = self._load(style, hw)
         fo, fc, fs, fsc = (self.net(t) for t in (out, con, sty, sty_as_content))
-        ratios = []
+        ratios, sw = [], []
         for n in STYLE_LAYERS:
             go, gc, gs = self._gram(fo[n]), self._gram(fc[n]), self._gram(fs[n])
             ratios.append(float(F.mse_loss(go, gs) / F.mse_loss(gc, gs)))
+            dirs = self._directions(n, fo[n].shape[1])
+            qo, qc, qs = (self._quantiles(f[n], dirs) for f in (fo, fc, fs))
+            sw.append(self._sw(qo, qs) / self._sw(qc, qs))
         c_out = F.mse_loss(fo[CONTENT_LAYER].double(), fc[CONTENT_LAYER].double())
         c_ref = F.mse_loss(fsc[CONTENT_LAYER].double(), fc[CONTENT_LAYER].double())
         return {"style_ratio": sum(ratios) / len(ratios), "content_ratio": float(c_out / c_ref),
-                **{f"style_{n}": r for n, r in zip(STYLE_LAYERS, ratios)}}
+                "sw_ratio": sum(sw) / len(sw),
+                **{f"style_{n}": r for n, r in zip(STYLE_LAYERS, ratios)},
+                **{f"sw_{n}": r for n, r in zip(STYLE_LAYERS, sw)}}
 
 
 if __name__ == "__main__":

@@ -50,6 +50,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         args = typing.get_args(hint)
         if hint is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif "bool_choices" in f.metadata:  # a choice that was a bool: the bare flag and --no-FLAG still work
+            on, off = f.metadata["bool_choices"]
+            group.add_argument(flag, nargs="?", const=on, default=None, metavar="|".join(f.metadata["choices"]),
+                               help=f"{help_text}; {flag} alone means {on}")
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=off,
+                               help=f"the same as {flag} {off}")
         elif hint in (int, float, str):
             group.add_argument(flag, type=hint, default=None, metavar=f.name.upper(), help=help_text)
         else:  # tuple[str, ...] / tuple[float, ...] | None

@@ -14,13 +14,16 @@ from typing import Any
 
 from .errors import ConfigError
 from .geometry import MIN_SIDE
-from .losses import GRAM_NORMS
+from .losses import GRAM_NORMS, STYLE_LOSSES
 from .vgg import validate_layers
 
 OPTIMIZERS = ("lbfgs", "adam")
 INITS = ("content", "noise")
 RESIZES = ("long_side", "square")
 STROKE_SCALES = ("picture", "pixels")
+COLOR_MODES = ("off", "luminance", "histogram")
+# preserve_color was a bool before it was a choice: True and False still mean these
+COLOR_BOOLS = {True: "luminance", False: "off"}
 
 # Hard bounds that keep a typo from allocating the machine away; the handler sets tighter ones.
 MAX_STEPS = 100_000
@@ -50,13 +53,24 @@ class StyleConfig:
     style_layer_weights: tuple[float, ...] | None = _opt(None, "per style layer weights (default: 1 each)")
     normalize_losses: bool = _opt(True, "divide each layer's loss by its value at the content image, so every layer "
                                   "counts alike and the weights mean the same for any image")
-    gram_norm: str = _opt("chw", f"Gram normalization: {' or '.join(GRAM_NORMS)} (F F^T / (C*H*W), or plain)")
+    gram_norm: str = _opt("chw", f"Gram normalization: {' or '.join(GRAM_NORMS)} (F F^T / (C*H*W), or plain); "
+                          "style_loss=gram only")
+    style_loss: str = _opt("gram", f"style loss per layer: {', '.join(STYLE_LOSSES)} (MSE of Gram matrices; "
+                           "Wasserstein-2 distance between the features' Gaussians, mean and covariance; sliced "
+                           "Wasserstein distance with fresh random projections each step)", choices=STYLE_LOSSES)
     optimizer: str = _opt("lbfgs", f"optimizer: {' or '.join(OPTIMIZERS)}")
     lr: float = _opt(1.0, "learning rate (L-BFGS step length, or Adam's lr on [0, 1] pixels)")
+    iterate_average: float = _opt(0.0, "decay of an exponential moving average of the iterates at each scale "
+                                  "(e.g. 0.9; 0: off); the average is returned where it scores better than the "
+                                  "best iterate")
     init: str = _opt("content", f"start image: {' or '.join(INITS)} (a start image of your own: init_image)")
     style_blend_weights: tuple[float, ...] | None = _opt(None, "blend weights of several styles (default: equal)")
     style_scale: float = _opt(1.0, "style image size relative to the output size")
-    preserve_color: bool = _opt(False, "keep the content's colours: transfer luminance only")
+    preserve_color: str = _opt("off", f"colour control: {', '.join(COLOR_MODES)} (luminance: transfer luminance "
+                               "only, the output keeps the content's colours; histogram: the style is recoloured to "
+                               "the content's colour mean and covariance first; True and False, as before, mean "
+                               "luminance and off)",
+                               choices=COLOR_MODES, bool_choices=(COLOR_BOOLS[True], COLOR_BOOLS[False]))
     seed: int = _opt(0, "random seed: the same seed on the same device gives the same image")
     scales: tuple[float, ...] = _opt((0.25, 0.5, 1.0), "coarse-to-fine schedule: sizes relative to size, ascending")
     scale_steps: tuple[float, ...] = _opt((0.6, 0.3, 0.1), "share of the steps spent at each scale")
@@ -157,6 +171,10 @@ def validate(cfg: StyleConfig) -> StyleConfig:
     _check_range("lr", cfg.lr, 0.0, 1e6, lo_open=True)
     _check_range("style_scale", cfg.style_scale, 0.0, 16.0, lo_open=True)
     _check_range("tol", cfg.tol, 0.0, 1.0)
+    _check_range("iterate_average", cfg.iterate_average, 0.0, 1.0)
+    if cfg.iterate_average == 1.0:  # an average that never moves from the first iterate
+        raise ConfigError("iterate_average=1.0; allowed: 0 (off) or a decay in (0, 1), e.g. 0.9",
+                          field="iterate_average", value=cfg.iterate_average, allowed="0 (off) or a decay in (0, 1)")
     validate_layers(cfg.content_layers, "content layer", field="content_layers")
     validate_layers(cfg.style_layers, "style layer", field="style_layers")
     for layers, weights, what in ((cfg.content_layers, cfg.content_layer_weights, "content_layer_weights"),
@@ -175,7 +193,9 @@ def validate(cfg: StyleConfig) -> StyleConfig:
                               field="style_blend_weights", value=cfg.style_blend_weights,
                               allowed="non-negative values with a positive sum")
     for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("gram_norm", cfg.gram_norm, GRAM_NORMS),
-                                 ("resize", cfg.resize, RESIZES), ("stroke_scale", cfg.stroke_scale, STROKE_SCALES)):
+                                 ("resize", cfg.resize, RESIZES), ("stroke_scale", cfg.stroke_scale, STROKE_SCALES),
+                                 ("style_loss", cfg.style_loss, STYLE_LOSSES),
+                                 ("preserve_color", cfg.preserve_color, COLOR_MODES)):
         if value not in allowed:
             raise ConfigError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}", field=name, value=value,
                               allowed=list(allowed))
@@ -219,6 +239,8 @@ def make_config(base: StyleConfig | str | None = None, **overrides: Any) -> Styl
             continue
         if key in _TUPLE_FIELDS:
             value = _as_tuple(key, value, _TUPLE_FIELDS[key])
+        elif key == "preserve_color" and isinstance(value, bool):
+            value = COLOR_BOOLS[value]
         changes[key] = value
     for key in ("content_layers", "style_layers"):
         # new layers without new weights: drop weights that belonged to the old layers

@@ -1,4 +1,5 @@
-"""Pure tensor math for style transfer: Gram matrices, content/style/TV losses.
+"""Pure tensor math for style transfer: Gram matrices, content/style/TV losses, and the other style losses
+(Wasserstein-2 between per-layer Gaussians, sliced Wasserstein).
 
 Everything here is batched over the leading dimension, returns per-image losses of
 shape ``(B,)``, does no IO and never chooses a device or dtype: tensors come in on the
@@ -7,6 +8,7 @@ caller's device and the results stay there. Nothing in this module imports nsf.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -14,6 +16,10 @@ from torch import Tensor
 
 GramNorm = Literal["chw", "none"]  # what GRAM_NORMS holds; gram() takes any str and checks it
 GRAM_NORMS: tuple[str, ...] = ("chw", "none")
+# "gram": MSE of Gram matrices (Gatys et al.); "mean_cov": squared Wasserstein-2 distance between the Gaussians
+# with each layer's feature mean and covariance (as crowsonkb/style-transfer-pytorch matches them); "sliced":
+# sliced Wasserstein distance between the feature distributions (Heitz et al. 2021)
+STYLE_LOSSES: tuple[str, ...] = ("gram", "mean_cov", "sliced")
 
 
 def wide(t: Tensor) -> Tensor:
@@ -107,3 +113,135 @@ def tv_loss(images: Tensor) -> Tensor:
     dx = (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(dim=1)
     dy = (images[..., 1:, :] - images[..., :-1, :]).abs().flatten(1).mean(dim=1)
     return dx + dy
+
+
+# --- mean and covariance: squared Wasserstein-2 distance between Gaussians ------------------------------------
+
+# Both covariances get eps * I, eps = W2_EPS * the style's mean variance: the cross term's derivative is
+# (C_s^1/2 C_x C_s^1/2)^-1/2 / 2, unbounded where a covariance is singular (a layer with more channels than
+# positions, e.g. relu5_1 at a coarse scale: 16 positions for 512 channels). With eps the eigenvalues of the
+# cross term stay >= eps^2, the distance between equal covariances is still 0.
+W2_EPS = 1e-4
+# The covariance, the cross term and its eigenvalues are computed in float64 whatever the features' dtype.
+# Measured on astronaut vs Starry Night features at 256 px, float64 as the reference: in float32 the gradient
+# with respect to the features was off by 0.3-3.6% per layer (relu1_1..relu5_1; with respect to the second
+# moments by 3-57%), the loss by 4e-5..3e-4; float32 moments fed to a float64 cross term were off by 1e-5 at
+# most, so the moments stay float32. Cost: 336 ms per step for the default layers on one CPU thread, against
+# 162 ms in float32 (bench/RESULTS.md has the whole-run cost).
+W2_DTYPE = torch.float64
+
+
+def feature_mean(features: Tensor, positions: int | None = None) -> Tensor:
+    """``(B, C, H, W)`` features -> their mean over positions ``(B, C)``, in float32 or wider.
+
+    ``positions``: the count divided by; default the map's own ``H*W``. A tile of a larger map passes the
+    whole map's count, so the tiles' means sum to the map's.
+    """
+    b, c, h, w = features.shape
+    return wide(features).sum(dim=(2, 3)) / (h * w if positions is None else positions)
+
+
+def covariance(mean: Tensor, moment: Tensor) -> Tensor:
+    """``(B, C, C)`` covariances from means ``(B, C)`` and second moments ``E[f f^T]`` ``(B, C, C)``."""
+    return moment - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+
+
+def _eye_like(m: Tensor) -> Tensor:
+    return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+
+
+def sqrtm_psd(m: Tensor) -> Tensor:
+    """Square roots ``(B, C, C)`` of symmetric positive semi-definite ``(B, C, C)`` matrices (by eigh; negative
+    rounding-error eigenvalues count as 0). Not meant for backpropagation: :func:`w2_gaussian` differentiates
+    only through eigenvalues."""
+    vals, vecs = torch.linalg.eigh((m + m.transpose(-1, -2)) / 2)
+    return (vecs * vals.clamp_min(0).sqrt().unsqueeze(-2)) @ vecs.transpose(-1, -2)
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """A layer's target: mean ``(B|1, C)``, covariance with ``eps * I`` ``(B|1, C, C)``, its square root and
+    ``eps`` ``(B|1,)``; built once per scale by :func:`gaussian` (the root is the costly part)."""
+
+    mean: Tensor
+    cov: Tensor
+    cov_sqrt: Tensor
+    eps: Tensor
+
+
+def _w2_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, W2_DTYPE)
+
+
+def gaussian(mean: Tensor, moment: Tensor, rel_eps: float = W2_EPS) -> Gaussian:
+    """The :class:`Gaussian` target of a style layer from its mean ``(B, C)`` and second moment ``(B, C, C)``
+    (in float64, :data:`W2_DTYPE`)."""
+    mean, moment = mean.to(_w2_dtype(mean)), moment.to(_w2_dtype(moment))
+    cov = covariance(mean, moment)
+    c = cov.shape[-1]
+    eps = rel_eps * torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1).clamp_min(0) / c + 1e-12
+    cov = cov + eps.view(-1, 1, 1) * _eye_like(cov)
+    return Gaussian(mean, cov, sqrtm_psd(cov), eps)
+
+
+def w2_gaussian(mean: Tensor, moment: Tensor, target: Gaussian) -> Tensor:
+    """Squared Wasserstein-2 distance between the Gaussian of features with ``mean`` ``(B, C)`` and second
+    moment ``moment`` ``(B, C, C)`` and ``target``, divided by ``C``, per image ``(B,)``:
+
+        (|mu_x - mu_s|^2 + tr(C_x + C_s - 2 (C_s^1/2 C_x C_s^1/2)^1/2)) / C
+
+    The trace of the matrix square root is the sum of the square roots of the eigenvalues of
+    ``C_s^1/2 C_x C_s^1/2`` (symmetric PSD): its gradient, ``V diag(1 / 2 sqrt(l)) V^T``, needs the eigenvalues
+    only, none of the ``1 / (l_i - l_j)`` terms of an eigenvector's derivative, so equal eigenvalues are harmless.
+    Eigenvalues under ``eps^2 / 2`` (rounding error: the true ones are >= ``eps^2``) are clamped there.
+    Computed in float64 (:data:`W2_DTYPE`); returned in the moments' dtype (float32 or wider).
+    """
+    out = wide(moment).dtype
+    dt = _w2_dtype(moment)
+    mean, moment = mean.to(dt), moment.to(dt)
+    c = mean.shape[-1]
+    eps = target.eps.view(-1, 1, 1).to(dt)
+    cov = covariance(mean, moment) + eps * _eye_like(moment)
+    root = target.cov_sqrt.to(dt)
+    cross = root @ cov @ root
+    vals = torch.linalg.eigvalsh((cross + cross.transpose(-1, -2)) / 2)
+    tr_sqrt = vals.clamp_min(eps.view(-1, 1) ** 2 / 2).sqrt().sum(-1)
+    trace = torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1) + torch.diagonal(target.cov, dim1=-2, dim2=-1).sum(-1).to(dt)
+    return (((mean - target.mean.to(dt)).pow(2).sum(-1) + trace - 2 * tr_sqrt) / c).to(out)
+
+
+# --- sliced Wasserstein -------------------------------------------------------------------------------------
+
+
+def directions(channels: int, count: int, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """``count`` random unit vectors in ``R^channels`` as the columns of a ``(channels, count)`` matrix, drawn
+    from ``generator`` (on its device)."""
+    d = torch.randn(channels, count, generator=generator, dtype=dtype,
+                    device=generator.device if generator is not None else None)
+    return d / d.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def sorted_projections(features: Tensor, dirs: Tensor) -> Tensor:
+    """``(B, C, H, W)`` features projected on ``dirs`` ``(C, K)``, each projection sorted: ``(B, K, H*W)``."""
+    b, c, h, w = features.shape
+    flat = wide(features).reshape(b, c, h * w)
+    proj = torch.einsum("bcn,ck->bkn", flat, dirs.to(flat.dtype))
+    return proj.sort(dim=-1).values
+
+
+def resample_sorted(values: Tensor, n: int) -> Tensor:
+    """Sorted ``(B, K, M)`` values (a distribution's quantiles) at ``n`` evenly spaced ranks ``(B, K, n)``,
+    by linear interpolation (the same values when ``M == n``)."""
+    if values.shape[-1] == n:
+        return values
+    return torch.nn.functional.interpolate(values, size=n, mode="linear", align_corners=True)
+
+
+def sliced_wasserstein(features: Tensor, dirs: Tensor, target: Tensor) -> Tensor:
+    """Sliced (squared) Wasserstein-2 distance per image ``(B,)``: the mean over the ``K`` directions ``dirs``
+    ``(C, K)`` and the ``N = H*W`` positions of the squared difference between the sorted projections of
+    ``features`` ``(B, C, H, W)`` and ``target`` ``(B|1, K, N)`` (the style's sorted projections on the same
+    directions, resampled to ``N``). Invariant to any permutation of the positions."""
+    mine = sorted_projections(features, dirs)
+    return (mine - target.to(mine.dtype)).pow(2).flatten(1).mean(dim=1)

@@ -116,7 +116,7 @@ class StyleFusion(nn.Module):
         """This model's per-pixel memory (and, with ``timing``, time) costs for ``cfg``'s layers, measured once."""
         layers = cfg.layers
         extractor = self.extractor(layers)
-        key = (layers, cfg.gram_norm, extractor.autocast, extractor.channels_last)
+        key = (layers, cfg.gram_norm, cfg.style_loss, extractor.autocast, extractor.channels_last)
         cached = self._costs.get(key)
         if cached is None or (timing and cached.fb_seconds is None):
             cached = self._costs[key] = planner.measure(extractor, cfg, self.device, timing=timing)
@@ -185,12 +185,15 @@ class StyleFusion(nn.Module):
             raise ValueError("no style image given; allowed: one or more style images")
 
         parts = [[s.to(device=device, dtype=torch.float32) for s in style_parts(style)] for style in styles]
-        if cfg.preserve_color:  # one part is the whole batch's style; several are one per content image
+        work = content
+        # one part is the whole batch's style; several are one per content image
+        if cfg.preserve_color == "luminance":
             parts = [[im.match_luminance(s, content if len(ps) == 1 else content[i : i + 1]) for i, s in enumerate(ps)]
                      for ps in parts]
             work = im.luminance(content)
-        else:
-            work = content
+        elif cfg.preserve_color == "histogram":  # the style recoloured to each content image's colours
+            parts = [[im.match_color(s, content if len(ps) == 1 else content[i : i + 1]) for i, s in enumerate(ps)]
+                     for ps in parts]
         init = init_image.to(device=device, dtype=torch.float32) if init_image is not None else None
         generator = torch.Generator().manual_seed(cfg.seed)
         layers = cfg.layers
@@ -206,7 +209,7 @@ class StyleFusion(nn.Module):
                                      "total": done.total}
             if on_scale is not None:
                 on_scale(replace(done, image=im.recolor(done.image, im.resize(content, done.size)))
-                         if cfg.preserve_color else done)
+                         if cfg.preserve_color == "luminance" else done)
 
         failure = None
         try:
@@ -226,7 +229,7 @@ class StyleFusion(nn.Module):
                               f"{planner.format_bytes(plan.peak_bytes)} within max_memory="
                               f"{planner.format_bytes(plan.budget) if plan.budget else 'no limit'}; another process "
                               f"may have taken memory since. {self._advice(cfg, plan)}")
-        if cfg.preserve_color:
+        if cfg.preserve_color == "luminance":
             out = im.recolor(out, im.resize(content, (out.shape[-2], out.shape[-1])))
         return out
 

@@ -7,8 +7,8 @@ on the device of the tensors it is given).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import losses
 from .config import StyleConfig
+from .errors import ConfigError
 from .geometry import MIN_SIDE, resize, target_size
 from .lbfgs import LBFGS
 from .tiling import TiledFeatures
@@ -64,31 +65,82 @@ def _layer_weights(layers: Sequence[str], weights: Sequence[float] | None) -> di
     return dict(zip(layers, weights if weights is not None else [1.0] * len(layers)))
 
 
+@dataclass
+class StyleTargets:
+    """What a style loss matches, per style layer, for the blended styles of one scale.
+
+    ``gram``: the blended Gram matrices ``(B|1, C, C)``. ``mean_cov``: the :class:`~nsf.losses.Gaussian` of the
+    blended styles' features (their mixture's mean and covariance, the style's square root computed once
+    here). ``sliced``: each style's features ``(b, C, h, w)`` per part with its blend weight; the targets are
+    drawn at each step from fresh projections (:meth:`Objective.resample`).
+    """
+
+    loss: str
+    grams: dict[str, Tensor] = field(default_factory=dict)
+    gaussians: dict[str, losses.Gaussian] = field(default_factory=dict)
+    samples: list[tuple[float, list[dict[str, Tensor]]]] = field(default_factory=list)
+
+
+def sliced_refusal(what: str) -> ConfigError:
+    """The error for a sliced loss asked to run tile by tile (``what``: why it was)."""
+    allowed = [n for n in losses.STYLE_LOSSES if n != "sliced"]
+    # Exact tiling would need each projection sorted over the whole image: pass 1 would keep every position's
+    # projected values (about 490 bytes per pixel for the default layers, a fifth of an untiled step's
+    # activations) and the global ranks; not built.
+    return ConfigError(f"style_loss='sliced' {what}: it sorts each projection over the whole image, which tiled "
+                       f"steps do not see at once; allowed: {', '.join(allowed)} (tile exactly), or a smaller size "
+                       "or more max_memory", field="style_loss", value="sliced", allowed=allowed)
+
+
 class Objective(nn.Module):
     """``forward(x) -> (loss, parts)``: per-image losses ``(B,)`` of a batch ``x`` in [0, 1] and their
     ``(content, style, tv)`` parts ``(B, 3)``. Images do not interact: the gradient of ``loss.sum()``
     with respect to image ``b`` is that of its own loss. This is the function that ``torch.compile``
     wraps; AOTAutograd then compiles its backward too.
 
+    ``style``: :class:`StyleTargets` for ``cfg.style_loss``, or a mapping of target Grams (the gram loss).
+    With ``style_loss="sliced"``, :meth:`resample` draws new projections from ``generator``; call it before
+    each step.
+
     With ``tile`` (owned tile ``(th, tw)`` px), :meth:`value_and_grad` computes the same loss and
     gradient tile by tile (:mod:`nsf.tiling`), so only one tile's activations are alive at a time; the
-    content targets and normalizers are computed tile by tile too.
+    content targets and normalizers are computed tile by tile too (gram and mean_cov losses only).
     """
 
-    def __init__(self, extractor: FeatureExtractor, cfg: StyleConfig, content: Tensor, style_grams: dict[str, Tensor],
-                 tile: tuple[int, int] | None = None):
+    def __init__(self, extractor: FeatureExtractor, cfg: StyleConfig, content: Tensor,
+                 style: Mapping[str, Tensor] | StyleTargets, tile: tuple[int, int] | None = None,
+                 generator: torch.Generator | None = None):
         super().__init__()
+        targets = style if isinstance(style, StyleTargets) else StyleTargets("gram", grams=dict(style))
+        if targets.loss != cfg.style_loss:
+            raise ValueError(f"style targets for style_loss={targets.loss!r} given to an objective of "
+                             f"style_loss={cfg.style_loss!r}; allowed: targets from style_targets(cfg=...)")
         self.extractor = extractor
-        self.gram_norm = cfg.gram_norm
+        self.style_loss = cfg.style_loss
+        # the mean-covariance loss reads second moments F F^T / N: Grams normalized by C*H*W, times C
+        self.gram_norm = cfg.gram_norm if self.style_loss == "gram" else "chw"
         self.cw, self.sw, self.tvw = float(cfg.content_weight), float(cfg.style_weight), float(cfg.tv_weight)
         self.content_w = _layer_weights(cfg.content_layers, cfg.content_layer_weights)
         self.style_w = _layer_weights(cfg.style_layers, cfg.style_layer_weights)
         self.tiled = TiledFeatures(extractor, [*self.content_w, *self.style_w], content.shape[-2], content.shape[-1],
                                    tile)
+        if self.style_loss == "sliced" and self.tiles > 1:
+            raise sliced_refusal("cannot run tile by tile")
+        self.style_targets = targets.grams
+        self.gaussians = targets.gaussians
+        self.samples = targets.samples
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.directions: dict[str, Tensor] = {}
+        self.sliced_targets: dict[str, Tensor] = {}
         with torch.no_grad():
-            sums = self.tiled.sums(content, grams=list(self.style_w), norm=self.gram_norm, keep=list(self.content_w))
-            self.content_targets = {n: f.detach() for n, f in sums.kept.items()}
-            self.style_targets = style_grams
+            sliced = self.style_loss == "sliced"
+            sums = self.tiled.sums(content, grams=self._gram_layers, norm=self.gram_norm, means=self._mean_layers,
+                                   keep=list(dict.fromkeys([*self.content_w, *(self.style_w if sliced else ())])))
+            self.content_targets = {n: sums.kept[n].detach() for n in self.content_w}
+            # positions of each style layer's map at this scale (what the style's sorted projections are resampled to)
+            self.positions = {n: f.shape[-2] * f.shape[-1] for n, f in sums.kept.items() if n in self.style_w}
+            if sliced:
+                self.resample()
             # Departure from the paper: with normalize_losses each layer's loss is divided by its
             # value at the content image, so layers count alike and weights transfer across images.
             self.content_scale: dict[str, Tensor | float] = {n: 1.0 for n in self.content_w}
@@ -96,27 +148,77 @@ class Objective(nn.Module):
             if cfg.normalize_losses:
                 for n, f in self.content_targets.items():
                     self.content_scale[n] = 1.0 / losses.wide(f).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-                for n, g in style_grams.items():
-                    d = losses.mse_per_image(sums.grams[n], g)
-                    floor = 1e-6 * losses.wide(g).pow(2).flatten(1).mean(1)
-                    self.style_scale[n] = 1.0 / torch.maximum(d, floor).clamp_min(1e-20)
+                at_content = self.style_terms(sums.grams, sums.means, sums.kept)
+                for n, d in at_content.items():
+                    self.style_scale[n] = 1.0 / torch.maximum(d, self._floor(n).to(d.dtype)).clamp_min(1e-20)
+
+    @property
+    def _gram_layers(self) -> list[str]:
+        return list(self.style_w) if self.style_loss in ("gram", "mean_cov") else []
+
+    @property
+    def _mean_layers(self) -> list[str]:
+        return list(self.style_w) if self.style_loss == "mean_cov" else []
+
+    def _floor(self, n: str) -> Tensor:
+        """A millionth of the target's own size: the normalizer's floor where the content is the style."""
+        if self.style_loss == "gram":
+            return 1e-6 * losses.wide(self.style_targets[n]).pow(2).flatten(1).mean(1)
+        if self.style_loss == "mean_cov":
+            g = self.gaussians[n]
+            return 1e-6 * (g.mean.pow(2).sum(-1) + torch.diagonal(g.cov, dim1=-2, dim2=-1).sum(-1)) / g.mean.shape[-1]
+        return 1e-6 * self.sliced_targets[n].pow(2).flatten(1).mean(1)
 
     @property
     def tiles(self) -> int:
         """Tiles per step: 1 when the step runs on the whole image."""
         return len(self.tiled.tiles)
 
+    @torch.no_grad()
+    def resample(self) -> None:
+        """``style_loss="sliced"``: draw new projection directions (``C`` per layer, from ``generator``) and the
+        style's sorted projections on them, resampled to the image's positions and blended (the weighted mean
+        of the styles' quantiles: their Wasserstein barycenter along each direction). Tensors are updated in
+        place, so a compiled objective sees the new ones. Other losses: nothing."""
+        if self.style_loss != "sliced":
+            return
+        for n in self.style_w:
+            first = self.samples[0][1][0][n]
+            dirs = losses.directions(first.shape[1], first.shape[1], self.generator).to(first.device)
+            target = cast(Tensor, sum(w * torch.cat([losses.resample_sorted(losses.sorted_projections(p[n], dirs),
+                                                                            self.positions[n]) for p in parts])
+                                      for w, parts in self.samples))
+            if n in self.directions:
+                self.directions[n].copy_(dirs)
+                self.sliced_targets[n].copy_(target)
+            else:
+                self.directions[n], self.sliced_targets[n] = dirs, target
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feats = self.extractor(x)
+        grams = {n: losses.gram(feats[n], self.gram_norm) for n in self._gram_layers}
+        means = {n: losses.feature_mean(feats[n]) for n in self._mean_layers}
         return self.combine({n: losses.content_loss(feats[n], self.content_targets[n]) for n in self.content_w},
-                            {n: losses.gram(feats[n], self.gram_norm) for n in self.style_w}, x)
+                            self.style_terms(grams, means, feats), x)
 
-    def combine(self, content_mse: dict[str, Tensor], grams: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-        """The loss from per-layer content MSEs ``(B,)`` and Grams ``(B, C, C)`` of ``x`` ``(B, 3, H, W)``."""
+    def style_terms(self, grams: Mapping[str, Tensor], means: Mapping[str, Tensor],
+                    feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each style layer's loss ``(B,)`` before weights and normalizers, from the image's Grams ``(B, C, C)``
+        and means ``(B, C)`` (gram, mean_cov) or its features ``(B, C, h, w)`` (sliced)."""
+        if self.style_loss == "gram":
+            return {n: losses.mse_per_image(grams[n], self.style_targets[n]) for n in self.style_w}
+        if self.style_loss == "mean_cov":
+            return {n: losses.w2_gaussian(means[n], grams[n] * grams[n].shape[-1], self.gaussians[n])
+                    for n in self.style_w}
+        return {n: losses.sliced_wasserstein(feats[n], self.directions[n], self.sliced_targets[n])
+                for n in self.style_w}
+
+    def combine(self, content_mse: dict[str, Tensor], style: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss from per-layer content MSEs ``(B,)`` and style terms ``(B,)`` (:meth:`style_terms`) of ``x``
+        ``(B, 3, H, W)``."""
         # cast: sum() of tensors is typed as possibly its int start (there is at least one layer)
         c = cast(Tensor, sum(w * content_mse[n] * self.content_scale[n] for n, w in self.content_w.items()))
-        s = cast(Tensor, sum(w * losses.mse_per_image(grams[n], self.style_targets[n]) * self.style_scale[n]
-                             for n, w in self.style_w.items()))
+        s = cast(Tensor, sum(w * style[n] * self.style_scale[n] for n, w in self.style_w.items()))
         tv = losses.tv_loss(x) if self.tvw > 0 else x.new_zeros(x.shape[0])
         c, s, tv = self.cw * c, self.sw * s, self.tvw * tv
         return c + s + tv, torch.stack([c, s, tv], dim=1).detach()
@@ -124,25 +226,32 @@ class Objective(nn.Module):
     @torch.no_grad()
     def value(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``forward(x)`` without a gradient, tile by tile (pass 1 of :mod:`nsf.tiling`)."""
-        sums = self.tiled.sums(x, grams=list(self.style_w), norm=self.gram_norm, content=self.content_targets)
-        return self.combine(sums.content, sums.grams, x)
+        sums = self.tiled.sums(x, grams=self._gram_layers, norm=self.gram_norm, content=self.content_targets,
+                               means=self._mean_layers, keep=list(self.style_w) if self.style_loss == "sliced" else ())
+        return self.combine(sums.content, self.style_terms(sums.grams, sums.means, sums.kept), x)
 
     def value_and_grad(self, x: Tensor, on_tile: Callable[[int, int], None] | None = None
                        ) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, parts, d loss.sum() / dx)``, tile by tile: only one tile's activations are alive at a time."""
-        sums = self.tiled.sums(x, grams=list(self.style_w), norm=self.gram_norm, content=self.content_targets)
+        if self.style_loss == "sliced":
+            raise sliced_refusal("cannot run tile by tile")
+        sums = self.tiled.sums(x, grams=self._gram_layers, norm=self.gram_norm, content=self.content_targets,
+                               means=self._mean_layers)
         with torch.enable_grad():
             # the loss as a function of the whole-image sums; autograd gives its derivatives, so the
             # chain rule through combine() is not written a second time
             leaves_c = {n: v.detach().requires_grad_(True) for n, v in sums.content.items()}
             leaves_g = {n: v.detach().requires_grad_(True) for n, v in sums.grams.items()}
+            leaves_m = {n: v.detach().requires_grad_(True) for n, v in sums.means.items()}
             xt = x.detach().requires_grad_(self.tvw > 0)
-            loss, parts = self.combine(leaves_c, leaves_g, xt)
-            wrt = [*leaves_c.values(), *leaves_g.values(), *([xt] if self.tvw > 0 else [])]
+            loss, parts = self.combine(leaves_c, self.style_terms(leaves_g, leaves_m, {}), xt)
+            wrt = [*leaves_c.values(), *leaves_g.values(), *leaves_m.values(), *([xt] if self.tvw > 0 else [])]
             d = torch.autograd.grad(loss.sum(), wrt)
-        k = len(leaves_c)
-        d_content, d_grams = dict(zip(leaves_c, d[:k])), dict(zip(leaves_g, d[k:k + len(leaves_g)]))
-        grad = self.tiled.backward(x, d_grams, d_content, self.content_targets, self.gram_norm, on_tile)
+        k, g = len(leaves_c), len(leaves_g)
+        d_content, d_grams = dict(zip(leaves_c, d[:k])), dict(zip(leaves_g, d[k:k + g]))
+        d_means = dict(zip(leaves_m, d[k + g:k + g + len(leaves_m)]))
+        grad = self.tiled.backward(x, d_grams, d_content, self.content_targets, self.gram_norm, on_tile,
+                                   d_means=d_means)
         if self.tvw > 0:
             grad += d[-1]
         return loss.detach(), parts, grad
@@ -175,6 +284,35 @@ def style_grams(extractor: FeatureExtractor, styles: Sequence[StyleInput], blend
             g = torch.cat([gr[n] for gr in grams]) * (w / total)
             out[n] = out[n] + g if n in out else g
     return out
+
+
+def style_targets(extractor: FeatureExtractor, styles: Sequence[StyleInput], blend: Sequence[float],
+                  cfg: StyleConfig, tile: tuple[int, int] | None = None) -> StyleTargets:
+    """The :class:`StyleTargets` of ``cfg.style_loss`` for ``styles`` blended by ``blend`` (as :func:`style_grams`).
+
+    mean_cov blends the styles' means and second moments (the moments of their mixture) and then takes the
+    covariance and its square root; sliced keeps each style's features. With ``tile``, an image larger than the
+    tile is run tile by tile (the same targets).
+    """
+    layers = list(cfg.style_layers)
+    if cfg.style_loss == "gram":
+        return StyleTargets("gram", grams=style_grams(extractor, styles, blend, layers, cfg.gram_norm, tile))
+    total = float(sum(blend))
+    runs = [(w / total, [TiledFeatures(extractor, layers, p.shape[-2], p.shape[-1], tile) for p in style_parts(style)],
+             style_parts(style)) for style, w in zip(styles, blend)]
+    if cfg.style_loss == "sliced":
+        return StyleTargets("sliced", samples=[(w, [t.sums(p, keep=layers).kept for t, p in zip(tfs, parts)])
+                                               for w, tfs, parts in runs])
+    means: dict[str, Tensor] = {}
+    moments: dict[str, Tensor] = {}
+    for w, tfs, parts in runs:
+        sums = [t.sums(p, grams=layers, norm="chw", means=layers) for t, p in zip(tfs, parts)]
+        for n in layers:
+            m = torch.cat([s.means[n] for s in sums]) * w
+            g = torch.cat([s.grams[n] * s.grams[n].shape[-1] for s in sums]) * w  # F F^T / N
+            means[n] = means[n] + m if n in means else m
+            moments[n] = moments[n] + g if n in moments else g
+    return StyleTargets("mean_cov", gaussians={n: losses.gaussian(means[n], moments[n]) for n in layers})
 
 
 def split_steps(steps: int, shares: Sequence[float]) -> list[int]:
@@ -282,10 +420,10 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
         c = resize(content, hw)
         style_long = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
         sized = [_resize_style(s, style_long, cfg) for s in styles]
-        grams = style_grams(extractor, sized, blend, cfg.style_layers, cfg.gram_norm, tile=lay.tile)
+        targets = style_targets(extractor, sized, blend, cfg, tile=lay.tile)
         refining = scale_index >= len(cfg.scales) and cfg.refine_content_weight != 1.0
         scale_cfg = replace(cfg, content_weight=cfg.content_weight * cfg.refine_content_weight) if refining else cfg
-        objective = Objective(extractor, scale_cfg, c, grams, tile=lay.tile)
+        objective = Objective(extractor, scale_cfg, c, targets, tile=lay.tile, generator=generator)
         tiled = objective.tiles > 1
         loss_fn = compile_fn(objective) if compile_fn is not None and not tiled else objective
         if x is None:
@@ -298,9 +436,13 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
         else:
             x = upsample(x, hw, c if cfg.restore_detail and init is None and cfg.init == "content" else None)
         x = x.detach().clone().contiguous().requires_grad_(True)
+        # sliced: new projections are drawn on the host before each step; a replayed CUDA graph would reuse the
+        # first step's (not measured on a GPU: none was lent to this work)
+        sliced = cfg.style_loss == "sliced"
         x, step, best, stopped = _optimize_scale(loss_fn, x, cfg, n_steps, step, total, scale_index, callback,
-                                                 cuda_graph and not tiled, history=lay.history,
-                                                 tiled=objective if tiled else None, on_tile=on_tile, stop=stop)
+                                                 cuda_graph and not tiled and not sliced, history=lay.history,
+                                                 tiled=objective if tiled else None, on_tile=on_tile, stop=stop,
+                                                 resample=objective.resample if sliced else None)
         if on_scale is not None:
             on_scale(ScaleDone(scale_index, number, len(plan), hw, step, total, float(best.sum()),
                                x.detach().clamp(0, 1), stopped))
@@ -345,8 +487,16 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
                     scale_index: int, callback: ProgressCallback | None,
                     cuda_graph: bool = False, *, history: int | None = None, tiled: Objective | None = None,
                     on_tile: Callable[[int, int], None] | None = None,
-                    stop: Callable[[], bool] | None = None) -> tuple[Tensor, int, Tensor, bool]:
-    """Run one scale's steps -> ``(best image, steps so far, best loss per image (B,), stopped by stop())``."""
+                    stop: Callable[[], bool] | None = None,
+                    resample: Callable[[], None] | None = None) -> tuple[Tensor, int, Tensor, bool]:
+    """Run ``n_steps`` steps at one scale -> ``(best image, steps so far, best loss per image (B,), stopped by
+    stop())``.
+
+    ``resample`` runs before each step (the sliced loss's new projections). With ``cfg.iterate_average``, an
+    exponential moving average of the iterates (bias-corrected, as in crowsonkb/style-transfer-pytorch) is
+    kept and scored once at the end, with the final iterate: it is returned only where its loss is below the
+    best iterate's.
+    """
     b, hw = x.shape[0], (x.shape[-2], x.shape[-1])
     sync_every = SYNC_EVERY.get(x.device.type, 1)
     # Adam steps are projected onto [0, 1]; L-BFGS's are not, since clipping behind its back corrupts
@@ -361,6 +511,9 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
     best = torch.full((b,), float("inf"), device=x.device)
     best_x = x.detach().clone()
     last_loss, last_parts = torch.zeros(b, device=x.device), torch.zeros(3, device=x.device)
+    decay = float(cfg.iterate_average)
+    average = x.detach().clone() if decay > 0 else None
+    averaged = torch.zeros((), device=x.device)  # iterates in the average (a tensor: graph-replayable)
 
     def advance() -> None:  # one step; every tensor it keeps is updated in place (graph-replayable)
         if project:
@@ -383,6 +536,10 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
                 adam.step()
             else:
                 lbfgs.step(x, grad)
+            if average is not None:  # EMA of the updated iterates, bias-corrected: the first one is itself
+                averaged.add_(1)
+                weight = (1 - decay) / (1 - torch.pow(decay, averaged))
+                average.lerp_(x.detach().clamp(0, 1) if project else x.detach(), weight)
 
     tiles = tiled.tiles if tiled is not None else 1
     graphed = cuda_graph and not project and x.device.type == "cuda" and n_steps > GRAPH_WARMUP + 1
@@ -397,6 +554,8 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
         if stop is not None and i == done and step > 0 and stop():
             stopped = True
             break
+        if resample is not None:
+            resample()
         if graphed and i < GRAPH_WARMUP:
             _on_side_stream(advance)  # warm-up steps (real steps) off the default stream, as capture wants
         else:
@@ -422,9 +581,17 @@ def _optimize_scale(loss_fn: Callable, x: Tensor, cfg: StyleConfig, n_steps: int
         with torch.no_grad():
             x.clamp_(0, 1)
     final = (tiled.value(x) if tiled is not None else loss_fn(x))[0].detach()
-    better = final < best
-    best_x = torch.where(better.view(-1, *[1] * (x.dim() - 1)), x.detach(), best_x)
-    return best_x, step, torch.where(better, final, best), stopped
+    shape = (-1, *[1] * (x.dim() - 1))
+    best_x = torch.where((final < best).view(shape), x.detach(), best_x)
+    best = torch.minimum(best, final)
+    if average is not None:
+        # the average was never a step's iterate: scored here, with the same objective (and, sliced, the same
+        # projections) as the final iterate, it replaces the best iterate only where it is better
+        a = average.detach().clone().requires_grad_(x.requires_grad)
+        scored = (tiled.value(a) if tiled is not None else loss_fn(a))[0].detach()
+        best_x = torch.where((scored < best).view(shape), average, best_x)
+        best = torch.minimum(best, scored)
+    return best_x, step, best, stopped
 
 
 GRAPH_WARMUP = 3  # eager steps before capture: cuDNN/cuBLAS choices and lazy state settle first

@@ -32,7 +32,7 @@ import torch
 from .config import StyleConfig
 from .errors import ConfigError, PlanError
 from .geometry import MIN_SIDE, target_size
-from .optimize import LBFGS_HISTORY, Layout, Objective, schedule, style_grams
+from .optimize import LBFGS_HISTORY, Layout, Objective, schedule, sliced_refusal, style_targets
 from .tiling import Geometry, geometry, tiles
 from .vgg import FeatureExtractor
 
@@ -146,7 +146,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     layers = cfg.layers
     geo = geometry(extractor.body, extractor.module_names, layers)
     x = torch.rand(1, 3, memory_size, memory_size, generator=torch.Generator().manual_seed(0)).to(device)
-    objective = Objective(extractor, cfg, x, style_grams(extractor, [x], (1.0,), cfg.style_layers, cfg.gram_norm))
+    objective = Objective(extractor, cfg, x, style_targets(extractor, [x], (1.0,), cfg))
     params = {p.untyped_storage().data_ptr() for p in extractor.parameters()}
     saved: dict[int, int] = {}
 
@@ -170,7 +170,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
         return costs
     side = timing_size or (512 if device.type == "cuda" else 256)
     x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device)
-    objective = Objective(extractor, cfg, x, style_grams(extractor, [x], (1.0,), cfg.style_layers, cfg.gram_norm))
+    objective = Objective(extractor, cfg, x, style_targets(extractor, [x], (1.0,), cfg))
 
     def fb() -> None:
         xr = x.clone().requires_grad_(True)
@@ -323,6 +323,8 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
     Each scale runs untiled where it fits; else tiled, with the largest tile that fits next to the
     full L-BFGS history, or, where that tile would be under ``GOOD_TILE`` px, next to fewer pairs.
     Raises :class:`PlanError` naming the largest ``size`` that fits when no tile fits at all.
+    ``style_loss="sliced"`` cannot run tiled: its scales run untiled with fewer pairs if need be, and a
+    :class:`~nsf.errors.ConfigError` on ``style_loss`` (naming the losses that tile) when even one pair does not fit.
     """
     scales = []
     align = costs.geometry.align
@@ -335,6 +337,12 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
 
         choice: tuple[tuple[int, int] | None, int] | None = (None, want) if fits(None, want) else None
         m = want
+        while choice is None and cfg.style_loss == "sliced":
+            if m == 1:
+                raise sliced_refusal(f"does not fit max_memory={format_bytes(budget or 0)} at {hw[1]}x{hw[0]} "
+                                     "untiled (a step would run tile by tile)")
+            m = max(1, m // 2)
+            choice = (None, m) if fits(None, m) else None
         while choice is None:
             top = math.ceil(max(hw) / align)
             def fits_tile(k: int, m: int = m) -> bool:

@@ -4,9 +4,10 @@ A VGG feature at one position depends only on the input pixels of that position'
 A tile of the input, widened by a halo that covers the field of the deepest layer used and started
 on that layer's pooling grid, therefore computes the whole image's features at the positions it
 *owns*: each layer's positions are split between the tiles, none twice. The losses are sums over
-positions (content MSE) or functions of such sums (Grams), so
+positions (content MSE) or functions of such sums (Grams; the means and second moments of the mean-covariance
+loss), so
 
-- pass 1 (no gradient) adds up each tile's share of every content MSE and every Gram, and
+- pass 1 (no gradient) adds up each tile's share of every content MSE, Gram and mean, and
 - with those sums fixed, pass 2 backpropagates each tile's share, weighted by the loss's derivative
   with respect to the sums, into the tile's pixels; the tiles' input gradients add up (their halos
   overlap) to the whole image's gradient.
@@ -184,12 +185,14 @@ def release_host_memory(device: torch.device) -> None:
 
 @dataclass
 class Sums:
-    """What pass 1 adds up: per-image content MSEs ``{layer: (B,)}``, Grams ``{layer: (B, C, C)}``, and
-    whole feature maps ``{layer: (B, C, h, w)}`` assembled from the tiles' owned positions."""
+    """What pass 1 adds up: per-image content MSEs ``{layer: (B,)}``, Grams ``{layer: (B, C, C)}``, feature
+    means ``{layer: (B, C)}``, and whole feature maps ``{layer: (B, C, h, w)}`` assembled from the tiles' owned
+    positions."""
 
     content: dict[str, Tensor] = field(default_factory=dict)
     grams: dict[str, Tensor] = field(default_factory=dict)
     kept: dict[str, Tensor] = field(default_factory=dict)
+    means: dict[str, Tensor] = field(default_factory=dict)
 
 
 class TiledFeatures:
@@ -224,12 +227,16 @@ class TiledFeatures:
         return _owned(t, self.geo, layer, self.height, self.width)
 
     def shares(self, feats: Mapping[str, Tensor], t: Tile, *, grams: Sequence[str] = (), norm: str = "chw",
-               content: Mapping[str, Tensor] | None = None) -> Sums:
-        """Tile ``t``'s share of the Grams of ``grams`` and of the MSEs against ``content`` (whole maps)."""
+               content: Mapping[str, Tensor] | None = None, means: Sequence[str] = ()) -> Sums:
+        """Tile ``t``'s share of the Grams of ``grams``, the means of ``means`` and the MSEs against ``content``
+        (whole maps)."""
         out = Sums()
         for n in grams:
             lr, lc, _, _ = self._owned(t, n)
             out.grams[n] = losses.gram(feats[n][..., lr, lc], norm, positions=self.positions(n))
+        for n in means:
+            lr, lc, _, _ = self._owned(t, n)
+            out.means[n] = losses.feature_mean(feats[n][..., lr, lc], positions=self.positions(n))
         for n, target in (content or {}).items():
             lr, lc, gr, gc = self._owned(t, n)
             out.content[n] = losses.content_loss(feats[n][..., lr, lc], target[..., gr, gc],
@@ -238,13 +245,13 @@ class TiledFeatures:
 
     @torch.no_grad()
     def sums(self, images: Tensor, *, grams: Sequence[str] = (), norm: str = "chw",
-             content: Mapping[str, Tensor] | None = None, keep: Sequence[str] = ()) -> Sums:
-        """Pass 1 over ``images`` ``(B, 3, H, W)``: whole-image Grams, MSEs and kept maps, no gradient."""
+             content: Mapping[str, Tensor] | None = None, keep: Sequence[str] = (), means: Sequence[str] = ()) -> Sums:
+        """Pass 1 over ``images`` ``(B, 3, H, W)``: whole-image Grams, means, MSEs and kept maps, no gradient."""
         total = Sums()
         for t in self.tiles:
             feats = self.extractor(images[..., t.wr0:t.wr1, t.wc0:t.wc1])
-            part = self.shares(feats, t, grams=grams, norm=norm, content=content)
-            for mine, theirs in ((total.grams, part.grams), (total.content, part.content)):
+            part = self.shares(feats, t, grams=grams, norm=norm, content=content, means=means)
+            for mine, theirs in ((total.grams, part.grams), (total.content, part.content), (total.means, part.means)):
                 for n, v in theirs.items():
                     mine[n] = mine[n] + v if n in mine else v
             if len(self.tiles) > 1:
@@ -263,20 +270,24 @@ class TiledFeatures:
 
     def backward(self, images: Tensor, d_grams: Mapping[str, Tensor], d_content: Mapping[str, Tensor],
                  content: Mapping[str, Tensor], norm: str = "chw",
-                 on_tile: Callable[[int, int], None] | None = None) -> Tensor:
+                 on_tile: Callable[[int, int], None] | None = None,
+                 d_means: Mapping[str, Tensor] | None = None) -> Tensor:
         """Pass 2: the gradient of a loss of the whole-image sums, given its derivatives ``d_grams``
-        (``(B, C, C)`` per layer) and ``d_content`` (``(B,)`` per layer) with respect to them.
+        (``(B, C, C)`` per layer), ``d_content`` (``(B,)`` per layer) and ``d_means`` (``(B, C)`` per layer) with
+        respect to them.
 
         Returns ``(B, 3, H, W)``: each tile's gradient of ``sum(d * its share)``, added over the tiles.
         """
         grad = torch.zeros_like(images)
+        d_means = d_means or {}
         for i, t in enumerate(self.tiles):
             window = images[..., t.wr0:t.wr1, t.wc0:t.wc1].detach().requires_grad_(True)
             with torch.enable_grad():
                 part = self.shares(self.extractor(window), t, grams=list(d_grams), norm=norm,
-                                   content={n: content[n] for n in d_content})
+                                   content={n: content[n] for n in d_content}, means=list(d_means))
                 surrogate = sum((d_grams[n] * g).sum() for n, g in part.grams.items()) \
-                    + sum((d_content[n] * c).sum() for n, c in part.content.items())
+                    + sum((d_content[n] * c).sum() for n, c in part.content.items()) \
+                    + sum((d_means[n] * m).sum() for n, m in part.means.items())
                 (g,) = torch.autograd.grad(cast(Tensor, surrogate), window)  # a sum of tensors (typed: | int)
             grad[..., t.wr0:t.wr1, t.wc0:t.wc1] += g
             del window, part, surrogate, g  # the next tile's forward runs without this one's buffers

@@ -59,8 +59,34 @@ def test_list_flags_parse():
                                       "--style-blend-weights", "0.7,0.3", "--preserve-color"])
     assert args.style_layers == ("relu1_1", "relu2_1")
     assert args.style_blend_weights == (0.7, 0.3)
-    assert args.preserve_color is True
+    assert args.preserve_color == "luminance"
     assert args.styles == ["s", "t"]
+
+
+@pytest.mark.parametrize("flags,expected", [(["--preserve-color"], "luminance"),
+                                            (["--preserve-color", "histogram"], "histogram"),
+                                            (["--no-preserve-color"], "off"), ([], None)])
+def test_preserve_color_flag_forms(flags, expected):
+    """--preserve-color alone still means the luminance transfer it meant as a boolean flag."""
+    args = build_parser().parse_args(["stylize", "c", "s", "-o", "o.png", *flags])
+    assert args.preserve_color == expected
+
+
+def test_bare_preserve_color_runs_the_luminance_transfer(pair, tmp_path, capsys, shared_model):
+    flags = [*(x for kv in FAST_FLAGS.items() for x in kv), "--preserve-color"]
+    assert _stylize(tmp_path, pair, flags, capsys)["params"]["preserve_color"] == "luminance"
+    flags = [*(x for kv in FAST_FLAGS.items() for x in kv), "--style-loss", "sliced"]
+    assert _stylize(tmp_path, pair, flags, capsys)["params"]["style_loss"] == "sliced"
+
+
+def test_a_bad_choice_is_an_error_naming_the_choices(pair, tmp_path, capsys, shared_model):
+    from nsf.cli import main
+
+    content, style = pair
+    code = main(["stylize", str(content), str(style), "-o", str(tmp_path / "o.png"), "--no-progress",
+                 "--preserve-color", "sepia"])
+    err = capsys.readouterr().err
+    assert code == 2 and "preserve_color 'sepia'" in err and "allowed: off, luminance, histogram" in err
 
 
 def test_stylize_writes_png_with_provenance(pair, tmp_path):
@@ -166,12 +192,14 @@ FLAG_RUNS: dict[str, tuple[list[str], object, list[str]]] = {
     "style_layer_weights": (["0.25,0.75"], [0.25, 0.75], []),
     "normalize_losses": ([], False, []),  # --no-normalize-losses
     "gram_norm": (["none"], "none", []),
+    "style_loss": (["mean_cov"], "mean_cov", []),
     "optimizer": (["adam"], "adam", ["--lr", "0.01"]),
     "lr": (["0.5"], 0.5, []),
+    "iterate_average": (["0.5"], 0.5, []),
     "init": (["noise"], "noise", []),  # crashed with "got multiple values for keyword argument 'init'"
     "style_blend_weights": (["0.7,0.3"], [0.7, 0.3], []),  # with two styles
     "style_scale": (["0.5"], 0.5, []),
-    "preserve_color": ([], True, []),  # --preserve-color
+    "preserve_color": (["histogram"], "histogram", []),  # --preserve-color alone: test_preserve_color_flag_forms
     "seed": (["3"], 3, []),
     "scales": (["0.5,1.0"], [0.5, 1.0], ["--scale-steps", "0.5,0.5"]),
     "scale_steps": (["1.0"], [1.0], []),

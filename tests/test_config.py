@@ -147,6 +147,12 @@ BAD_VALUES = [
         ({"style_layer_weights": ("a", "b")}, "style_layer_weights=('a', 'b')"),
         ({"init": "start.png"}, "init='start.png'"),
         ({"style_layers": "relu1_1,relu2_1"}, "'relu1_1,relu2_1'"),
+        ({"style_loss": "wasserstein"}, "'wasserstein'"),
+        ({"preserve_color": "sepia"}, "'sepia'"),
+        ({"preserve_color": "true"}, "'true'"),  # text is a choice; only the bools True/False are aliases
+        ({"iterate_average": -0.1}, "iterate_average=-0.1"),
+        ({"iterate_average": 1.0}, "iterate_average=1.0"),
+        ({"iterate_average": 1.5}, "iterate_average=1.5"),
 ]
 
 
@@ -171,7 +177,7 @@ def test_bad_values_raise_a_config_error_with_field_value_and_allowed(overrides,
     if len(overrides) == 1 and err.field in overrides and "sequence" not in str(err):
         value = overrides[err.field]  # the value at fault: the option, or the one item of it that is out of range
         assert repr(err.value) in repr(value) or repr(value) in repr(err.value), err
-    if err.field in ("optimizer", "gram_norm", "resize", "stroke_scale", "init"):
+    if err.field in ("optimizer", "gram_norm", "resize", "stroke_scale", "init", "style_loss", "preserve_color"):
         assert isinstance(err.allowed, list) and err.value not in err.allowed
 
 
@@ -238,3 +244,26 @@ def test_large_size_options_accept_their_forms():
     cfg = make_config(base_size=0, refine_steps=[4, 2], stroke_scale="pixels")
     assert (cfg.base_size, cfg.refine_steps, cfg.stroke_scale) == (0, (4, 2), "pixels")
     assert make_config(refine_steps=3).refine_steps == (3,)
+
+
+def test_preserve_color_is_a_choice_that_still_takes_bools():
+    assert StyleConfig().preserve_color == "off"
+    assert make_config(preserve_color=True).preserve_color == "luminance"
+    assert make_config(preserve_color=False).preserve_color == "off"
+    for mode in C.COLOR_MODES:
+        assert make_config(preserve_color=mode).preserve_color == mode
+    assert make_config(preserve_color=True).replace(steps=3).preserve_color == "luminance"
+    with pytest.raises(ConfigError) as e:  # built directly, a bool is not mapped: validate names the choices
+        C.validate(StyleConfig(preserve_color=True))  # type: ignore[arg-type]
+    assert e.value.field == "preserve_color" and e.value.allowed == list(C.COLOR_MODES)
+
+
+def test_style_loss_and_iterate_average_defaults_and_choices():
+    cfg = StyleConfig()
+    assert (cfg.style_loss, cfg.iterate_average) == ("gram", 0.0)
+    for loss in ("gram", "mean_cov", "sliced"):
+        assert make_config(style_loss=loss).style_loss == loss
+    assert make_config(iterate_average=0.99).iterate_average == 0.99
+    with pytest.raises(ConfigError) as e:
+        make_config(style_loss="wasserstein")
+    assert e.value.allowed == ["gram", "mean_cov", "sliced"]

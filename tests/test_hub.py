@@ -29,6 +29,24 @@ def test_local_load_offline_and_stylize(empty_torch_home, tmp_path):
     assert list(empty_torch_home.iterdir()) == []  # nothing was downloaded or cached
 
 
+def test_new_options_through_the_hub(empty_torch_home):
+    """style_loss, iterate_average and preserve_color (a choice; True/False as before) as hub kwargs: the
+    model's defaults, and per call."""
+    model = torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu", style_loss="mean_cov",
+                           iterate_average=0.5, preserve_color=True)
+    assert (model.config.style_loss, model.config.iterate_average, model.config.preserve_color) == \
+        ("mean_cov", 0.5, "luminance")
+    content = Image.new("RGB", (40, 32), (200, 60, 60))
+    style = Image.effect_noise((40, 40), 60).convert("RGB")
+    out = model.stylize(content, style, size=32, steps=2, style_loss="sliced", preserve_color="histogram")
+    assert isinstance(out, Image.Image)
+    params = model.last_metadata["params"]
+    assert (params["style_loss"], params["iterate_average"], params["preserve_color"]) == \
+        ("sliced", 0.5, "histogram")
+    with pytest.raises(ValueError, match="allowed: gram, mean_cov, sliced"):
+        torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu", style_loss="w2")
+
+
 def test_list_shows_only_public_entry_points(local_repo):
     assert torch.hub.list("owner/nsf", trust_repo=True) == ["style_fusion"]
 

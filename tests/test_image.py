@@ -340,6 +340,34 @@ def test_recolor_keeps_content_chroma_and_output_luminance():
     assert_close(yiq[:, :1], im.rgb_to_yiq(output)[:, :1], atol=1e-5, rtol=0)
 
 
+def _colour_stats(t):
+    flat = t.double().flatten(2)
+    mean = flat.mean(-1)
+    c = flat - mean.unsqueeze(-1)
+    return mean, c @ c.transpose(1, 2) / flat.shape[-1]
+
+
+def test_match_color_gives_the_style_each_contents_colour_mean_and_covariance():
+    content = smooth_image(20, 24, seed=13, batch=2, lo=0.3, hi=0.7)
+    style = smooth_image(16, 16, seed=14, lo=0.35, hi=0.65)
+    out = im.match_color(style, content)
+    assert out.shape == (2, 3, 16, 16) and out.dtype == style.dtype
+    assert 0 < float(out.min()) and float(out.max()) < 1  # nothing clipped: the statistics are exact
+    mean_o, cov_o = _colour_stats(out)
+    mean_c, cov_c = _colour_stats(content)
+    assert_close(mean_o, mean_c, atol=1e-6, rtol=0)
+    assert_close(cov_o, cov_c, atol=1e-7, rtol=0)
+    # the style's structure is kept: a linear map of its colours, the same for every pixel
+    flat_s = style.double().flatten(2)[0]
+    a = out.double().flatten(2)[0] - mean_c[0].unsqueeze(-1)
+    solved = torch.linalg.lstsq((flat_s - flat_s.mean(-1, keepdim=True)).T, a.T).solution
+    assert_close((flat_s - flat_s.mean(-1, keepdim=True)).T @ solved, a.T, atol=1e-5, rtol=0)
+    # a style whose colours lie on a line (a singular covariance): finite, in range
+    line = torch.stack([style[:, 0], 1 - style[:, 0], style[:, 0] * 0 + 0.5], 1)
+    out = im.match_color(line, content)
+    assert torch.isfinite(out).all() and 0 <= float(out.min()) and float(out.max()) <= 1
+
+
 # --- PNG metadata --------------------------------------------------------------------------------------
 
 

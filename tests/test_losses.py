@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -174,3 +176,108 @@ def test_losses_keep_gradients():
     f = torch.randn(1, 2, 3, 3, requires_grad=True)
     (losses.style_loss(f, torch.zeros(1, 2, 2)) + losses.tv_loss(f)).sum().backward()
     assert f.grad is not None and torch.isfinite(f.grad).all()
+
+
+# --- mean and covariance (Wasserstein-2 between Gaussians) ----------------------------------------------------
+
+
+def _w2_of_features(f: torch.Tensor, target: losses.Gaussian) -> torch.Tensor:
+    c = f.shape[1]
+    return losses.w2_gaussian(losses.feature_mean(f), losses.gram(f, "chw") * c, target)
+
+
+def _target_of(f: torch.Tensor) -> losses.Gaussian:
+    return losses.gaussian(losses.feature_mean(f), losses.gram(f, "chw") * f.shape[1])
+
+
+def test_feature_mean_and_second_moment_by_hand():
+    f = _features_2x1x2()  # channels [1, 2] and [3, 4]
+    assert_close(losses.feature_mean(f), torch.tensor([[1.5, 3.5]]))
+    moment = losses.gram(f, "chw") * 2  # F F^T / N
+    cov = losses.covariance(losses.feature_mean(f), moment)
+    assert_close(cov, torch.tensor([[[0.25, 0.25], [0.25, 0.25]]]))  # both channels: values +-0.5 about the mean
+
+
+def test_w2_one_channel_is_mean_and_std_difference():
+    """C = 1: W2^2 between N(m1, v1) and N(m2, v2) is (m1 - m2)^2 + (sqrt(v1) - sqrt(v2))^2 (eps added to both)."""
+    x = torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64).view(1, 1, 2, 2)  # mean 4, variance 5
+    s = torch.tensor([0.0, 2.0, 0.0, 2.0], dtype=torch.float64).view(1, 1, 2, 2)  # mean 1, variance 1
+    target = _target_of(s)
+    eps = float(target.eps)
+    assert eps == pytest.approx(losses.W2_EPS * 1.0 + 1e-12)
+    expected = (4 - 1) ** 2 + (math.sqrt(5 + eps) - math.sqrt(1 + eps)) ** 2
+    assert float(_w2_of_features(x, target)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 6), (1, 12, 2, 3)], ids=["more positions", "more channels"])
+def test_w2_is_zero_at_the_styles_own_features(shape):
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(*shape, generator=g, dtype=torch.float64).relu() + 0.1  # relu-like, rank-deficient when C > N
+    value = _w2_of_features(f, _target_of(f))
+    scale = _w2_of_features(torch.zeros_like(f), _target_of(f))
+    assert value.shape == (shape[0],)
+    assert float(value.abs().max()) < 1e-10 * float(scale.min())
+    # float32 features: the cross term runs in float64 all the same
+    f32 = f.float()
+    assert float(_w2_of_features(f32, _target_of(f32)).abs().max()) < 1e-4 * float(scale.min())
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (1, 6, 2, 2)], ids=["more positions", "more channels"])
+def test_w2_gradient_matches_float64_finite_differences(shape):
+    g = torch.Generator().manual_seed(4)
+    style = torch.randn(1, *shape[1:], generator=g, dtype=torch.float64) * 2 + 1
+    f = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    target = _target_of(style)
+    # central differences of step 1e-5 agree to 3e-8 (1e-6 is roundoff-bound: the loss subtracts traces)
+    assert torch.autograd.gradcheck(lambda t: _w2_of_features(t, target), (f,), eps=1e-5, atol=1e-6, rtol=1e-5)
+
+
+def test_w2_is_batched_per_image():
+    g = torch.Generator().manual_seed(5)
+    f = torch.randn(3, 4, 5, 5, generator=g)
+    target = _target_of(torch.randn(1, 4, 6, 6, generator=g))
+    batched = _w2_of_features(f, target)
+    assert_close(batched, torch.cat([_w2_of_features(f[i : i + 1], target) for i in range(3)]))
+
+
+# --- sliced Wasserstein ---------------------------------------------------------------------------------------
+
+
+def test_directions_are_unit_vectors_and_reproducible():
+    d = losses.directions(7, 5, torch.Generator().manual_seed(1))
+    assert d.shape == (7, 5)
+    assert_close(d.norm(dim=0), torch.ones(5))
+    assert torch.equal(d, losses.directions(7, 5, torch.Generator().manual_seed(1)))
+    assert not torch.equal(d, losses.directions(7, 5, torch.Generator().manual_seed(2)))
+
+
+def test_sliced_loss_is_invariant_to_permuting_positions():
+    g = torch.Generator().manual_seed(6)
+    f = torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64)
+    dirs = losses.directions(5, 5, g, dtype=torch.float64)
+    target = losses.sorted_projections(torch.randn(1, 5, 6, 7, generator=g, dtype=torch.float64), dirs)
+    perm = torch.randperm(42, generator=g)
+    shuffled = f.flatten(2)[..., perm].reshape(f.shape)
+    assert not torch.equal(shuffled, f)
+    assert_close(losses.sliced_wasserstein(shuffled, dirs, target), losses.sliced_wasserstein(f, dirs, target),
+                 rtol=0, atol=0)
+    # a position-wise loss is not: the MSE against the same shuffled map changes
+    assert float(losses.mse_per_image(shuffled, f).min()) > 0
+
+
+def test_sliced_loss_is_zero_at_its_target_and_by_hand():
+    f = _features_2x1x2()  # positions (1, 3) and (2, 4)
+    dirs = torch.tensor([[1.0], [0.0]])  # project on channel 0: values 1, 2
+    assert_close(losses.sorted_projections(f, dirs), torch.tensor([[[1.0, 2.0]]]))
+    assert float(losses.sliced_wasserstein(f, dirs, torch.tensor([[[1.0, 2.0]]]))) == 0.0
+    # sorted 1, 2 against 0, 4: ((1-0)^2 + (2-4)^2) / 2
+    assert float(losses.sliced_wasserstein(f, dirs, torch.tensor([[[0.0, 4.0]]]))) == pytest.approx(2.5)
+
+
+def test_resampled_quantiles_keep_the_ends_and_the_order():
+    v = torch.tensor([[[0.0, 1.0, 3.0, 7.0]]])
+    assert torch.equal(losses.resample_sorted(v, 4), v)
+    up = losses.resample_sorted(v, 7)
+    assert_close(up, torch.tensor([[[0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0]]]))
+    down = losses.resample_sorted(v, 2)
+    assert_close(down, torch.tensor([[[0.0, 7.0]]]))

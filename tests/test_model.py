@@ -185,6 +185,39 @@ def test_stop_and_previews_through_stylize(model):
     assert model.last_partial is None and "partial" not in model.last_metadata
 
 
+def test_histogram_color_gives_the_output_the_contents_colours(model):
+    """preserve_color="histogram": the style is recoloured to the content's colour statistics before the
+    transfer, so an output that takes the style's colours (from noise, style only) takes the content's."""
+    content = smooth_image(32, 32, seed=25, lo=0.3, hi=0.7)
+    content[:, 2] *= 0.3  # a yellow-ish content
+    style = smooth_image(32, 32, seed=26)
+    style[:, 0] *= 0.2  # a blue-green style
+    opts = {**FAST, "steps": 15, "init": "noise", "content_weight": 0.0}
+    colour = {mode: model.stylize(content, style, **opts, preserve_color=mode).mean((2, 3))
+              for mode in ("off", "histogram")}
+    target = content.mean((2, 3))
+    assert float((colour["histogram"] - target).abs().max()) < 0.5 * float((colour["off"] - target).abs().max())
+    assert model.last_metadata["params"]["preserve_color"] == "histogram"
+
+
+def test_preserve_color_bools_are_the_old_modes(model):
+    content, style = smooth_image(32, 32, seed=27), random_image(32, 32, seed=28)
+    assert torch.equal(model.stylize(content, style, **FAST, preserve_color=True),
+                       model.stylize(content, style, **FAST, preserve_color="luminance"))
+    assert model.last_metadata["params"]["preserve_color"] == "luminance"
+    off = model.stylize(content, style, **FAST, preserve_color=False)
+    assert torch.equal(off, model.stylize(content, style, **FAST))
+
+
+@pytest.mark.parametrize("loss", ["mean_cov", "sliced"])
+def test_new_style_losses_and_averaging_through_stylize(model, loss):
+    content, style = smooth_image(32, 32, seed=29), random_image(40, 40, seed=30)
+    out = model.stylize(content, style, **FAST, style_loss=loss, iterate_average=0.5)
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    params = model.last_metadata["params"]
+    assert (params["style_loss"], params["iterate_average"]) == (loss, 0.5)
+
+
 def test_model_level_options_are_defaults(model):
     m = nsf.style_fusion(device="cpu", preset="fast", steps=7)
     assert m.config == nsf.make_config("fast", steps=7)

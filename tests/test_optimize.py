@@ -179,7 +179,107 @@ def test_style_grams_blend(model):
         assert_close(blend[n], 0.75 * g1[n] + 0.25 * g2[n], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("loss", ["mean_cov", "sliced"])
+def test_new_losses_are_normalized_to_one_per_layer_at_the_content(model, loss):
+    """As the gram loss: at x = content each style layer's normalized term is 1, so weights mean the same."""
+    cfg = small_cfg(style_loss=loss, style_weight=2.5, style_layer_weights=(1.0, 2.0, 3.0))
+    ex = model.extractor(CONTENT + STYLE)
+    content, style = smooth_image(32, 32, seed=4), random_image(32, 32, seed=5)
+    objective = O.Objective(ex, cfg, content, O.style_targets(ex, [style], (1.0,), cfg))
+    _, parts = objective(content)  # sliced: the projections the normalizers were computed with
+    assert_close(parts[0, 1], torch.tensor(2.5 * 6.0), rtol=1e-5, atol=0)
+
+
+def test_mean_cov_targets_blend_as_a_mixture(model):
+    cfg = small_cfg(style_loss="mean_cov")
+    ex = model.extractor(STYLE)
+    s1, s2 = smooth_image(32, 32, seed=13), random_image(32, 32, seed=14)
+    one, two = (O.style_targets(ex, [s], (1.0,), cfg).gaussians for s in (s1, s2))
+    blend = O.style_targets(ex, [s1, s2], (3.0, 1.0), cfg).gaussians
+    for n in STYLE:
+        mean = 0.75 * one[n].mean + 0.25 * two[n].mean
+        assert_close(blend[n].mean, mean)
+        # the mixture's covariance: the blended second moments minus the blended mean's outer product
+        moment = [g.cov - g.eps.view(-1, 1, 1) * torch.eye(g.cov.shape[-1], dtype=g.cov.dtype)
+                  + g.mean.unsqueeze(-1) * g.mean.unsqueeze(-2) for g in (one[n], two[n])]
+        cov = 0.75 * moment[0] + 0.25 * moment[1] - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
+        top = float(moment[0].abs().max())  # float32 moments: compared to their own precision
+        assert_close(blend[n].cov - blend[n].eps.view(-1, 1, 1) * eye, cov, rtol=0, atol=1e-6 * top)
+
+
 # --- the loop ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["mean_cov", "sliced"])
+def test_tiny_run_lowers_the_new_style_losses(model, loss):
+    cfg = small_cfg(steps=10, style_weight=10.0, style_loss=loss)
+    ex = model.extractor(CONTENT + STYLE)
+    content, style = smooth_image(32, 32, seed=15), random_image(32, 32, seed=16)
+    seen = []
+    out = O.run(ex, content, [style], cfg, callback=seen.append)
+    assert len(seen) == 10
+    # scored by one objective (sliced: one fixed set of projections), not by the run's
+    objective = O.Objective(ex, cfg, content, O.style_targets(ex, [style], (1.0,), cfg),
+                            generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        start, end = objective(content)[1], objective(out)[1]
+    assert float(end[0, 1]) < 0.5 * float(start[0, 1]), (start, end)
+
+
+def test_sliced_runs_are_reproducible_from_the_seed(model):
+    cfg = small_cfg(steps=4, style_loss="sliced")
+    ex = model.extractor(CONTENT + STYLE)
+    content, style = smooth_image(32, 32, seed=17), random_image(40, 24, seed=18)  # style positions != image's
+
+    def once(seed):
+        return O.run(ex, content, [style], cfg, generator=torch.Generator().manual_seed(seed))
+
+    a = once(1)
+    assert torch.equal(a, once(1))
+    assert not torch.equal(a, once(2))  # fresh projections are drawn from the run's generator
+
+
+def _recorded_scale(cfg, n_steps):
+    """_optimize_scale on a quadratic per image, recording every image it scores."""
+    target = smooth_image(8, 8, seed=19, batch=2, lo=0.2, hi=0.8)
+    scored = []
+
+    def loss_fn(x):
+        scored.append(x.detach().clone())
+        loss = (x - target).pow(2).flatten(1).sum(1)
+        return loss, torch.stack([loss, torch.zeros_like(loss), torch.zeros_like(loss)], dim=1)
+
+    x = smooth_image(8, 8, seed=20, batch=2).requires_grad_(True)
+    out, _ = O._optimize_scale(loss_fn, x, cfg, n_steps, 0, n_steps, 0, None)
+    losses = torch.stack([(s - target).pow(2).flatten(1).sum(1) for s in scored])  # (calls, B)
+    return out, scored, losses
+
+
+def test_iterate_average_is_an_ema_scored_before_it_is_returned():
+    """Adam with a large step circles the optimum: the average of its iterates is closer than any of them."""
+    n, decay = 12, 0.8
+    out, scored, losses = _recorded_scale(make_config(optimizer="adam", lr=0.3, tol=0.0, iterate_average=decay), n)
+    assert len(scored) == n + 2  # n steps, the final iterate, the average
+    iterates = scored[1 : n + 1]  # x_1 .. x_n: the images after each update
+    weights = torch.tensor([(1 - decay) * decay ** (n - k) for k in range(1, n + 1)]) / (1 - decay**n)
+    expected = sum(w * x for w, x in zip(weights, iterates))
+    assert_close(scored[-1], expected, rtol=1e-5, atol=1e-6)
+    assert bool((losses[-1] < losses[:-1].min(0).values).all())  # the average won, for both images...
+    assert torch.equal(out, scored[-1])  # ...and is what came back
+
+
+def test_best_iterate_is_kept_when_the_average_is_worse():
+    """L-BFGS converges on a quadratic: the average drags its early iterates along, the best iterate wins."""
+    n = 6
+    out, scored, losses = _recorded_scale(make_config(tol=0.0, iterate_average=0.9), n)
+    assert len(scored) == n + 2
+    assert bool((losses[-1] > losses[:-1].min(0).values).all())
+    best = losses[:-1].argmin(0)  # per image, among the iterates scored
+    for b in range(2):
+        assert torch.equal(out[b], scored[int(best[b])][b])
+    plain, _, _ = _recorded_scale(make_config(tol=0.0), n)
+    assert torch.equal(out, plain)  # the same result as without averaging
 
 
 def test_tiny_run_lowers_the_style_loss(model):

@@ -87,6 +87,24 @@ def test_a_budget_too_small_for_any_tile_names_the_largest_size_that_fits(costs)
         P.plan(costs, cfg.replace(size=top + 1), (8192, 8192), budget=3 * GB, in_use=GB)
 
 
+def test_sliced_runs_untiled_with_fewer_pairs_or_is_refused(model):
+    """The sliced loss sorts over the whole image: the planner gives up L-BFGS pairs rather than tile it, and
+    refuses it (a ConfigError on style_loss naming the losses that tile) where even one pair does not fit; the
+    same budget tiles the mean-covariance loss."""
+    cfg = make_config(size=2048, base_size=2048, scales=(1.0,), scale_steps=(1.0,), steps=40, style_loss="sliced")
+    costs = model.costs(cfg)
+    free = P.plan(costs, cfg, (2048, 2048), budget=None, in_use=GB)
+    squeezed = P.plan(costs, cfg, (2048, 2048), budget=free.peak_bytes - 2 * GB, in_use=GB)
+    assert not squeezed.tiled and squeezed.scales[-1].history < free.scales[-1].history
+    with pytest.raises(ConfigError) as e:
+        P.plan(costs, cfg, (2048, 2048), budget=4 * GB, in_use=GB)
+    assert not isinstance(e.value, PlanError)
+    assert e.value.field == "style_loss" and e.value.allowed == ["gram", "mean_cov"]
+    assert "does not fit max_memory=4.00 GB at 2048x2048" in str(e.value)
+    mean_cov = cfg.replace(style_loss="mean_cov")
+    assert P.plan(model.costs(mean_cov), mean_cov, (2048, 2048), budget=4 * GB, in_use=GB).tiled
+
+
 def test_plan_table_and_dict(model):
     plan = model.plan((300, 400), size=1024, timing=False)
     assert plan.content == (300, 400) and plan.scales[-1].size == (768, 1024)

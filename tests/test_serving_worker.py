@@ -295,3 +295,21 @@ def test_the_fuzz_reaches_the_optimizer_too(tight_worker):
     """A valid request through the same tight worker: the fuzz's 200 branch is not dead code."""
     (out,) = tight_worker.answer([{"content": GOOD, "style": GOOD_JPEG}])
     assert image_of(out).size == (32, 24)
+
+
+# --- choice options (preserve_color: off | luminance | histogram, and the booleans it used to take) ----
+
+
+@pytest.mark.parametrize("value,mode", [("histogram", "histogram"), ("luminance", "luminance"), ("off", "off"),
+                                        ("true", "luminance"), ("false", "off")])
+def test_preserve_color_choice(worker, value, mode):
+    out = answer(worker, multipart(preserve_color=value))
+    assert out.status == 200 and read_metadata(out.body)["params"]["preserve_color"] == mode
+
+
+def test_preserve_color_json_bool_and_a_bad_choice(worker):
+    out = answer(worker, json_body(preserve_color=False))
+    assert out.status == 200 and read_metadata(out.body)["params"]["preserve_color"] == "off"
+    out = answer(worker, json_body(preserve_color="sepia"))
+    assert out.status == 400 and out.body["field"] == "preserve_color"
+    assert out.body["allowed"] == ["off", "luminance", "histogram", "true", "false"]

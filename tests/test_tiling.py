@@ -1,5 +1,6 @@
 """nsf.tiling: the receptive-field geometry, the tiles, and exact tiled steps proven equal to untiled ones
-(loss and gradient, 1e-9 in float64, float32 to its precision) for the default and a deep layer set."""
+(loss and gradient, 1e-9 in float64, float32 to its precision) for the default and a deep layer set, with the
+gram and the mean-covariance style losses; the sliced loss refuses to tile."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch.testing import assert_close
 from nsf import optimize as O
 from nsf import tiling
 from nsf.config import make_config
+from nsf.errors import ConfigError
 from nsf.vgg import FeatureExtractor
 
 DEFAULT = make_config()
@@ -78,8 +80,8 @@ def test_tiles_partition_the_image_on_the_grid(model):
 
 
 def _objectives(ext, cfg, content, style, tile):
-    grams = O.style_grams(ext, [style], (1.0,), cfg.style_layers, cfg.gram_norm)
-    return O.Objective(ext, cfg, content, grams), O.Objective(ext, cfg, content, grams, tile=tile)
+    targets = O.style_targets(ext, [style], (1.0,), cfg)
+    return O.Objective(ext, cfg, content, targets), O.Objective(ext, cfg, content, targets, tile=tile)
 
 
 CASES = [  # float64 proves equality (its windows reach the image's edges); float32 adds interior tiles with whole halos
@@ -87,6 +89,10 @@ CASES = [  # float64 proves equality (its windows reach the image's edges); floa
     pytest.param(torch.float64, 1e-9, DEEP, (112, 144), (64, 64), id="f64-deep"),
     pytest.param(torch.float32, 2e-5, DEFAULT.replace(tv_weight=0.5), (256, 288), (64, 96), id="f32-default"),
     pytest.param(torch.float32, 2e-5, DEEP, (200, 256), (64, 96), id="f32-deep"),
+    # mean_cov is a function of position sums too (means and F F^T / N): it tiles exactly
+    pytest.param(torch.float64, 1e-9, DEFAULT.replace(style_loss="mean_cov"), (112, 144), (48, 64), id="f64-mean-cov"),
+    pytest.param(torch.float64, 1e-9, DEEP.replace(style_loss="mean_cov"), (112, 144), (64, 64),
+                 id="f64-deep-mean-cov"),
 ]
 
 
@@ -114,6 +120,30 @@ def test_tiled_step_equals_untiled(model, dtype, rtol, cfg, hw, tile):
         assert_close(tiled.content_targets[n], whole.content_targets[n], rtol=0, atol=0)
     for n in cfg.style_layers:
         assert_close(tiled.style_scale[n], whole.style_scale[n], rtol=rtol * 10, atol=0)
+
+
+def test_tiled_style_targets_equal_untiled(model):
+    cfg = DEFAULT.replace(style_loss="mean_cov")
+    ext = extractor(model, cfg, torch.float64)
+    style = random_image(130, 170, seed=4).to(torch.float64)
+    whole = O.style_targets(ext, [style], (1.0,), cfg)
+    tiled = O.style_targets(ext, [style], (1.0,), cfg, tile=(32, 48))
+    for n in cfg.style_layers:
+        a, b = whole.gaussians[n], tiled.gaussians[n]
+        assert_close(b.mean, a.mean, rtol=1e-10, atol=0)
+        assert_close(b.cov, a.cov, rtol=1e-10, atol=1e-10 * float(a.cov.abs().max()))
+
+
+def test_sliced_refuses_to_tile(model):
+    cfg = make_config(style_loss="sliced", content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"))
+    ext = extractor(model, cfg)
+    content, style = random_image(64, 64, seed=1), random_image(48, 48, seed=2)
+    targets = O.style_targets(ext, [style], (1.0,), cfg)
+    O.Objective(ext, cfg, content, targets, tile=(64, 64))  # one tile is the whole image: fine
+    with pytest.raises(ConfigError) as e:
+        O.Objective(ext, cfg, content, targets, tile=(32, 32))
+    assert e.value.field == "style_loss" and e.value.allowed == ["gram", "mean_cov"]
+    assert "allowed: gram, mean_cov" in str(e.value)
 
 
 def test_tiled_style_grams_equal_untiled(model):
@@ -155,6 +185,11 @@ def test_tiled_run_equals_untiled_run_in_float64(model):
     assert_close(tiled, whole, rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="one per scale"):
         O.run(ext, content, [style], cfg, layout=[O.Layout()] * 3)
+    # the mean-covariance loss, with an average of iterates scored at each scale's end
+    cfg = cfg.replace(style_loss="mean_cov", iterate_average=0.5)
+    whole = O.run(ext, content, [style], cfg)
+    tiled = O.run(ext, content, [style], cfg, layout=[O.Layout((16, 32)), O.Layout((32, 64))])
+    assert_close(tiled, whole, rtol=0, atol=1e-9)
 
 
 def test_on_tile_reports_each_tile(model):

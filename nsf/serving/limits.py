@@ -25,6 +25,11 @@ SERVER_ONLY = frozenset({"init", "max_pixels"})
 RANGED = ("size", "steps")  # options whose range the server narrows (max_size, max_steps)
 HINTS = typing.get_type_hints(StyleConfig)
 _SCALAR_KINDS = (int, float, bool)
+# str options with a fixed set of values (StyleConfig metadata "choices"; "bool_choices": the values true and
+# false mean, for an option that used to be a bool): a client sends one of the names, or a boolean there
+CHOICES = {f.name: tuple(f.metadata["choices"]) for f in dataclasses.fields(StyleConfig) if "choices" in f.metadata}
+BOOL_CHOICES = {f.name: tuple(f.metadata["bool_choices"]) for f in dataclasses.fields(StyleConfig)
+                if "bool_choices" in f.metadata}
 DEFAULT_CALIBRATE = (128, 6)  # (size, steps) of the start-up timing run, where model-config.yaml names none
 _DEVICE_KEYS = {"max_size", "max_steps", "compile", "warmup_sizes", "warmup_steps", "calibrate", "max_memory"}
 _SECTION_KEYS = {"preset", "overrides", "fields", "max_styles", "max_pixels", "max_request_bytes", "devices",
@@ -140,9 +145,9 @@ def _check_limits(limits: ServingLimits) -> StyleConfig:
         if name not in FIELD_NAMES:
             raise ValueError(f"model-config.yaml: nsf.fields names {name!r}, not a StyleConfig field; "
                              f"valid: {', '.join(FIELD_NAMES)}")
-        if name in SERVER_ONLY or HINTS[name] not in _SCALAR_KINDS:
-            raise ValueError(f"model-config.yaml: nsf.fields may not list {name!r}; allowed: scalar options "
-                             f"other than {', '.join(sorted(SERVER_ONLY))}")
+        if name in SERVER_ONLY or (HINTS[name] not in _SCALAR_KINDS and name not in CHOICES):
+            raise ValueError(f"model-config.yaml: nsf.fields may not list {name!r}; allowed: scalar or choice "
+                             f"options other than {', '.join(sorted(SERVER_ONLY))}")
     if not MIN_SIDE <= limits.max_size <= MAX_SIZE:
         raise ValueError(f"model-config.yaml: max_size={limits.max_size}; allowed: {MIN_SIDE}..{MAX_SIZE}")
     for name in ("max_steps", "max_styles", "max_pixels", "max_request_bytes"):

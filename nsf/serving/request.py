@@ -25,7 +25,7 @@ from ..config import MAX_WEIGHT, PRESETS, StyleConfig, make_config
 from ..errors import ConfigError, ImageError
 from ..image import load_image
 from .errors import RequestError
-from .limits import HINTS, RANGED, ServingLimits
+from .limits import BOOL_CHOICES, CHOICES, HINTS, RANGED, ServingLimits
 
 CONTENT = "content"
 STYLE = "style"
@@ -291,6 +291,14 @@ def _coerce(name: str, value: Any, kind: type, limits: ServingLimits) -> Any:
     """A client's option value (bytes/text from multipart, typed from JSON) as the StyleConfig type."""
     if isinstance(value, (bytes, bytearray)):
         value = _text(value, name)
+    if name in CHOICES:  # a name; or, for an option that was a bool, a boolean (or its text) meaning one
+        on_off = BOOL_CHOICES.get(name)
+        if on_off and (isinstance(value, bool) or (isinstance(value, str) and value.lower() in _TRUE | _FALSE)):
+            return on_off[0] if (value if isinstance(value, bool) else value.lower() in _TRUE) else on_off[1]
+        if isinstance(value, str) and value.strip() in CHOICES[name]:
+            return value.strip()
+        allowed = [*CHOICES[name], *(["true", "false"] if on_off else [])]
+        raise RequestError(f"{name}={_show(value)} is not one of {', '.join(allowed)}", field=name, allowed=allowed)
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..config import MAX_WEIGHT, PRESETS, StyleConfig
-from .limits import HINTS, RANGED, ServingLimits
+from .limits import BOOL_CHOICES, CHOICES, HINTS, RANGED, ServingLimits
 from .request import CONTENT, DEADLINE, MAX_DEADLINE, STREAM, STYLE, STYLE_WEIGHTS
 from .stream import PARTIAL_HEADER
 
@@ -23,6 +23,10 @@ def request_schema(limits: ServingLimits) -> dict[str, Any]:
     meta = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(StyleConfig)}
     json_types = {int: "integer", float: "number", bool: "boolean"}
     for name in limits.fields:
+        if name in CHOICES:
+            props[name] = {"enum": [*CHOICES[name], *([True, False] if name in BOOL_CHOICES else [])],
+                           "default": getattr(base, name), "description": meta[name]}
+            continue
         prop: dict[str, Any] = {"type": json_types[HINTS[name]], "default": getattr(base, name),
                                 "description": meta[name]}
         if name in RANGED:
