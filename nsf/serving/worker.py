@@ -201,7 +201,7 @@ class Worker:
         a 507, any other failure a 500 for that request only.
         """
         start = time.perf_counter()
-        outcomes: list[Outcome | None] = [None] * len(requests)
+        outcomes: dict[int, Outcome] = {}
         jobs: dict[int, Job] = {}
         for idx, request in enumerate(requests):
             try:
@@ -219,10 +219,9 @@ class Worker:
             groups.setdefault((job.config, job.content.size), []).append(idx)
         for idxs in groups.values():
             self._run_group(idxs, jobs, outcomes, start)
-        return [o if o is not None else Outcome.failed(RuntimeError("no answer")) for o in outcomes]
+        return [outcomes[i] for i in range(len(requests))]
 
-    def _run_group(self, idxs: list[int], jobs: dict[int, Job], outcomes: list[Outcome | None],
-                   start: float) -> None:
+    def _run_group(self, idxs: list[int], jobs: dict[int, Job], outcomes: dict[int, Outcome], start: float) -> None:
         try:
             images = self.run([jobs[i] for i in idxs])
         except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
