@@ -251,7 +251,7 @@ def _recorded_scale(cfg, n_steps):
         return loss, torch.stack([loss, torch.zeros_like(loss), torch.zeros_like(loss)], dim=1)
 
     x = smooth_image(8, 8, seed=20, batch=2).requires_grad_(True)
-    out, _ = O._optimize_scale(loss_fn, x, cfg, n_steps, 0, n_steps, 0, None)
+    out, *_ = O._optimize_scale(loss_fn, x, cfg, n_steps, 0, n_steps, 0, None)
     losses = torch.stack([(s - target).pow(2).flatten(1).sum(1) for s in scored])  # (calls, B)
     return out, scored, losses
 

@@ -69,7 +69,7 @@ def test_a_good_request_is_a_job(limits):
                          "style_2": {"b64": b64(STYLE)}, "style_weights": "0.7,0.3", "preserve_color": "yes"}, limits)
     assert job.content.size == (64, 48) and [s.size for s in job.styles] == [(40, 40), (40, 40)]
     assert (job.config.size, job.config.steps, job.config.style_blend_weights) == (48, 2, (0.7, 0.3))
-    assert job.config.preserve_color is True and job.config.max_pixels == limits.max_pixels
+    assert job.config.preserve_color == "luminance" and job.config.max_pixels == limits.max_pixels
     assert (job.format, job.content_type) == ("jpeg", "image/jpeg")
 
 
