@@ -171,8 +171,8 @@ class StyleFusion(nn.Module):
         result; ``self.last_plan`` holds the plan. ``on_tile(done, total)`` follows a tiled step.
         ``init_image`` ``(B|1, 3, h, w)``: start from it instead of ``cfg.init``.
         ``on_scale(ScaleDone)`` receives each coarse-to-fine scale's best image as the scale ends (colours
-        restored as in the result). ``stop()`` is polled after each step: once true, the run returns the
-        best image so far at the full size, and ``self.last_partial`` says where it stopped.
+        restored as in the result). ``stop()`` is polled before each step after the first: once true, the run
+        returns the best image so far at the full size, and ``self.last_partial`` says where it stopped.
 
         Raises:
             nsf.errors.PlanError: the run cannot fit the budget at any tile size (names the largest size).
@@ -280,7 +280,7 @@ class StyleFusion(nn.Module):
             on_tile: called with ``(done, total)`` after each tile of a tiled step (print sizes).
             on_scale: called with an :class:`nsf.optimize.ScaleDone` (the scale's best image) as each
                 coarse-to-fine scale ends, e.g. for previews.
-            stop: polled after each step; once it returns true the best image so far is returned at the
+            stop: polled before each step after the first; once true, the best image so far is returned at the
                 full size and ``last_metadata["partial"]`` says where the run stopped (a deadline).
             as_tensor: return the ``(1, 3, H, W)`` float tensor whatever the input (e.g. for 16-bit output).
             **options: any :class:`nsf.StyleConfig` field, e.g. ``size=512, steps=300, seed=0``.
