@@ -331,15 +331,16 @@ def _signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
-    """SIGTERM the server's process group (Java stops its workers), wait, then SIGKILL what is left."""
+def _stop_group(proc: subprocess.Popen, grace: float = 60.0, settle: float = 10.0) -> None:
+    """SIGTERM the server's process group (the server stops its workers), wait up to ``grace`` s for it and
+    ``settle`` s for the rest of the group, then SIGKILL what is left. Used by both runtimes' launchers."""
     if proc.poll() is None:
         _signal_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + settle
     while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
         time.sleep(0.2)
     _signal_group(proc.pid, signal.SIGKILL)

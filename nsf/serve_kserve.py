@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .serve import MODEL_CONFIG, MODEL_NAME, project_root
+from .serve import MODEL_CONFIG, MODEL_NAME, _signal_group, project_root
+from .serve import _stop_group as stop_group
 
 DEFAULT_PORT = 8080
 STOP_GRACE = 45.0  # seconds after SIGTERM before SIGKILL: kserve's own grace (30 s) and its shutdown
@@ -166,25 +167,6 @@ def _report_ready(url: str, proc: subprocess.Popen[Any], ready: threading.Event)
     print(f"nsf serve: {MODEL_NAME} is ready on {url} ({seconds:.0f} s after the server started)", flush=True)
 
 
-def _signal_group(pgid: int, sig: int) -> bool:
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
 def _stop_group(proc: subprocess.Popen[Any], grace: float = STOP_GRACE) -> None:
     """SIGTERM the server's process group (kserve stops its worker processes), wait, then SIGKILL what is left."""
-    if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    deadline = time.monotonic() + 5
-    while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    _signal_group(proc.pid, signal.SIGKILL)
-    if proc.poll() is None:
-        proc.wait()
+    stop_group(proc, grace, settle=5.0)
