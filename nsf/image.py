@@ -119,6 +119,33 @@ def load_image(src: ImageLike, *, max_pixels: int = 50_000_000, what: str = "ima
     return img
 
 
+def load_mask(src: ImageLike, *, what: str = "mask", max_pixels: int = 50_000_000) -> Tensor:
+    """A mask (regional styles) as a ``(1, 1, H, W)`` float tensor in [0, 1]: a path, bytes or PIL image (its
+    greyscale, black 0 and white 1; transparency counts as white, as for images), or a tensor ``(H, W)``,
+    ``(1, H, W)`` or ``(1, 1, H, W)`` of values in [0, 1].
+
+    Raises:
+        nsf.errors.ImageError: unreadable, too small, a tensor of another shape or with values outside [0, 1];
+            ``field`` is ``what``.
+    """
+    if not isinstance(src, Tensor):
+        img = load_image(src, max_pixels=max_pixels, what=what)
+        a = np.asarray(img.convert("L"), dtype=np.uint8).copy()
+        return torch.from_numpy(a)[None, None].float().div_(255.0)
+    allowed = "a float tensor (H, W), (1, H, W) or (1, 1, H, W) with values in [0, 1]"
+    t = src
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    if not torch.is_floating_point(t) or t.dim() != 4 or t.shape[:2] != (1, 1):
+        raise ImageError(f"{what} tensor has shape {tuple(src.shape)} and dtype {src.dtype}; allowed: {allowed}",
+                         field=what, value=tuple(src.shape), allowed=allowed)
+    check_min_side(t.shape[-2], t.shape[-1], what)
+    if not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
+        raise ImageError(f"{what} tensor has values outside [0, 1]; allowed: {allowed}", field=what,
+                         allowed=allowed)
+    return t.float()
+
+
 def check_min_side(h: int, w: int, what: str = "image") -> None:
     if min(h, w) < MIN_SIDE:
         raise ImageError(f"{what} is {w}x{h} pixels; allowed: each side at least {MIN_SIDE} pixels", field=what,

@@ -80,6 +80,63 @@ class _HalfGram(torch.autograd.Function):
         return torch.bmm((grad + grad.transpose(1, 2)).to(flat.dtype), flat)
 
 
+# --- masked (regional) statistics -----------------------------------------------------------------------------
+# Gatys et al. (2017) weight the features by guidance channels before the Gram, F diag(m)^2 F^T. Here a mask
+# weights each position once, G = F diag(m) F^T / (C * sum m): the mask-weighted mean of f f^T, so a region's
+# statistics are comparable with a whole style image's (a mask of ones is the plain Gram, exactly), and a soft
+# edge blends linearly between the regions' statistics.
+
+
+def masked_gram(features: Tensor, mask: Tensor, norm: str = "chw", positions: Tensor | None = None) -> Tensor:
+    """Mask-weighted Gram matrices ``F diag(m) F^T`` ``(B, C, C)``, divided by ``C * sum(m)`` for ``"chw"``.
+
+    Args:
+        features: ``(B, C, H, W)`` feature maps.
+        mask: ``(B|1, 1, H, W)`` weights in [0, 1] at the features' resolution.
+        norm: as for :func:`gram`.
+        positions: ``(B|1,)`` the ``sum(m)`` that ``"chw"`` divides by; default the mask's own. A tile of a
+            larger map passes the whole mask's sum, so the tiles' Grams sum to the map's.
+
+    Computed in float32 or wider. The backward, ``dF = (dG + dG^T) F diag(m)``, recomputes ``F diag(m)``
+    instead of keeping it: autograd would keep one extra feature map per mask and layer for the whole step.
+    """
+    if features.dim() != 4 or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != features.shape[-2:]:
+        raise ValueError(f"masked_gram expects (B, C, H, W) features and a (B|1, 1, H, W) mask; got "
+                         f"{tuple(features.shape)} and {tuple(mask.shape)}")
+    if norm not in GRAM_NORMS:
+        raise ValueError(f"unknown gram norm {norm!r}; allowed: {', '.join(GRAM_NORMS)}")
+    b, c, h, w = features.shape
+    flat = wide(features).reshape(b, c, h * w)
+    m = mask.reshape(mask.shape[0], 1, h * w).to(flat.dtype)
+    g = _MaskedGram.apply(flat, m)
+    if norm == "chw":
+        total = m.sum(dim=(1, 2)) if positions is None else positions.to(g.dtype)
+        g = g / (c * total.clamp_min(1e-12)).view(-1, 1, 1)
+    return g
+
+
+class _MaskedGram(torch.autograd.Function):
+    """``F diag(m) F^T`` of ``(B, C, N)`` ``F`` and ``(B|1, 1, N)`` weights ``m`` (no gradient for ``m``)."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, m: Tensor) -> Tensor:
+        ctx.save_for_backward(flat, m)
+        return torch.bmm(flat * m, flat.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        flat, m = ctx.saved_tensors
+        return torch.bmm(grad + grad.transpose(1, 2), flat) * m, None
+
+
+def masked_mean(features: Tensor, mask: Tensor, positions: Tensor | None = None) -> Tensor:
+    """Mask-weighted feature means ``sum(m f) / sum(m)`` ``(B, C)`` of ``(B, C, H, W)`` features and a
+    ``(B|1, 1, H, W)`` mask; ``positions`` ``(B|1,)``: the ``sum(m)`` divided by (a tile passes the whole mask's)."""
+    m = mask.to(wide(features).dtype)
+    total = m.sum(dim=(1, 2, 3)) if positions is None else positions.to(m.dtype)
+    return (wide(features) * m).sum(dim=(2, 3)) / total.clamp_min(1e-12).view(-1, 1)
+
+
 def mse_per_image(x: Tensor, target: Tensor) -> Tensor:
     """Mean squared error per batch element: ``(B, ...)`` vs ``(B|1, ...)`` -> ``(B,)``."""
     diff = wide(x) - wide(target)

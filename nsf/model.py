@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import image as im
 from . import plan as planner
 from .config import StyleConfig, make_config
-from .errors import OutOfMemory, PlanError
+from .errors import ConfigError, OutOfMemory, PlanError
 from .optimize import ProgressCallback, ScaleCallback, ScaleDone, StyleInput, run, style_parts
 from .tiling import release_host_memory
 from .version import __version__
@@ -124,7 +124,7 @@ class StyleFusion(nn.Module):
 
     def plan(self, content_size: int | tuple[int, int] | None = None, *, batch: int = 1,
              style_sizes: Sequence[tuple[int, int]] = (), preset: str | None = None, timing: bool = True,
-             **options: Any) -> planner.Plan:
+             masks: int = 0, **options: Any) -> planner.Plan:
         """Plan a run before it starts: per scale the size, steps, tiles and L-BFGS history that fit this
         model's memory budget, with the predicted peak memory and (``timing``: from a short timing run
         on this device, about a second on a CPU) time.
@@ -133,6 +133,7 @@ class StyleFusion(nn.Module):
             content_size: ``(H, W)`` of the content image, or ``n`` for a square one; default a square of ``size``.
             batch: images optimized at once.
             style_sizes: ``(h, w)`` of the style images, if known (default: as large as each scale).
+            masks: how many content masks the run has (regional styles; their image-sized copies count).
             preset, **options: as for :meth:`stylize`.
 
         Raises:
@@ -142,17 +143,18 @@ class StyleFusion(nn.Module):
         if content_size is None:
             content_size = cfg.size
         hw = (content_size, content_size) if isinstance(content_size, int) else tuple(content_size)
-        return self.plan_config(cfg, (int(hw[0]), int(hw[1])), batch=batch, style_sizes=style_sizes, timing=timing)
+        return self.plan_config(cfg, (int(hw[0]), int(hw[1])), batch=batch, style_sizes=style_sizes, timing=timing,
+                                masks=masks)
 
     def plan_config(self, cfg: StyleConfig, content: tuple[int, int], *, batch: int = 1,
                     style_sizes: Sequence[tuple[int, int]] = (), timing: bool = False,
-                    budget: int | None = None) -> planner.Plan:
+                    budget: int | None = None, masks: int = 0) -> planner.Plan:
         """:meth:`plan` for a resolved config and a content ``(H, W)``, with the memory in use now, within
-        ``budget`` bytes (default: :meth:`memory_budget`)."""
+        ``budget`` bytes (default: :meth:`memory_budget`); ``masks``: content masks (regional styles)."""
         used, _ = planner.memory_now(self.device)
         return planner.plan(self.costs(cfg, timing=timing), cfg, content, batch=batch, style_sizes=style_sizes,
                             budget=budget if budget is not None else self.memory_budget(), in_use=used,
-                            device=str(self.device))
+                            device=str(self.device), masks=masks)
 
     def resolve_config(self, preset: str | None = None, **overrides: Any) -> StyleConfig:
         """``preset`` (or this model's config) with ``overrides`` applied, validated."""
@@ -161,7 +163,8 @@ class StyleFusion(nn.Module):
     def transfer(self, content: Tensor, styles: Sequence[StyleInput], cfg: StyleConfig, *,
                  init_image: Tensor | None = None, callback: ProgressCallback | None = None,
                  on_tile: Callable[[int, int], None] | None = None, on_scale: ScaleCallback | None = None,
-                 stop: Callable[[], bool] | None = None) -> Tensor:
+                 stop: Callable[[], bool] | None = None, masks: Sequence[Tensor] | None = None,
+                 style_masks: Sequence[Tensor | None] | None = None) -> Tensor:
         """The tensor core of :meth:`stylize`: ``content`` ``(B, 3, H, W)`` in [0, 1] -> stylized batch.
 
         Each style is a ``(B|1, 3, h, w)`` batch or a list of B ``(1, 3, h_i, w_i)`` images, one per
@@ -173,11 +176,16 @@ class StyleFusion(nn.Module):
         ``on_scale(ScaleDone)`` receives each coarse-to-fine scale's best image as the scale ends (colours
         restored as in the result). ``stop()`` is polled before each step after the first: once true, the run
         returns the best image so far at the full size, and ``self.last_partial`` says where it stopped.
+        ``masks``: one ``(1|B, 1, h, w)`` content mask in [0, 1] per style, the content's aspect ratio (regional
+        styles, :func:`nsf.optimize.run`); ``style_masks``: one ``(1, 1, h, w)`` mask or ``None`` per style, the
+        style image's aspect ratio (where its statistics come from).
 
         Raises:
             nsf.errors.PlanError: the run cannot fit the budget at any tile size (names the largest size).
             nsf.errors.OutOfMemory: the device ran out of memory all the same (another process took it);
                 the model stays usable.
+            nsf.errors.ConfigError: bad masks (field ``masks`` or ``style_masks``): a count other than one per
+                style, a mask that is all zero, an aspect ratio that is not its image's.
         """
         device = self.device
         content = content.to(device=device, dtype=torch.float32)
@@ -185,6 +193,10 @@ class StyleFusion(nn.Module):
             raise ValueError("no style image given; allowed: one or more style images")
 
         parts = [[s.to(device=device, dtype=torch.float32) for s in style_parts(style)] for style in styles]
+        masks, style_masks = _checked_masks(content, parts, masks, style_masks)
+        masks = [m.to(device=device, dtype=torch.float32) for m in masks] if masks is not None else None
+        style_masks = [m.to(device=device, dtype=torch.float32) if m is not None else None
+                       for m in style_masks] if style_masks is not None else None
         work = content
         # one part is the whole batch's style; several are one per content image
         if cfg.preserve_color == "luminance":
@@ -200,7 +212,8 @@ class StyleFusion(nn.Module):
         # "reduce-overhead" compiles with its own CUDA graphs; ours would nest them
         graphs = self.cuda_graphs is not False and device.type == "cuda" and self.compile != "reduce-overhead"
         plan = self.last_plan = self.plan_config(cfg, (content.shape[-2], content.shape[-1]), batch=content.shape[0],
-                                                 style_sizes=[(p.shape[-2], p.shape[-1]) for ps in parts for p in ps])
+                                                 style_sizes=[(p.shape[-2], p.shape[-1]) for ps in parts for p in ps],
+                                                 masks=len(masks) if masks is not None else 0)
         self.last_partial = None
 
         def scale_done(done: ScaleDone) -> None:
@@ -215,7 +228,8 @@ class StyleFusion(nn.Module):
         try:
             out = run(self.extractor(layers), work, parts, cfg, init=init, callback=callback,
                       compile_fn=_compile_fn(self.compile, device), generator=generator, cuda_graph=graphs,
-                      layout=plan.layout(), on_tile=on_tile, on_scale=scale_done, stop=stop)
+                      layout=plan.layout(), on_tile=on_tile, on_scale=scale_done, stop=stop, masks=masks,
+                      style_masks=style_masks)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -237,7 +251,7 @@ class StyleFusion(nn.Module):
         """What the planner says fits the memory free now, after a run planned as ``failed`` ran out of it."""
         budget = planner.auto_budget(self.device)
         try:
-            again = self.plan_config(cfg, failed.content, batch=failed.batch, budget=budget)
+            again = self.plan_config(cfg, failed.content, batch=failed.batch, budget=budget, masks=failed.masks)
         except PlanError as e:
             return f"With the memory free now: {e}."
         tiles = "tiled" if again.tiled else "untiled"
@@ -267,6 +281,8 @@ class StyleFusion(nn.Module):
                 preset: str | None = None, init_image: im.ImageLike | None = None,
                 callback: ProgressCallback | None = None, on_tile: Callable[[int, int], None] | None = None,
                 on_scale: ScaleCallback | None = None, stop: Callable[[], bool] | None = None,
+                masks: Sequence[im.ImageLike] | None = None,
+                style_masks: Sequence[im.ImageLike | None] | None = None,
                 as_tensor: bool = False, **options: Any) -> Image.Image | Tensor:
         """Stylize ``content`` with ``style``.
 
@@ -282,6 +298,11 @@ class StyleFusion(nn.Module):
                 coarse-to-fine scale ends, e.g. for previews.
             stop: polled before each step after the first; once true, the best image so far is returned at the
                 full size and ``last_metadata["partial"]`` says where the run stopped (a deadline).
+            masks: regional styles: one mask per style (a greyscale path, PIL image, bytes or tensor in [0, 1],
+                any size with the content's aspect ratio): style ``k`` goes where mask ``k`` is white; soft values
+                blend the styles, an area no mask covers keeps the content only.
+            style_masks: one mask or ``None`` per style, the style image's aspect ratio: the part of each style
+                image its statistics come from.
             as_tensor: return the ``(1, 3, H, W)`` float tensor whatever the input (e.g. for 16-bit output).
             **options: any :class:`nsf.StyleConfig` field, e.g. ``size=512, steps=300, seed=0``.
 
@@ -295,8 +316,12 @@ class StyleFusion(nn.Module):
         styles = [self._as_tensor(s, f"style {i + 1}", cfg)
                   for i, s in enumerate(style if isinstance(style, (list, tuple)) else [style])]
         init_t = self._as_tensor(init_image, "init_image", cfg) if init_image is not None else None
+        mask_t = [im.load_mask(m, what=f"mask {i + 1}", max_pixels=cfg.max_pixels)
+                  for i, m in enumerate(masks)] if masks is not None else None
+        style_mask_t = [im.load_mask(m, what=f"style mask {i + 1}", max_pixels=cfg.max_pixels) if m is not None
+                        else None for i, m in enumerate(style_masks)] if style_masks is not None else None
         out = self.transfer(c, styles, cfg, init_image=init_t, callback=callback, on_tile=on_tile, on_scale=on_scale,
-                            stop=stop)
+                            stop=stop, masks=mask_t, style_masks=style_mask_t)
         self.last_metadata = self.metadata(cfg)
         return out if as_tensor or isinstance(content, Tensor) else im.tensor_to_pil(out)
 
@@ -312,6 +337,48 @@ class StyleFusion(nn.Module):
                 "weights_sha256": self.weights_sha256, "device": str(self.device), "seed": cfg.seed,
                 "precision": "bf16" if _autocast_dtype(self.precision, self.device) else "fp32",
                 "params": cfg.to_dict(), **({"partial": self.last_partial} if self.last_partial else {})}
+
+
+ASPECT_TOLERANCE = 0.02  # a mask's aspect ratio may differ from its image's by this share (rounded resizes)
+
+
+def _checked_masks(content: Tensor, styles: Sequence[Sequence[Tensor]], masks: Sequence[Tensor] | None,
+                   style_masks: Sequence[Tensor | None] | None
+                   ) -> tuple[list[Tensor] | None, list[Tensor | None] | None]:
+    """``masks`` and ``style_masks`` checked against the content ``(B, 3, H, W)`` and the styles' parts."""
+    def check(m: Tensor, image: Tensor, field: str, k: int, batch: int) -> Tensor:
+        if m.dim() != 4 or m.shape[1] != 1 or m.shape[0] not in (1, batch):
+            raise ConfigError(f"{field} {k}: shape {tuple(m.shape)}; allowed: (1|{batch}, 1, h, w)", field=field,
+                              value=tuple(m.shape), allowed=f"(1|{batch}, 1, h, w)")
+        (h, w), (mh, mw) = image.shape[-2:], m.shape[-2:]
+        if abs(mh * w - mw * h) > ASPECT_TOLERANCE * h * mw:
+            allowed = f"the aspect ratio of its image ({w}x{h} px), e.g. {w}x{h}"
+            raise ConfigError(f"{field} {k} is {mw}x{mh} px for an image of {w}x{h}; allowed: {allowed}",
+                              field=field, value=(mw, mh), allowed=allowed)
+        if not bool((m.flatten(1).amax(1) > 0).all()):
+            allowed = "a mask with some area above zero (white: where the style goes)"
+            raise ConfigError(f"{field} {k} is all zero; allowed: {allowed}", field=field, value="all zero",
+                              allowed=allowed)
+        return m
+
+    def count(given: Sequence[Any], field: str) -> None:
+        if len(given) != len(styles):
+            raise ConfigError(f"{field}: {len(given)} for {len(styles)} style image(s); allowed: {len(styles)}, "
+                              "one per style", field=field, value=len(given), allowed=f"{len(styles)}, one per style")
+
+    if masks is not None:
+        count(masks, "masks")
+        masks = [check(m, content, "masks", k, content.shape[0]) for k, m in enumerate(masks, start=1)]
+    if style_masks is not None:
+        count(style_masks, "style_masks")
+        checked: list[Tensor | None] = []
+        for k, (m, ps) in enumerate(zip(style_masks, styles), start=1):
+            if m is not None and len(ps) != 1:
+                raise ConfigError(f"style_masks {k}: a mask for a style given per content image; allowed: a mask "
+                                  "for a style given once", field="style_masks", allowed="a style given once")
+            checked.append(check(m, ps[0], "style_masks", k, ps[0].shape[0]) if m is not None else None)
+        style_masks = checked
+    return (list(masks) if masks is not None else None), style_masks
 
 
 def _is_oom(e: BaseException) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from .config import StyleConfig
 from .errors import ConfigError
 from .geometry import MIN_SIDE, resize, target_size
 from .lbfgs import LBFGS
-from .tiling import TiledFeatures
+from .tiling import Sums, TiledFeatures
 
 if TYPE_CHECKING:
     from .vgg import FeatureExtractor
@@ -81,6 +81,22 @@ class StyleTargets:
     samples: list[tuple[float, list[dict[str, Tensor]]]] = field(default_factory=list)
 
 
+@dataclass
+class Region:
+    """One style of a run with masks: its :class:`StyleTargets` (that style alone), where it goes (``mask``
+    ``(B|1, 1, H, W)`` in [0, 1] at the scale's size) and its ``weight``.
+
+    Each style layer's loss is ``sum_r weight_r * share_r * d(S_r(x), T_r)``: ``S_r`` the image's statistics
+    weighted by mask ``r`` at the layer's resolution, ``share_r`` the mask's mean there. The share makes a
+    region's pull per pixel that of an unmasked run whatever the region's area (the masked Gram divides by the
+    mask's sum); a position no mask covers has no style loss; a mask of ones is the unmasked run.
+    """
+
+    targets: StyleTargets
+    mask: Tensor
+    weight: float = 1.0
+
+
 def sliced_refusal(what: str) -> ConfigError:
     """The error for a sliced loss asked to run tile by tile (``what``: why it was)."""
     allowed = [n for n in losses.STYLE_LOSSES if n != "sliced"]
@@ -92,13 +108,23 @@ def sliced_refusal(what: str) -> ConfigError:
                        "or more max_memory", field="style_loss", value="sliced", allowed=allowed)
 
 
+def masks_refusal() -> ConfigError:
+    """The error for a sliced loss given masks."""
+    allowed = [n for n in losses.STYLE_LOSSES if n != "sliced"]
+    # a masked sliced loss would compare weighted quantiles (each position's mask as its probability mass); not built
+    return ConfigError(f"style_loss='sliced' with masks: regional statistics are built for the Gram and mean-"
+                       f"covariance losses; allowed: {', '.join(allowed)}", field="style_loss", value="sliced",
+                       allowed=allowed)
+
+
 class Objective(nn.Module):
     """``forward(x) -> (loss, parts)``: per-image losses ``(B,)`` of a batch ``x`` in [0, 1] and their
     ``(content, style, tv)`` parts ``(B, 3)``. Images do not interact: the gradient of ``loss.sum()``
     with respect to image ``b`` is that of its own loss. This is the function that ``torch.compile``
     wraps; AOTAutograd then compiles its backward too.
 
-    ``style``: :class:`StyleTargets` for ``cfg.style_loss``, or a mapping of target Grams (the gram loss).
+    ``style``: :class:`StyleTargets` for ``cfg.style_loss``, or a mapping of target Grams (the gram loss), or
+    a list of :class:`Region` (regional styles with masks; gram and mean_cov losses).
     With ``style_loss="sliced"``, :meth:`resample` draws new projections from ``generator``; call it before
     each step.
 
@@ -108,13 +134,24 @@ class Objective(nn.Module):
     """
 
     def __init__(self, extractor: FeatureExtractor, cfg: StyleConfig, content: Tensor,
-                 style: Mapping[str, Tensor] | StyleTargets, tile: tuple[int, int] | None = None,
+                 style: Mapping[str, Tensor] | StyleTargets | Sequence[Region], tile: tuple[int, int] | None = None,
                  generator: torch.Generator | None = None):
         super().__init__()
-        targets = style if isinstance(style, StyleTargets) else StyleTargets("gram", grams=dict(style))
-        if targets.loss != cfg.style_loss:
-            raise ValueError(f"style targets for style_loss={targets.loss!r} given to an objective of "
-                             f"style_loss={cfg.style_loss!r}; allowed: targets from style_targets(cfg=...)")
+        self.regions: list[Region] | None = None
+        if not isinstance(style, (Mapping, StyleTargets)):
+            self.regions = list(style)
+            if not self.regions:
+                raise ValueError("an objective with masks needs one region or more")
+            if cfg.style_loss == "sliced":
+                raise masks_refusal()
+            targets = StyleTargets(cfg.style_loss)
+        else:
+            targets = style if isinstance(style, StyleTargets) else StyleTargets("gram", grams=dict(style))
+        for t in [r.targets for r in self.regions] if self.regions else [targets]:
+            if t.loss != cfg.style_loss:
+                raise ValueError(f"style targets for style_loss={t.loss!r} given to an objective of "
+                                 f"style_loss={cfg.style_loss!r}; allowed: targets from style_targets(cfg=...)")
+        masks = torch.stack(torch.broadcast_tensors(*[r.mask for r in self.regions])) if self.regions else None
         self.extractor = extractor
         self.style_loss = cfg.style_loss
         # the mean-covariance loss reads second moments F F^T / N: Grams normalized by C*H*W, times C
@@ -123,7 +160,7 @@ class Objective(nn.Module):
         self.content_w = _layer_weights(cfg.content_layers, cfg.content_layer_weights)
         self.style_w = _layer_weights(cfg.style_layers, cfg.style_layer_weights)
         self.tiled = TiledFeatures(extractor, [*self.content_w, *self.style_w], content.shape[-2], content.shape[-1],
-                                   tile)
+                                   tile, masks=masks)
         if self.style_loss == "sliced" and self.tiles > 1:
             raise sliced_refusal("cannot run tile by tile")
         self.style_targets = targets.grams
@@ -161,11 +198,19 @@ class Objective(nn.Module):
         return list(self.style_w) if self.style_loss == "mean_cov" else []
 
     def _floor(self, n: str) -> Tensor:
-        """A millionth of the target's own size: the normalizer's floor where the content is the style."""
+        """A millionth of the target's own size: the normalizer's floor where the content is the style (with
+        masks, the regions' floors weighted as their losses are)."""
+        if self.regions is not None:
+            shares = self.tiled.mask_shares(n)
+            return cast(Tensor, sum(r.weight * shares[i] * self._target_floor(n, r.targets.grams, r.targets.gaussians)
+                                    for i, r in enumerate(self.regions)))
+        return self._target_floor(n, self.style_targets, self.gaussians)
+
+    def _target_floor(self, n: str, grams: Mapping[str, Tensor], gaussians: Mapping[str, losses.Gaussian]) -> Tensor:
         if self.style_loss == "gram":
-            return 1e-6 * losses.wide(self.style_targets[n]).pow(2).flatten(1).mean(1)
+            return 1e-6 * losses.wide(grams[n]).pow(2).flatten(1).mean(1)
         if self.style_loss == "mean_cov":
-            g = self.gaussians[n]
+            g = gaussians[n]
             return 1e-6 * (g.mean.pow(2).sum(-1) + torch.diagonal(g.cov, dim1=-2, dim2=-1).sum(-1)) / g.mean.shape[-1]
         return 1e-6 * self.sliced_targets[n].pow(2).flatten(1).mean(1)
 
@@ -196,15 +241,30 @@ class Objective(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feats = self.extractor(x)
-        grams = {n: losses.gram(feats[n], self.gram_norm) for n in self._gram_layers}
-        means = {n: losses.feature_mean(feats[n]) for n in self._mean_layers}
+        if self.regions is not None:  # the regions' masked statistics, (B, R, C, C) and (B, R, C)
+            whole = self.tiled.shares(feats, self.tiled.tiles[0], grams=self._gram_layers, norm=self.gram_norm,
+                                      means=self._mean_layers)
+            grams, means = whole.grams, whole.means
+        else:
+            grams = {n: losses.gram(feats[n], self.gram_norm) for n in self._gram_layers}
+            means = {n: losses.feature_mean(feats[n]) for n in self._mean_layers}
         return self.combine({n: losses.content_loss(feats[n], self.content_targets[n]) for n in self.content_w},
                             self.style_terms(grams, means, feats), x)
 
     def style_terms(self, grams: Mapping[str, Tensor], means: Mapping[str, Tensor],
                     feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Each style layer's loss ``(B,)`` before weights and normalizers, from the image's Grams ``(B, C, C)``
-        and means ``(B, C)`` (gram, mean_cov) or its features ``(B, C, h, w)`` (sliced)."""
+        and means ``(B, C)`` (gram, mean_cov) or its features ``(B, C, h, w)`` (sliced). With masks, the Grams
+        ``(B, R, C, C)`` and means ``(B, R, C)`` are the regions' and the loss is their weighted sum
+        (:class:`Region`)."""
+        if self.regions is not None:
+            out: dict[str, Tensor] = {}
+            for n in self.style_w:
+                shares = self.tiled.mask_shares(n)
+                out[n] = cast(Tensor, sum(r.weight * shares[i] * self._term(grams[n][:, i], means[n][:, i] if n in means
+                                                                            else None, r.targets, n)
+                                          for i, r in enumerate(self.regions)))
+            return out
         if self.style_loss == "gram":
             return {n: losses.mse_per_image(grams[n], self.style_targets[n]) for n in self.style_w}
         if self.style_loss == "mean_cov":
@@ -212,6 +272,14 @@ class Objective(nn.Module):
                     for n in self.style_w}
         return {n: losses.sliced_wasserstein(feats[n], self.directions[n], self.sliced_targets[n])
                 for n in self.style_w}
+
+    def _term(self, gram: Tensor, mean: Tensor | None, targets: StyleTargets, n: str) -> Tensor:
+        """One region's loss at layer ``n`` ``(B,)`` from its masked Gram ``(B, C, C)`` and mean ``(B, C)``."""
+        if self.style_loss == "gram":
+            return losses.mse_per_image(gram, targets.grams[n])
+        if mean is None:
+            raise ValueError(f"style_loss={self.style_loss!r} needs the regions' means")
+        return losses.w2_gaussian(mean, gram * gram.shape[-1], targets.gaussians[n])
 
     def combine(self, content_mse: dict[str, Tensor], style: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         """The loss from per-layer content MSEs ``(B,)`` and style terms ``(B,)`` (:meth:`style_terms`) of ``x``
@@ -265,20 +333,46 @@ def style_parts(style: StyleInput) -> list[Tensor]:
     return [style] if isinstance(style, Tensor) else list(style)
 
 
+def _style_sums(extractor: FeatureExtractor, layers: Sequence[str], part: Tensor, tile: tuple[int, int] | None,
+                mask: Tensor | None, **what: Any) -> Sums:
+    """Pass 1 over one style batch ``part`` ``(b, 3, h, w)``; with ``mask`` ``(b|1, 1, h, w)`` its Grams and means
+    are mask-weighted (the style mask: where the style's statistics come from)."""
+    tf = TiledFeatures(extractor, layers, part.shape[-2], part.shape[-1], tile,
+                       masks=mask.unsqueeze(0) if mask is not None else None)
+    sums = tf.sums(part, **what)
+    if mask is not None:  # one region: (b, 1, C, C) -> (b, C, C)
+        sums.grams = {n: g[:, 0] for n, g in sums.grams.items()}
+        sums.means = {n: m[:, 0] for n, m in sums.means.items()}
+    return sums
+
+
+def _one_part_masks(styles: Sequence[StyleInput], masks: Sequence[Tensor | None] | None) -> list[Tensor | None]:
+    """``masks`` (style masks, one per style or ``None``) checked against ``styles``: a mask needs a one-part style."""
+    if masks is None:
+        return [None] * len(styles)
+    if len(masks) != len(styles):
+        raise ValueError(f"{len(masks)} style mask(s) for {len(styles)} style(s); allowed: one per style (or None)")
+    for style, m in zip(styles, masks):
+        if m is not None and len(style_parts(style)) != 1:
+            raise ValueError("a style mask for a style given per content image; allowed: a mask for a one-batch style")
+    return list(masks)
+
+
 def style_grams(extractor: FeatureExtractor, styles: Sequence[StyleInput], blend: Sequence[float],
-                layers: Sequence[str], gram_norm: str, tile: tuple[int, int] | None = None) -> dict[str, Tensor]:
+                layers: Sequence[str], gram_norm: str, tile: tuple[int, int] | None = None,
+                masks: Sequence[Tensor | None] | None = None) -> dict[str, Tensor]:
     """Blended target Gram matrices: ``sum_k w_k G(style_k)`` per layer (weights normalized to sum 1).
 
     Each style is a ``(B|1, 3, h, w)`` batch, or a list of ``(1, 3, h_i, w_i)`` images of any sizes,
     one per content image (a batch of requests with their own styles). Blending the Grams is
     equivalent to weighting each style's loss for MSE (up to a constant). With ``tile``, an image
-    larger than the tile is run tile by tile (:mod:`nsf.tiling`; the same Grams).
+    larger than the tile is run tile by tile (:mod:`nsf.tiling`; the same Grams). ``masks``: a style mask
+    ``(B|1, 1, h, w)`` or ``None`` per style; a masked style's Grams are mask-weighted.
     """
     total = float(sum(blend))
     out: dict[str, Tensor] = {}
-    for style, w in zip(styles, blend):
-        grams = [TiledFeatures(extractor, layers, p.shape[-2], p.shape[-1], tile).sums(p, grams=layers,
-                                                                                     norm=gram_norm).grams
+    for style, w, mask in zip(styles, blend, _one_part_masks(styles, masks)):
+        grams = [_style_sums(extractor, layers, p, tile, mask, grams=layers, norm=gram_norm).grams
                  for p in style_parts(style)]
         for n in layers:
             g = torch.cat([gr[n] for gr in grams]) * (w / total)
@@ -287,26 +381,32 @@ def style_grams(extractor: FeatureExtractor, styles: Sequence[StyleInput], blend
 
 
 def style_targets(extractor: FeatureExtractor, styles: Sequence[StyleInput], blend: Sequence[float],
-                  cfg: StyleConfig, tile: tuple[int, int] | None = None) -> StyleTargets:
+                  cfg: StyleConfig, tile: tuple[int, int] | None = None,
+                  masks: Sequence[Tensor | None] | None = None) -> StyleTargets:
     """The :class:`StyleTargets` of ``cfg.style_loss`` for ``styles`` blended by ``blend`` (as :func:`style_grams`).
 
     mean_cov blends the styles' means and second moments (the moments of their mixture) and then takes the
     covariance and its square root; sliced keeps each style's features. With ``tile``, an image larger than the
-    tile is run tile by tile (the same targets).
+    tile is run tile by tile (the same targets). ``masks``: style masks, as for :func:`style_grams`.
     """
     layers = list(cfg.style_layers)
     if cfg.style_loss == "gram":
-        return StyleTargets("gram", grams=style_grams(extractor, styles, blend, layers, cfg.gram_norm, tile))
+        return StyleTargets("gram", grams=style_grams(extractor, styles, blend, layers, cfg.gram_norm, tile, masks))
     total = float(sum(blend))
-    runs = [(w / total, [TiledFeatures(extractor, layers, p.shape[-2], p.shape[-1], tile) for p in style_parts(style)],
-             style_parts(style)) for style, w in zip(styles, blend)]
+    style_masks = _one_part_masks(styles, masks)
     if cfg.style_loss == "sliced":
-        return StyleTargets("sliced", samples=[(w, [t.sums(p, keep=layers).kept for t, p in zip(tfs, parts)])
-                                               for w, tfs, parts in runs])
+        if any(m is not None for m in style_masks):
+            raise masks_refusal()
+        return StyleTargets("sliced", samples=[(w / total, [_style_sums(extractor, layers, p, tile, None,
+                                                                        keep=layers).kept
+                                                            for p in style_parts(style)])
+                                               for style, w in zip(styles, blend)])
     means: dict[str, Tensor] = {}
     moments: dict[str, Tensor] = {}
-    for w, tfs, parts in runs:
-        sums = [t.sums(p, grams=layers, norm="chw", means=layers) for t, p in zip(tfs, parts)]
+    for style, w, mask in zip(styles, blend, style_masks):
+        w = w / total
+        sums = [_style_sums(extractor, layers, p, tile, mask, grams=layers, norm="chw", means=layers)
+                for p in style_parts(style)]
         for n in layers:
             m = torch.cat([s.means[n] for s in sums]) * w
             g = torch.cat([s.grams[n] * s.grams[n].shape[-1] for s in sums]) * w  # F F^T / N
@@ -370,7 +470,8 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
         compile_fn: Callable[[nn.Module], Callable] | None = None,
         generator: torch.Generator | None = None, cuda_graph: bool = False,
         layout: Sequence[Layout] | None = None, on_tile: Callable[[int, int], None] | None = None,
-        on_scale: ScaleCallback | None = None, stop: Callable[[], bool] | None = None) -> Tensor:
+        on_scale: ScaleCallback | None = None, stop: Callable[[], bool] | None = None,
+        masks: Sequence[Tensor] | None = None, style_masks: Sequence[Tensor | None] | None = None) -> Tensor:
     """Optimize pixels so their features match ``content`` and their Grams match ``styles``.
 
     Args:
@@ -388,6 +489,12 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
             Tiled scales run eagerly (no compile, no CUDA graph).
         on_tile: called with ``(done, total)`` after each tile of a tiled step.
         on_scale: called with a :class:`ScaleDone` (the scale's best image) as each scale ends.
+        masks: regional styles: one content mask ``(B|1, 1, h, w)`` in [0, 1] per style, resized with the
+            content at each scale (its aspect ratio the content's). Style ``k`` is matched where mask ``k`` is
+            (:class:`Region`; overlaps blend by the masks' values, an uncovered area keeps the content only),
+            weighted by ``style_blend_weights`` (``w_k * K / sum(w)``: 1 each by default).
+        style_masks: one ``(1, 1, h, w)`` mask per style, the style image's size, or ``None``: where in the
+            style image its statistics come from.
         stop: polled before each step after the first (on CUDA at each host sync, every ``SYNC_EVERY``
             steps); once it returns true the scale ends with its best iterate (at a scale's first step:
             its start, the previous scale's result upsampled), ``on_scale`` says ``stopped``, and the
@@ -408,6 +515,11 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
             raise ValueError(f"a style of {len(style)} part(s) with batch sizes {[p.shape[0] for p in style]} "
                              f"for a content batch of {b}; allowed: one (1|{b}, 3, h, w) batch or a list of "
                              f"{b} (1, 3, h, w) images, one per content image")
+    if masks is not None and len(masks) != len(styles):
+        raise ValueError(f"{len(masks)} mask(s) for {len(styles)} style(s); allowed: one per style")
+    if masks is not None and cfg.style_loss == "sliced":
+        raise masks_refusal()
+    style_masks = _one_part_masks(styles, style_masks)
     plan = schedule(h0, w0, cfg)
     layout = list(layout) if layout is not None else [Layout()] * len(plan)
     if len(layout) != len(plan):
@@ -420,7 +532,15 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
         c = resize(content, hw)
         style_long = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
         sized = [_resize_style(s, style_long, cfg) for s in styles]
-        targets = style_targets(extractor, sized, blend, cfg, tile=lay.tile)
+        sized_masks = [m if m is None else resize(m, (sz[0].shape[-2], sz[0].shape[-1]))
+                       for m, sz in zip(style_masks, sized)]
+        targets: StyleTargets | list[Region]
+        if masks is not None:  # each style its own targets, where its mask is
+            k = float(sum(blend)) / len(blend)
+            targets = [Region(style_targets(extractor, [st], [1.0], cfg, tile=lay.tile, masks=[sm]), resize(m, hw),
+                              w / k) for st, sm, m, w in zip(sized, sized_masks, masks, blend)]
+        else:
+            targets = style_targets(extractor, sized, blend, cfg, tile=lay.tile, masks=sized_masks)
         refining = scale_index >= len(cfg.scales) and cfg.refine_content_weight != 1.0
         scale_cfg = replace(cfg, content_weight=cfg.content_weight * cfg.refine_content_weight) if refining else cfg
         objective = Objective(extractor, scale_cfg, c, targets, tile=lay.tile, generator=generator)

@@ -4,7 +4,7 @@ predicted peak memory and time.
 
 Memory model, per scale of ``B`` images of ``P`` pixels and ``S`` style pixels (bytes)::
 
-    peak = in_use + 12 (2 m B P + S) + targets B P
+    peak = in_use + 12 (2 m B P + S) + (targets + 10 masks) B P
            + max(act_bytes max(B W, S_window) + 12 B P step_copies, 12 B P update_copies)
 
 ``in_use`` is what the process (CPU: its resident set) or the device (CUDA: allocated tensors) holds
@@ -49,6 +49,9 @@ GOOD_TILE = 384
 # 2-core CPU (bench/large.py step, bench/RESULTS.md): 1024 px in 4 tiles of 512, 1.31x the pixels in
 # windows, 1.62x the untiled step's time -> 1.24 per window pixel.
 TILED_WORK = 1.25
+# A content mask's image-sized float32 copies per pixel: at the scale's size, and at each style layer's
+# resolution (relu1_1's full size, then a quarter, a sixteenth...: 4/3 of the pixels).
+MASK_BYTES = 10
 AUTO_SHARE = {"cpu": 0.8, "cuda": 0.9}  # of the free memory that max_memory="auto" plans with
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -230,6 +233,7 @@ class Plan:
     budget: int | None  # bytes; None: no limit known
     in_use: int  # bytes held before the run
     scales: tuple[ScalePlan, ...] = field(default_factory=tuple)
+    masks: int = 0  # content masks of the run (regional styles)
 
     @property
     def peak_bytes(self) -> int:
@@ -285,13 +289,13 @@ def _even(n: int, t: int, align: int) -> int:
 
 
 def _scale_peak(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, tile: tuple[int, int] | None,
-                history: int, in_use: int) -> int:
+                history: int, in_use: int, masks: int = 0) -> int:
     h, w = hw
     px = batch * h * w
     window = px if tile is None else batch * _window(h, tile[0], costs.geometry) * _window(w, tile[1], costs.geometry)
     style_window = style_px if tile is None else min(style_px, window)
     act = costs.act_bytes * max(window, style_window)
-    state = RGB_BYTES * (2 * history * px + style_px) + costs.target_bytes * px
+    state = RGB_BYTES * (2 * history * px + style_px) + (costs.target_bytes + MASK_BYTES * masks) * px
     return int(in_use + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
 
 
@@ -317,7 +321,7 @@ def _style_pixels(hw: tuple[int, int], cfg: StyleConfig, style_sizes: Sequence[t
 
 def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int = 1,
          style_sizes: Sequence[tuple[int, int]] = (), budget: int | None, in_use: int,
-         device: str = "cpu") -> Plan:
+         device: str = "cpu", masks: int = 0) -> Plan:
     """Plan a run of ``cfg`` on a ``content`` = ``(H, W)`` image (``batch`` of them) within ``budget`` bytes.
 
     Each scale runs untiled where it fits; else tiled, with the largest tile that fits next to the
@@ -325,6 +329,7 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
     Raises :class:`PlanError` naming the largest ``size`` that fits when no tile fits at all.
     ``style_loss="sliced"`` cannot run tiled: its scales run untiled with fewer pairs if need be, and a
     :class:`~nsf.errors.ConfigError` on ``style_loss`` (naming the losses that tile) when even one pair does not fit.
+    ``masks``: the run's content masks (regional styles), whose image-sized copies count (``MASK_BYTES``).
     """
     scales = []
     align = costs.geometry.align
@@ -333,7 +338,7 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
         want = max(1, min(LBFGS_HISTORY, steps - 1)) if cfg.optimizer == "lbfgs" else 1
 
         def fits(tile: tuple[int, int] | None, m: int, hw: tuple[int, int] = hw, style_px: int = style_px) -> bool:
-            return budget is None or _scale_peak(costs, batch, hw, style_px, tile, m, in_use) <= budget
+            return budget is None or _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks) <= budget
 
         choice: tuple[tuple[int, int] | None, int] | None = (None, want) if fits(None, want) else None
         m = want
@@ -353,7 +358,7 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
                 t = k * align
                 choice = ((_even(hw[0], t, align), _even(hw[1], t, align)), m)
             elif m == 1:
-                raise _too_big(costs, cfg, content, batch, style_sizes, budget, in_use, hw)
+                raise _too_big(costs, cfg, content, batch, style_sizes, budget, in_use, hw, masks)
             else:
                 m = max(1, m // 2)
         tile, m = choice
@@ -361,25 +366,25 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
             tile = None
         windows = [t.window_pixels for t in tiles(*hw, tile, costs.geometry)]
         scales.append(ScalePlan(index, hw, steps, tile, len(windows), m,
-                                _scale_peak(costs, batch, hw, style_px, tile, m, in_use),
+                                _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks),
                                 _scale_seconds(costs, batch, sum(windows), style_px, steps, tile is not None),
                                 sum(windows), batch))
-    return Plan(content, batch, device, budget, in_use, tuple(scales))
+    return Plan(content, batch, device, budget, in_use, tuple(scales), masks)
 
 
 def _too_big(costs: Costs, cfg: StyleConfig, content: tuple[int, int], batch: int,
              style_sizes: Sequence[tuple[int, int]], budget: int | None, in_use: int,
-             hw: tuple[int, int]) -> PlanError:
+             hw: tuple[int, int], masks: int = 0) -> PlanError:
     def ok(size: int) -> bool:
         try:
             plan(costs, cfg.replace(size=size), content, batch=batch, style_sizes=style_sizes, budget=budget,
-                 in_use=in_use)
+                 in_use=in_use, masks=masks)
             return True
         except PlanError:
             return False
 
     smallest = _scale_peak(costs, batch, hw, _style_pixels(hw, cfg, style_sizes), (costs.geometry.align,) * 2, 1,
-                           in_use)
+                           in_use, masks)
     fits = largest(ok, 2 * MIN_SIDE, cfg.size - 1)
     what = f"at most size={fits} fits" if fits else "no size fits"
     return PlanError(f"size={cfg.size} does not fit max_memory={format_bytes(budget or 0)}: even one "

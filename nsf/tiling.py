@@ -203,12 +203,19 @@ class TiledFeatures:
         layers: the layers whose positions must be exact (those an objective reads).
         height, width: the image size.
         tile: owned tile ``(th, tw)`` in px, multiples of the stack's alignment; ``None`` for untiled.
+        masks: ``(R, B|1, 1, height, width)`` region masks in [0, 1], or ``None``. With masks, the Grams and
+            means are the regions' mask-weighted ones (:func:`nsf.losses.masked_gram`), ``(B, R, C, C)`` and
+            ``(B, R, C)``; each layer reads the masks brought to its resolution by area averaging.
     """
 
     def __init__(self, extractor: FeatureExtractor, layers: Sequence[str], height: int, width: int,
-                 tile: tuple[int, int] | None):
+                 tile: tuple[int, int] | None, masks: Tensor | None = None):
         self.extractor = extractor
         self.height, self.width = height, width
+        if masks is not None and (masks.dim() != 5 or masks.shape[2] != 1 or masks.shape[-2:] != (height, width)):
+            raise ValueError(f"masks of shape {tuple(masks.shape)}; allowed: (R, B|1, 1, {height}, {width})")
+        self.masks = masks
+        self._layer_masks: dict[str, tuple[Tensor, Tensor]] = {}
         # untiled, the one tile is the image and no geometry is needed (any feature stack works)
         self.geo = geometry(extractor.body, extractor.module_names, layers) if tile is not None else None
         self.tiles = tiles(height, width, tile, self.geo) if self.geo is not None \
@@ -226,17 +233,51 @@ class TiledFeatures:
             return (slice(None),) * 4
         return _owned(t, self.geo, layer, self.height, self.width)
 
+    def layer_masks(self, layer: str, hw: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """The region masks at ``layer``'s resolution ``(R, B|1, 1, h, w)`` and their sums ``(R, B|1)``; ``hw``:
+        the layer's whole-map size (needed once, untiled: the map's own)."""
+        if self.masks is None:
+            raise ValueError("layer_masks() of features without masks")
+        if layer not in self._layer_masks:
+            if self.geo is not None:
+                hw = (self.geo.feature_size(self.height, layer), self.geo.feature_size(self.width, layer))
+            if hw is None:
+                raise ValueError(f"the size of {layer}'s map is not known yet; allowed: after a pass over the image")
+            r, b = self.masks.shape[:2]
+            m = torch.nn.functional.adaptive_avg_pool2d(self.masks.reshape(r * b, 1, self.height, self.width), hw)
+            m = m.reshape(r, b, 1, *hw)
+            self._layer_masks[layer] = (m, m.sum(dim=(2, 3, 4)))
+        return self._layer_masks[layer]
+
+    def mask_shares(self, layer: str) -> Tensor:
+        """Each region's share of ``layer``'s map, the mean of its mask there ``(R, B|1)``."""
+        m, total = self.layer_masks(layer)
+        return total / (m.shape[-2] * m.shape[-1])
+
+    def _region_stats(self, f: Tensor, t: Tile, n: str, norm: str | None) -> Tensor:
+        """Tile ``t``'s share of the regions' Grams ``(B, R, C, C)`` (``norm``) or means ``(B, R, C)`` (None)."""
+        lr, lc, gr, gc = self._owned(t, n)
+        masks, totals = self.layer_masks(n, (f.shape[-2], f.shape[-1]))
+        owned = f[..., lr, lc]
+        if norm is None:
+            return torch.stack([losses.masked_mean(owned, m[..., gr, gc], positions=s)
+                                for m, s in zip(masks, totals)], dim=1)
+        return torch.stack([losses.masked_gram(owned, m[..., gr, gc], norm, positions=s)
+                            for m, s in zip(masks, totals)], dim=1)
+
     def shares(self, feats: Mapping[str, Tensor], t: Tile, *, grams: Sequence[str] = (), norm: str = "chw",
                content: Mapping[str, Tensor] | None = None, means: Sequence[str] = ()) -> Sums:
-        """Tile ``t``'s share of the Grams of ``grams``, the means of ``means`` and the MSEs against ``content``
-        (whole maps)."""
+        """Tile ``t``'s share of the Grams of ``grams``, the means of ``means`` (the regions' with masks) and the
+        MSEs against ``content`` (whole maps)."""
         out = Sums()
         for n in grams:
             lr, lc, _, _ = self._owned(t, n)
-            out.grams[n] = losses.gram(feats[n][..., lr, lc], norm, positions=self.positions(n))
+            out.grams[n] = losses.gram(feats[n][..., lr, lc], norm, positions=self.positions(n)) \
+                if self.masks is None else self._region_stats(feats[n], t, n, norm)
         for n in means:
             lr, lc, _, _ = self._owned(t, n)
-            out.means[n] = losses.feature_mean(feats[n][..., lr, lc], positions=self.positions(n))
+            out.means[n] = losses.feature_mean(feats[n][..., lr, lc], positions=self.positions(n)) \
+                if self.masks is None else self._region_stats(feats[n], t, n, None)
         for n, target in (content or {}).items():
             lr, lc, gr, gc = self._owned(t, n)
             out.content[n] = losses.content_loss(feats[n][..., lr, lc], target[..., gr, gc],
