@@ -281,3 +281,43 @@ def test_resampled_quantiles_keep_the_ends_and_the_order():
     assert_close(up, torch.tensor([[[0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0]]]))
     down = losses.resample_sorted(v, 2)
     assert_close(down, torch.tensor([[[0.0, 7.0]]]))
+
+
+# --- masked (regional) statistics ------------------------------------------------------------------------
+
+
+def test_masked_gram_is_the_mask_weighted_mean_of_outer_products():
+    f = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    m = torch.rand(2, 1, 6, 7, dtype=torch.float64)
+    want = torch.einsum("bchw,bdhw->bcd", f * m, f) / (5 * m.sum(dim=(1, 2, 3))).view(2, 1, 1)
+    assert_close(losses.masked_gram(f, m), want, rtol=1e-12, atol=0)
+    assert_close(losses.masked_gram(f, m, "none"), torch.einsum("bchw,bdhw->bcd", f * m, f), rtol=1e-12, atol=0)
+    # a mask of ones is the plain Gram, bit for bit; a mask shared by the batch broadcasts
+    ones = torch.ones(1, 1, 6, 7, dtype=torch.float64)
+    assert torch.equal(losses.masked_gram(f, ones), losses.gram(f))
+    assert_close(losses.masked_gram(f, m[:1]), torch.stack([losses.masked_gram(f[i:i + 1], m[:1])[0] for i in (0, 1)]))
+
+
+def test_masked_gram_gradient_matches_finite_differences():
+    """The hand-written backward (recomputing F diag(m)) against float64 finite differences."""
+    f = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    m = torch.rand(1, 1, 4, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: losses.masked_gram(x, m), (f,))
+    assert torch.autograd.gradcheck(lambda x: losses.masked_gram(x, m, positions=torch.tensor([7.0])), (f,))
+
+
+def test_masked_mean_and_tile_positions():
+    f = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    m = torch.rand(1, 1, 6, 6, dtype=torch.float64)
+    assert_close(losses.masked_mean(f, m), (f * m).sum(dim=(2, 3)) / m.sum(), rtol=1e-12, atol=0)
+    total = m.sum().view(1)  # two halves with the whole mask's sum add up to the whole
+    halves = [losses.masked_gram(f[..., :3], m[..., :3], positions=total),
+              losses.masked_gram(f[..., 3:], m[..., 3:], positions=total)]
+    assert_close(halves[0] + halves[1], losses.masked_gram(f, m), rtol=1e-12, atol=0)
+    assert_close(losses.masked_mean(f[..., :3], m[..., :3], total) + losses.masked_mean(f[..., 3:], m[..., 3:], total),
+                 losses.masked_mean(f, m), rtol=1e-12, atol=0)
+
+
+def test_masked_gram_refuses_a_mask_of_another_size():
+    with pytest.raises(ValueError, match=r"\(B\|1, 1, H, W\) mask"):
+        losses.masked_gram(torch.randn(1, 3, 4, 4), torch.ones(1, 1, 4, 5))
