@@ -331,9 +331,12 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
     :class:`~nsf.errors.ConfigError` on ``style_loss`` (naming the losses that tile) when even one pair does not fit.
     ``masks``: the run's content masks (regional styles), whose image-sized copies count (``MASK_BYTES``).
     """
+    runs = schedule(*content, cfg)
+    if min(runs[-1][1]) < MIN_SIDE:
+        raise too_small(cfg, content)
     scales = []
     align = costs.geometry.align
-    for index, hw, steps in schedule(*content, cfg):
+    for index, hw, steps in runs:
         style_px = _style_pixels(hw, cfg, style_sizes) * (batch if not style_sizes else 1)
         want = max(1, min(LBFGS_HISTORY, steps - 1)) if cfg.optimizer == "lbfgs" else 1
 
@@ -370,6 +373,19 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
                                 _scale_seconds(costs, batch, sum(windows), style_px, steps, tile is not None),
                                 sum(windows), batch))
     return Plan(content, batch, device, budget, in_use, tuple(scales), masks)
+
+
+def too_small(cfg: StyleConfig, content: tuple[int, int]) -> ConfigError:
+    """The error for a ``size`` whose output's short side is under ``MIN_SIDE`` for this content's aspect ratio
+    (VGG-19's deepest pooling would have no pixel left)."""
+    h, w = content
+    # the short side is round(size * short / long): it reaches MIN_SIDE near size = (MIN_SIDE - 1/2) * long / short
+    first = max(cfg.size + 1, math.floor((MIN_SIDE - 0.5) * max(h, w) / max(1, min(h, w))) - 2)
+    least = next(s for s in range(first, first + 16) if min(target_size(h, w, s, cfg.resize)) >= MIN_SIDE)
+    out_h, out_w = target_size(h, w, cfg.size, cfg.resize)
+    return ConfigError(f"size={cfg.size} makes a {out_w}x{out_h} px picture of this {w}x{h} content; allowed: size "
+                       f">= {least} for its aspect ratio (each side at least {MIN_SIDE} px)", field="size",
+                       value=cfg.size, allowed={"min": least})
 
 
 def _too_big(costs: Costs, cfg: StyleConfig, content: tuple[int, int], batch: int,

@@ -180,3 +180,17 @@ def test_plan_error_reaches_the_caller_before_anything_runs(model):
     with pytest.raises(PlanError, match="does not fit max_memory=300 MB") as e:
         tight.stylize(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64), size=64, steps=1)
     assert e.value.allowed["max"] is None and "no size fits" in str(e.value)
+
+
+@pytest.mark.parametrize("hw,size,least", [((300, 400), 20, 21), ((400, 300), 16, 21), ((10, 1000), 500, 1550)])
+def test_a_size_too_small_for_the_aspect_ratio_is_refused_naming_the_least(model, hw, size, least):
+    """round(size * short / long) under 16 px would leave VGG-19's deepest pooling empty (it failed inside it)."""
+    from nsf.errors import ConfigError
+    from nsf.geometry import MIN_SIDE, target_size
+
+    with pytest.raises(ConfigError) as e:
+        model.plan(hw, size=size, timing=False)
+    assert e.value.field == "size" and e.value.allowed == {"min": least}
+    assert f"allowed: size >= {least}" in str(e.value)
+    assert min(target_size(*hw, least)) == MIN_SIDE > min(target_size(*hw, least - 1))
+    model.plan(hw, size=least, timing=False)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import StyleConfig
-from ..errors import PlanError
+from ..errors import ConfigError, PlanError
 from ..geometry import MIN_SIDE
 from ..optimize import schedule
 from ..plan import Plan, largest
@@ -19,11 +19,14 @@ from .errors import RequestError
 
 
 def admit_memory(plan: Callable[[], Plan]) -> Plan:
-    """The run's plan, or a 422 :class:`RequestError` naming the largest size that fits the worker's memory."""
+    """The run's plan, or a 422 :class:`RequestError` naming the largest size that fits the worker's memory (a 400
+    for a size too small for the content's aspect ratio)."""
     try:
         return plan()
     except PlanError as e:
         raise RequestError.from_error(e, message=f"{e} on this worker", field="size") from None
+    except ConfigError as e:
+        raise RequestError.from_error(e) from None
 
 
 def pixel_steps(cfg: StyleConfig, height: int, width: int) -> int:
