@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -296,3 +297,73 @@ def test_init_with_a_path_says_to_use_init_image(pair, tmp_path, capsys, shared_
                  "--init", str(content)])
     err = capsys.readouterr().err
     assert code == 2 and "init=" in err and "allowed: content, noise" in err and "--init-image" in err
+
+
+# --- regional styles: --masks, --style-masks ---------------------------------------------------
+
+
+def test_mask_flags_parse_into_one_entry_per_style():
+    from nsf.cli import mask_paths
+
+    args = build_parser().parse_args(["stylize", "c", "a", "b", "-o", "o.png", "--masks", "ma.png, mb.png",
+                                      "--style-masks", "sa.png,"])
+    assert (args.masks, args.style_masks) == ("ma.png, mb.png", "sa.png,")
+    assert mask_paths(args.masks, args.style_masks, 2) == {"masks": ["ma.png", "mb.png"],
+                                                            "style_masks": ["sa.png", None]}
+    assert mask_paths(None, "-,sb.png", 2) == {"style_masks": [None, "sb.png"]}
+    assert mask_paths("m.png", "-", 1) == {"masks": ["m.png"]}  # no style mask at all: not passed
+    assert mask_paths(None, None, 3) == {}
+
+
+@pytest.mark.parametrize(("masks", "style_masks", "field", "needle"), [
+    ("ma.png", None, "masks", "--masks='ma.png' has 1 entry for 2 style images; allowed: 2 comma-separated paths"),
+    ("ma.png,mb.png,mc.png", None, "masks", "has 3 entries for 2 style images"),
+    ("ma.png,", None, "masks", "leaves style 2 without a mask"),
+    ("-,mb.png", None, "masks", "leaves style 1 without a mask"),
+    (None, "sa.png", "style_masks", "--style-masks='sa.png' has 1 entry for 2 style images; allowed: 2"),
+])
+def test_mask_flags_with_a_wrong_count_are_config_errors(masks, style_masks, field, needle):
+    from nsf.cli import mask_paths
+    from nsf.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        mask_paths(masks, style_masks, 2)
+    assert e.value.field == field and needle in str(e.value) and "one" in str(e.value.allowed)
+
+
+def test_a_wrong_mask_count_exits_2_before_building_a_model(pair, tmp_path, capsys, monkeypatch):
+    import nsf.model
+    from nsf.cli import main
+
+    monkeypatch.setattr(nsf.model, "style_fusion", lambda **kw: pytest.fail("built a model"))
+    content, style = pair
+    code = main(["stylize", str(content), str(style), str(style), "-o", str(tmp_path / "o.png"), "--no-progress",
+                 "--masks", "only_one.png"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nsf: error: --masks='only_one.png' has 1 entry for 2 style images; allowed:" in err
+
+
+def test_stylize_with_masks_puts_each_style_in_its_region(pair, tmp_path, capsys, shared_model):
+    """Left half one style, right half the other, at 64 px / 2 steps; a style mask for the first style."""
+    content, _ = pair
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (40, 40), (230, 20, 20)).save(red)
+    Image.new("RGB", (40, 40), (20, 20, 230)).save(blue)
+    left, right = tmp_path / "left.png", tmp_path / "right.png"
+    half = Image.new("L", (64, 48), 0)
+    half.paste(255, (0, 0, 32, 48))
+    half.save(left)
+    half.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(right)
+    whole = tmp_path / "whole.png"
+    Image.new("L", (40, 40), 255).save(whole)
+    out = tmp_path / "out.png"
+    from nsf.cli import main
+
+    code = main(["stylize", str(content), str(red), str(blue), "-o", str(out), "--no-progress", "--device", "cpu",
+                 "--size", "64", "--steps", "2", "--masks", f"{left},{right}", "--style-masks", f"{whole},-"])
+    assert code == 0, capsys.readouterr().err
+    img = Image.open(out).convert("RGB")
+    assert img.size == (64, 48)
+    a = np.asarray(img, dtype=np.float64)
+    (lr, _, lb), (rr, _, rb) = a[:, :24].mean(axis=(0, 1)), a[:, 40:].mean(axis=(0, 1))
+    assert lr - lb > rr - rb  # redder on the left (the red style's region) than on the right
