@@ -158,7 +158,8 @@ def test_masks_come_with_their_styles_as_tensors(limits):
     assert abs(float(job.style_masks[1][..., 16:].mean()) - 128 / 255) < 1e-6  # grey: a soft value, /255
     plain = parse_request({"content": CONTENT, "style": STYLE}, limits)
     assert not plain.masked and plain.masks is None and plain.style_masks is None
-    only = parse_request({"content": CONTENT, "style": STYLE, "style_2": STYLE2, "style_mask": LEFT}, limits)
+    only = parse_request({"content": CONTENT, "style": STYLE, "style_2": STYLE2,
+                          "style_mask": mask_png(40, 40, 255, 0)}, limits)
     assert only.masks is None and only.style_masks[1] is None  # style masks without masks: allowed
 
 
@@ -180,6 +181,31 @@ def test_bad_masks_are_refused_naming_their_field(limits, extra, field, allowed)
         assert e.value.allowed == allowed
     if field == "mask_5":
         assert "at most 4 style images (mask, mask_2 ... mask_4)" in e.value.message
+
+
+@pytest.mark.parametrize(("extra", "field", "needle"), [
+    ({"mask": mask_png(40, 40)}, "mask", "mask is 40x40 px for content of 64x48; allowed: the aspect ratio"),
+    ({"style_2": STYLE2, "mask": LEFT, "mask_2": mask_png(64, 48, 0)}, "mask_2", "mask_2 is all zero"),
+    ({"style_mask": mask_png(64, 48)}, "style_mask", "style_mask is 64x48 px for style of 40x40"),
+    ({"style_mask": mask_png(20, 20, 0)}, "style_mask", "the part of the style image to use"),
+])
+def test_masks_the_run_would_refuse_are_refused_naming_their_field(limits, extra, field, needle):
+    """The run's rules (nsf.model: its image's aspect ratio, some area above zero), checked when parsing so that
+    the error names mask_2 rather than the run's argument 'masks'."""
+    with pytest.raises(RequestError) as e:
+        parse_request({"content": CONTENT, "style": STYLE, **extra}, limits)
+    assert (e.value.status, e.value.field) == (400, field) and needle in e.value.message, e.value.to_dict()
+    job = parse_request({"content": CONTENT, "style": STYLE, "mask": mask_png(128, 96, 0, 40),  # twice the size
+                         "style_mask": mask_png(81, 80)}, limits)  # within the run's 2% tolerance
+    assert job.masks[0].shape == (1, 1, 96, 128)
+
+
+def test_sliced_with_masks_is_the_runs_refusal_naming_style_loss():
+    sliced = ServingLimits.from_model_config(model_config(overrides={"style_loss": "sliced"}), "cpu")
+    with pytest.raises(RequestError) as e:
+        parse_request({"content": CONTENT, "style": STYLE, "mask": LEFT}, sliced)
+    assert (e.value.status, e.value.field, e.value.allowed) == (400, "style_loss", ["gram", "mean_cov"])
+    assert parse_request({"content": CONTENT, "style": STYLE}, sliced).masks is None
 
 
 def test_mask_config_errors_name_the_request_fields(limits):
