@@ -197,7 +197,8 @@ class Worker:
         job = parse_request(fields, self.limits)
         hw = (job.content.height, job.content.width)
         admit_memory(lambda: self.model.plan_config(job.config, hw,
-                                                    style_sizes=[(s.height, s.width) for s in job.styles]))
+                                                    style_sizes=[(s.height, s.width) for s in job.styles],
+                                                    masks=len(job.masks) if job.masks is not None else 0))
         if self.cost is not None:
             self.cost.admit(job.config, *hw)
         return job
