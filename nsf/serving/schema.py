@@ -20,14 +20,13 @@ def request_schema(limits: ServingLimits) -> dict[str, Any]:
                              STYLE: {**image, "description": "style image; " + image["description"]}}
     for i in range(2, limits.max_styles + 1):
         props[f"style_{i}"] = {**image, "description": f"style image {i} (blended by style_weights)"}
-    for i, name in enumerate(numbered(MASK, limits.max_styles), start=1):
-        style = numbered(STYLE, limits.max_styles)[i - 1]
+    styles = numbered(STYLE, limits.max_styles)
+    for name, style in zip(numbered(MASK, limits.max_styles), styles):
         props[name] = {**image, "description": f"regional styles: where {style} goes in the content, a greyscale "
                                                "mask with the content's aspect ratio (white: there; grey values "
                                                "blend; where no mask covers, the content stays); give one per "
                                                "style or none"}
-    for i, name in enumerate(numbered(STYLE_MASK, limits.max_styles), start=1):
-        style = numbered(STYLE, limits.max_styles)[i - 1]
+    for name, style in zip(numbered(STYLE_MASK, limits.max_styles), styles):
         props[name] = {**image, "description": f"optional: the part of {style} (white) its style is taken from, "
                                                "a greyscale mask with that image's aspect ratio"}
     meta = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(StyleConfig)}
