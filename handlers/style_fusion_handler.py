@@ -8,8 +8,9 @@ content type and body.
 
 Inputs per request (see README, "Serving with TorchServe"):
 
-* multipart/form-data: file fields ``content``, ``style`` (``style_2``... with ``style_weights``) and
-  option fields ``size``, ``steps``, ``seed``... -> the image bytes (``image/png`` or ``image/jpeg``);
+* multipart/form-data: file fields ``content``, ``style`` (``style_2``... with ``style_weights``; regional
+  styles: ``mask``, ``mask_2``... and ``style_mask``...) and option fields ``size``, ``steps``, ``seed``...
+  -> the image bytes (``image/png`` or ``image/jpeg``);
 * a JSON body with the same keys, images as base64 -> the image bytes;
 * under TorchServe's KServe envelopes (``kserve``/``kservev2``), the same keys as a v1 instance or
   as v2 inputs -> the image base64-encoded in the envelope's output.

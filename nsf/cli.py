@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("styles", nargs="+", metavar="style", help="style image(s); blend with --style-blend-weights")
     p.add_argument("-o", "--output", required=True, help="output image (.png carries provenance metadata)")
     p.add_argument("--init-image", default=None, help="start from this image (instead of --init content/noise)")
+    p.add_argument("--masks", default=None, metavar="A.png,B.png,...",
+                   help="regional styles: one greyscale mask per style, comma-separated, in the styles' order "
+                        "(white: that style goes there; grey values blend; where no mask covers, the content "
+                        "stays). Each with the content's aspect ratio")
+    p.add_argument("--style-masks", default=None, metavar="SA.png,,...",
+                   help="optional, one per style, comma-separated: the part of each style image its style is "
+                        "taken from (an empty entry or - : the whole style image)")
     _add_output_flags(p)
     _add_run_flags(p)
     d = sub.add_parser("demo", help="stylize the bundled sample images (no files of your own needed)")
@@ -217,11 +224,48 @@ def _progress(enabled: bool) -> Any:
     return callback, on_tile, close
 
 
+def mask_paths(masks: str | None, style_masks: str | None, styles: int) -> dict[str, Any]:
+    """``--masks`` and ``--style-masks`` for ``styles`` style images -> ``stylize``'s ``masks`` and
+    ``style_masks`` keywords (only those given).
+
+    Raises:
+        nsf.errors.ConfigError: an entry count that is not one per style, or an empty ``--masks`` entry
+            (``field`` ``masks`` or ``style_masks``).
+    """
+    from .errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for flag, text in (("masks", masks), ("style_masks", style_masks)):
+        if text is None:
+            continue
+        entries = [t.strip() for t in text.split(",")]
+        name = "--" + flag.replace("_", "-")
+        what = ("paths, one mask per style image" if flag == "masks"
+                else "entries, one per style image (a path, or empty or - for the whole style image)")
+        allowed = f"{styles} comma-separated {what}"
+        if len(entries) != styles:
+            raise ConfigError(f"{name}={text!r} has {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} for "
+                              f"{styles} style image{'s' if styles > 1 else ''}; allowed: {allowed}",
+                              field=flag, value=text, allowed=allowed)
+        if flag == "masks":
+            missing = [i for i, e in enumerate(entries, start=1) if e in ("", "-")]
+            if missing:
+                raise ConfigError(f"{name}={text!r} leaves style {missing[0]} without a mask; allowed: {allowed} "
+                                  "(every style needs its mask)", field=flag, value=text, allowed=allowed)
+            out[flag] = entries
+        else:
+            paths = [None if e in ("", "-") else e for e in entries]
+            if any(p is not None for p in paths):
+                out[flag] = paths
+    return out
+
+
 def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init_image: Any = None) -> int:
     import torch
 
     from .image import save_png, tensor_to_pil
 
+    masks = mask_paths(getattr(args, "masks", None), getattr(args, "style_masks", None), len(styles))
     model, options = _model(args)
     out = Path(args.output)
     if args.bit_depth == 16 and out.suffix.lower() != ".png":
@@ -230,7 +274,7 @@ def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init_ima
     start = time.perf_counter()
     try:
         t = model.stylize(content, list(styles), init_image=init_image, callback=callback, on_tile=on_tile,
-                          as_tensor=True, **options)
+                          as_tensor=True, **masks, **options)
     finally:
         close()
     elapsed = time.perf_counter() - start

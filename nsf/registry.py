@@ -140,10 +140,11 @@ def signature(limits: Any) -> Any:
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     from .config import StyleConfig
-    from .serving import CONTENT, STYLE, STYLE_WEIGHTS
+    from .serving import CONTENT, MASK, STYLE, STYLE_MASK, STYLE_WEIGHTS
+    from .serving.request import numbered
 
     hints = typing.get_type_hints(StyleConfig)
-    images = [CONTENT, STYLE] + [f"style_{i}" for i in range(2, limits.max_styles + 1)]
+    images = [CONTENT] + [name for base in (STYLE, MASK, STYLE_MASK) for name in numbered(base, limits.max_styles)]
     params = [ParamSpec(name, _PARAM_TYPES[hints[name]], None) for name in limits.fields]
     params += [ParamSpec(STYLE_WEIGHTS, "double", [], shape=(-1,)), ParamSpec("preset", "string", None),
                ParamSpec("format", "string", None)]
@@ -308,9 +309,12 @@ def _given(value: Any) -> bool:
 
 def predict_rows(served: Served, model_input: Any, params: Mapping[str, Any] | None = None) -> list[bytes]:
     """One encoded image per row (PNG with the provenance chunk, or JPEG): every row is checked first,
-    by :func:`nsf.serving.parse_request` with the version's limits; a bad one raises :func:`request_error`."""
+    by :func:`nsf.serving.parse_request` with the version's limits; a bad one raises :func:`request_error`.
+    Optional columns ``mask``, ``mask_2``... and ``style_mask``... carry a row's regional-style masks
+    (image bytes, as the styles); a run that refuses them raises :func:`request_error` naming the column."""
+    from .errors import ConfigError, PlanError
     from .image import encode, pil_to_tensor, tensor_to_pil
-    from .serving import CONTENT, STYLE, RequestError, parse_request
+    from .serving import CONTENT, STYLE, RequestError, from_config_error, parse_request
 
     options = {k: v for k, v in (params or {}).items() if _given(v)}
     if hasattr(model_input, "to_dict"):
@@ -332,7 +336,18 @@ def predict_rows(served: Served, model_input: Any, params: Mapping[str, Any] | N
     model = served.model
     out = []
     for job in jobs:
-        image = model.transfer(pil_to_tensor(job.content), [pil_to_tensor(s) for s in job.styles], job.config)
+        masks: dict[str, Any] = {}
+        if job.masks is not None:
+            masks["masks"] = job.masks
+        if job.style_masks is not None:
+            masks["style_masks"] = job.style_masks
+        try:
+            image = model.transfer(pil_to_tensor(job.content), [pil_to_tensor(s) for s in job.styles], job.config,
+                                   **masks)
+        except ConfigError as e:  # masks the run refuses (all zero, the wrong aspect ratio...)
+            if isinstance(e, PlanError):
+                raise
+            raise request_error(from_config_error(e, served.limits)) from None
         out.append(encode(tensor_to_pil(image), job.format, model.metadata(job.config)))
     return out
 

@@ -68,6 +68,19 @@ def json_body(**extra) -> dict:
     return {"body": {k: v for k, v in body.items() if v is not None}}
 
 
+def mask_png(w: int, h: int, left: int = 255, right: int | None = None) -> bytes:
+    """A greyscale mask PNG: ``left`` on the left half, ``right`` (default: ``left``) on the right half."""
+    img = Image.new("L", (w, h), left)
+    img.paste(left if right is None else right, (w // 2, 0, w, h))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# masks for CONTENT (64x48): the left half, the right half
+LEFT, RIGHT = mask_png(64, 48, 255, 0), mask_png(64, 48, 0, 255)
+
+
 def truncated_png() -> bytes:
     data = png(64, 64, 5)
     return data[: len(data) // 2]
@@ -112,6 +125,11 @@ BAD = {
     "image of the wrong JSON type": (json_body(content=12), 400, "content"),
     "body not JSON": ({"body": bytearray(CONTENT)}, 400, "body"),
     "body a JSON list": ({"body": [1, 2]}, 400, "body"),
+    "a mask for one of two styles": (multipart(style_2=STYLE2, mask=LEFT), 400, "mask_2"),
+    "mask_2 without style_2": (multipart(mask=LEFT, mask_2=RIGHT), 400, "mask_2"),
+    "mask not an image": (multipart(mask=b"not a mask"), 400, "mask"),
+    "mask over the pixel cap": (multipart(mask=bomb_png()), 413, "mask"),
+    "style_mask_2 without style_2": (json_body(style_mask_2=b64(LEFT)), 400, "style_mask_2"),
 }
 
 
@@ -148,7 +166,8 @@ json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_
                                                             st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                            max_leaves=12)
 keys = st.sampled_from(["content", "style", "style_2", "style_3", "style_9", "size", "steps", "seed", "preset",
-                        "format", "style_weights", "content_weight", "init", "max_pixels", "__proto__", ""])
+                        "format", "style_weights", "content_weight", "init", "max_pixels", "__proto__", "",
+                        "mask", "mask_2", "style_mask"])
 multipart_rows = st.dictionaries(keys, st.one_of(images, scalars.map(lambda v: str(v).encode())), max_size=7)
 json_objects = st.dictionaries(keys, st.one_of(json_values, images.map(b64), st.text(max_size=20)), max_size=7)
 # One request as a server hands it over: a row (multipart fields, a JSON body as bytes or decoded), or a

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -296,3 +297,71 @@ def test_init_with_a_path_says_to_use_init_image(pair, tmp_path, capsys, shared_
                  "--init", str(content)])
     err = capsys.readouterr().err
     assert code == 2 and "init=" in err and "allowed: content, noise" in err and "--init-image" in err
+
+
+# --- regional styles: --masks, --style-masks ---------------------------------------------------
+
+
+def test_mask_flags_parse_into_one_entry_per_style():
+    from nsf.cli import mask_paths
+
+    args = build_parser().parse_args(["stylize", "c", "a", "b", "-o", "o.png", "--masks", "ma.png, mb.png",
+                                      "--style-masks", "sa.png,"])
+    assert (args.masks, args.style_masks) == ("ma.png, mb.png", "sa.png,")
+    assert mask_paths(args.masks, args.style_masks, 2) == {"masks": ["ma.png", "mb.png"],
+                                                            "style_masks": ["sa.png", None]}
+    assert mask_paths(None, "-,sb.png", 2) == {"style_masks": [None, "sb.png"]}
+    assert mask_paths("m.png", "-", 1) == {"masks": ["m.png"]}  # no style mask at all: not passed
+    assert mask_paths(None, None, 3) == {}
+
+
+@pytest.mark.parametrize(("masks", "style_masks", "field", "needle"), [
+    ("ma.png", None, "masks", "--masks='ma.png' has 1 entry for 2 style images; allowed: 2 comma-separated paths"),
+    ("ma.png,mb.png,mc.png", None, "masks", "has 3 entries for 2 style images"),
+    ("ma.png,", None, "masks", "leaves style 2 without a mask"),
+    ("-,mb.png", None, "masks", "leaves style 1 without a mask"),
+    (None, "sa.png", "style_masks", "--style-masks='sa.png' has 1 entry for 2 style images; allowed: 2"),
+])
+def test_mask_flags_with_a_wrong_count_are_config_errors(masks, style_masks, field, needle):
+    from nsf.cli import mask_paths
+    from nsf.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        mask_paths(masks, style_masks, 2)
+    assert e.value.field == field and needle in str(e.value) and "one" in str(e.value.allowed)
+
+
+def test_a_wrong_mask_count_exits_2_before_building_a_model(pair, tmp_path, capsys, monkeypatch):
+    import nsf.model
+    from nsf.cli import main
+
+    monkeypatch.setattr(nsf.model, "style_fusion", lambda **kw: pytest.fail("built a model"))
+    content, style = pair
+    code = main(["stylize", str(content), str(style), str(style), "-o", str(tmp_path / "o.png"), "--no-progress",
+                 "--masks", "only_one.png"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nsf: error: --masks='only_one.png' has 1 entry for 2 style images; allowed:" in err
+
+
+def test_stylize_with_masks_keeps_the_content_where_no_mask_covers(pair, tmp_path, capsys, shared_model):
+    """Two styles masked into the left half (the second softly, on a quarter), a style mask for the first;
+    64 px, 2 steps: the uncovered right half stays the content, the left half moves."""
+    from nsf.cli import main
+
+    content, style = pair
+    left, quarter, whole = tmp_path / "left.png", tmp_path / "quarter.png", tmp_path / "whole.png"
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (0, 0, 32, 48))
+    mask.save(left)
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(128, (0, 0, 16, 48))
+    mask.save(quarter)
+    Image.new("L", (50, 50), 255).save(whole)
+    out = tmp_path / "out.png"
+    code = main(["stylize", str(content), str(style), str(style), "-o", str(out), "--no-progress", "--device", "cpu",
+                 "--size", "64", "--steps", "2", "--masks", f"{left},{quarter}", "--style-masks", f"{whole},-"])
+    assert code == 0, capsys.readouterr().err
+    a = np.asarray(Image.open(out).convert("RGB"), dtype=np.float64)
+    assert a.shape == (48, 64, 3)
+    moved = np.abs(a - np.asarray(Image.open(content).convert("RGB"), dtype=np.float64))
+    assert moved[:, :24].mean() > 4 * moved[:, 40:].mean()

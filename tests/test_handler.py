@@ -27,6 +27,7 @@ from serving_requests import (
     CONTENT,
     GOOD,
     GOOD_JPEG,
+    LEFT,
     MODEL_CONFIG,
     OVERFLOWS,
     STYLE,
@@ -34,6 +35,7 @@ from serving_requests import (
     b64,
     hostile_rows,
     json_body,
+    mask_png,
     multipart,
     noise_png,
     tight_model_config,
@@ -391,6 +393,22 @@ def test_kserve_v1_envelope_answers_each_instance(handler, ctx):
     assert json.loads(json.dumps(out[0]))["predictions"][1]["field"] == "preset"
     out = envelope.handle([{"body": {"no_instances": []}}], ctx.batch(1))
     assert ctx.get_response_status(0)[0] == 400
+
+
+def test_masked_requests_in_a_batch_and_as_kserve_v2_inputs(handler, ctx):
+    """Masks as multipart files and JSON base64 (a batch: the masked requests answered in order, one refused
+    naming its missing mask), and as kservev2 BYTES inputs."""
+    ctx.batch(3)
+    masked = multipart(size="32", style_2=STYLE2, mask=LEFT, mask_2=mask_png(64, 48, 0, 255))
+    out = handler.handle([masked, json_body(size=32, style_2=b64(STYLE2), mask=b64(LEFT)), multipart(size="32")],
+                         ctx)
+    assert [ctx.get_response_status(i)[0] for i in range(3)] == [200, 400, 200]
+    assert Image.open(io.BytesIO(out[0])).size == (32, 24) and json.loads(out[1])["field"] == "mask_2"
+    envelope = KServev2Envelope(handler.handle)
+    out = envelope.handle([{"body": {"inputs": v2_inputs(mask=("BYTES", [b64(LEFT)]))}}], ctx.batch(1))
+    assert ctx.get_response_status(0)[0] == 200, out
+    (output,) = json.loads(json.dumps(out[0]))["outputs"]
+    assert Image.open(io.BytesIO(base64.b64decode(output["data"][0]))).size == (32, 24)
 
 
 # --- hostile input through the handler --------------------------------------------------------

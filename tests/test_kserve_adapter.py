@@ -16,7 +16,8 @@ import sys
 import pytest
 import yaml
 from PIL import Image
-from serving import CONTENT, REPO, STYLE, b64
+from serving import CONTENT, REPO, STYLE, STYLE2, b64
+from serving_requests import mask_png
 
 from nsf.serving import Outcome, RequestError
 from nsf.serving.kserve_protocol import (
@@ -268,6 +269,28 @@ def test_predict_raises_the_answer_of_a_bad_request(loaded):
     with pytest.raises(kserve_runtime.ServingError) as e:
         asyncio.run(loaded.predict(b"not json"))
     assert e.value.status == 400 and e.value.body["field"] == "body"
+
+
+@needs_kserve
+def test_masks_as_v1_instance_fields_and_v2_inputs(loaded):
+    """mask, mask_2 and style_mask_2 as base64 fields of a v1 instance and as v2 BYTES inputs: the same image;
+    a v1 instance lacking mask_2 is a 400 naming it; the v2 metadata lists the mask inputs."""
+    from kserve import InferInput, InferRequest
+
+    fields = {"content": b64(CONTENT), "style": b64(STYLE), "style_2": b64(STYLE2),
+              "mask": b64(mask_png(96, 72, 255, 0)), "mask_2": b64(mask_png(96, 72, 0, 255)),
+              "style_mask_2": b64(mask_png(48, 48, 255, 0)), "size": 64, "steps": 2, "seed": 3}
+    v1 = asyncio.run(loaded.predict({"instances": [fields]}))
+    inputs = [InferInput(name=k, shape=[1], datatype="BYTES" if isinstance(v, str) else "INT64", data=[v])
+              for k, v in fields.items()]
+    v2 = asyncio.run(loaded.predict(InferRequest(model_name=MODEL, infer_inputs=inputs)))
+    assert v1["predictions"][0] == v2.outputs[0].data[0]
+    assert Image.open(io.BytesIO(base64.b64decode(v1["predictions"][0]))).size == (64, 48)
+    with pytest.raises(kserve_runtime.ServingError) as e:
+        asyncio.run(loaded.predict({"instances": [{k: v for k, v in fields.items() if k != "mask_2"}]}))
+    assert e.value.status == 400 and e.value.body["field"] == "mask_2"
+    types = {t["name"]: t["datatype"] for t in loaded.get_input_types()}
+    assert types["mask"] == types["mask_4"] == types["style_mask_4"] == "BYTES"
 
 
 @needs_kserve

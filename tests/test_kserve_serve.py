@@ -132,6 +132,16 @@ def test_v2_request(kserver):
     assert r.status == 200 and r.json()["id"]  # an id of its own when the request has none
 
 
+def test_a_masked_v2_request(kserver):
+    """Regional styles as v2 BYTES inputs: mask (the left half) and style_mask (the style's top half)."""
+    mask, style_mask = Image.new("L", (96, 72), 0), Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 48, 72))
+    style_mask.paste(255, (0, 0, 64, 32))
+    r = kserver.v2({**SMALL, "mask": encode(mask, "png"), "style_mask": encode(style_mask, "png")})
+    assert r.status == 200, r.body[:500]
+    assert _image(r, "outputs").size == (64, 48)
+
+
 def test_v1_several_instances_answer_each(kserver):
     r = kserver.v1(SMALL, {**SMALL, "size": 48})
     assert r.status == 200, r.body[:500]

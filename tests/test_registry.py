@@ -87,6 +87,35 @@ def test_load_by_alias_gives_the_library_bytes(store, limits):
     assert jpeg == [encode(img, "jpeg")]
 
 
+def test_mask_columns_pass_through_to_the_run(store, limits):
+    """Optional columns mask (and style_mask): the same bytes as the library's masked run; a mask the run
+    would refuse is the server's 400 naming its column."""
+    import io
+
+    from PIL import Image
+
+    _, done = store
+    use(done.tracking_uri)
+    m = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    def left_half(w: int, h: int) -> bytes:
+        img = Image.new("L", (w, h), 0)
+        img.paste(255, (0, 0, w // 2, h))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    mask, style_mask = left_half(*Image.open(io.BytesIO(CONTENT)).size), left_half(*Image.open(io.BytesIO(STYLE)).size)
+    out = m.predict({"content": [CONTENT], "style": [STYLE], "mask": [mask], "style_mask": [style_mask]},
+                    params=SMALL)
+    hub = torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu")
+    img = hub.stylize(CONTENT, STYLE, masks=[mask], style_masks=[style_mask], **SMALL, max_pixels=limits.max_pixels)
+    assert out == [encode(img, "png", hub.last_metadata)]
+    with pytest.raises(serving.RequestError) as got:
+        m.predict({"content": [CONTENT], "style": [STYLE], "mask": [encode(Image.new("L", (64, 16)), "png")]},
+                  params=SMALL)
+    assert (got.value.status, got.value.field) == (400, "mask")
+
+
 @pytest.mark.parametrize("fields", [
     {"content": CONTENT, "style": STYLE, "size": 5000},
     {"content": CONTENT, "style": STYLE, "steps": 0},

@@ -92,6 +92,21 @@ def test_json_request_jpeg(server):
     assert img.format == "JPEG" and img.size == (64, 48)
 
 
+def test_a_masked_multipart_request(server):
+    """Regional styles: mask and mask_2 as multipart files, one half each."""
+    left, right = Image.new("L", (96, 72), 0), Image.new("L", (96, 72), 255)
+    left.paste(255, (0, 0, 48, 72))
+    right.paste(0, (0, 0, 48, 72))
+    masks = {}
+    for name, img in (("mask", left), ("mask_2", right)):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        masks[name] = buf.getvalue()
+    r = server.multipart({"content": CONTENT, "style": STYLE, "style_2": STYLE2, **masks, "size": "64", "steps": "2"})
+    assert r.status == 200, r.body[:500]
+    assert Image.open(io.BytesIO(r.body)).size == (64, 48)
+
+
 def test_same_request_same_seed_same_image(server):
     fields = {"content": CONTENT, "style": STYLE, "size": "64", "steps": "3", "seed": "9"}
     a, b = server.multipart(fields), server.multipart(fields)

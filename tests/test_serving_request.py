@@ -10,7 +10,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_requests import BAD, CONTENT, STYLE, b64, model_config, truncated_png
+from serving_requests import BAD, CONTENT, LEFT, RIGHT, STYLE, STYLE2, b64, mask_png, model_config, truncated_png
 
 from nsf.errors import ConfigError, ImageError, ImageTooLargeError, PlanError
 from nsf.serving import (
@@ -20,6 +20,7 @@ from nsf.serving import (
     from_kserve_v2,
     parse_request,
     request_fields,
+    request_schema,
     resolve,
 )
 from nsf.serving.errors import phrase
@@ -119,7 +120,8 @@ def test_image_errors_reach_the_body_as_the_library_raised_them(limits):
 
 
 _FUZZ_KEYS = ["content", "style", "style_2", "style_3", "style_5", "size", "steps", "seed", "content_weight",
-              "style_weight", "tv_weight", "preserve_color", "preset", "format", "style_weights", "init", "x"]
+              "style_weight", "tv_weight", "preserve_color", "preset", "format", "style_weights", "init", "x",
+              "mask", "mask_2", "style_mask", "style_mask_2"]
 _FUZZ_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12), st.binary(max_size=24), st.sampled_from([CONTENT, STYLE, truncated_png(), b64(STYLE),
@@ -140,3 +142,83 @@ def test_parse_request_only_ever_raises_request_errors(limits, fields):
     else:
         assert job.config.size <= limits.max_size and job.config.steps <= limits.max_steps
         assert len(job.styles) >= 1 and job.format in ("png", "jpeg")
+
+
+# --- regional styles: mask, mask_2..., style_mask... -----------------------------------------------
+
+
+def test_masks_come_with_their_styles_as_tensors(limits):
+    job = parse_request({"content": CONTENT, "style": STYLE, "style_2": b64(STYLE2), "mask": LEFT,
+                         "mask_2": {"b64": b64(RIGHT)}, "style_mask_2": mask_png(32, 32, 255, 128)}, limits)
+    assert job.masked and len(job.masks) == 2 and len(job.style_masks) == 2 and job.style_masks[0] is None
+    left, right = job.masks
+    assert left.shape == right.shape == (1, 1, 48, 64) and left.dtype == right.dtype
+    assert (left[..., :32].min(), left[..., 32:].max(), right[..., 32:].min()) == (1.0, 0.0, 1.0)
+    assert job.style_masks[1].shape == (1, 1, 32, 32)
+    assert abs(float(job.style_masks[1][..., 16:].mean()) - 128 / 255) < 1e-6  # grey: a soft value, /255
+    plain = parse_request({"content": CONTENT, "style": STYLE}, limits)
+    assert not plain.masked and plain.masks is None and plain.style_masks is None
+    only = parse_request({"content": CONTENT, "style": STYLE, "style_2": STYLE2,
+                          "style_mask": mask_png(40, 40, 255, 0)}, limits)
+    assert only.masks is None and only.style_masks[1] is None  # style masks without masks: allowed
+
+
+@pytest.mark.parametrize(("extra", "field", "allowed"), [
+    ({"style_2": STYLE2, "style_3": STYLE2, "mask": LEFT, "mask_3": RIGHT}, "mask_2", ["mask", "mask_2", "mask_3"]),
+    ({"mask_2": RIGHT}, "mask_2", ["mask"]),  # a mask for a style the request lacks
+    ({"mask": LEFT, "mask_3": RIGHT, "style_2": STYLE2}, "mask_3", ["mask", "mask_2"]),
+    ({"style_mask_4": LEFT}, "style_mask_4", ["style_mask"]),
+    ({"mask_5": LEFT}, "mask_5", None),  # past max_styles: an unknown field, naming the numbering
+    ({"mask": "@@not base64@@"}, "mask", None),
+    ({"mask": truncated_png()}, "mask", "a complete image file"),
+    ({"style_mask": b""}, "style_mask", "an image file"),
+])
+def test_bad_masks_are_refused_naming_their_field(limits, extra, field, allowed):
+    with pytest.raises(RequestError) as e:
+        parse_request({"content": CONTENT, "style": STYLE, **extra}, limits)
+    assert (e.value.status, e.value.field) == (400, field), e.value.to_dict()
+    if allowed is not None:
+        assert e.value.allowed == allowed
+    if field == "mask_5":
+        assert "at most 4 style images (mask, mask_2 ... mask_4)" in e.value.message
+
+
+@pytest.mark.parametrize(("extra", "field", "needle"), [
+    ({"mask": mask_png(40, 40)}, "mask", "mask is 40x40 px for content of 64x48; allowed: the aspect ratio"),
+    ({"style_2": STYLE2, "mask": LEFT, "mask_2": mask_png(64, 48, 0)}, "mask_2", "mask_2 is all zero"),
+    ({"style_mask": mask_png(64, 48)}, "style_mask", "style_mask is 64x48 px for style of 40x40"),
+    ({"style_mask": mask_png(20, 20, 0)}, "style_mask", "the part of the style image to use"),
+])
+def test_masks_the_run_would_refuse_are_refused_naming_their_field(limits, extra, field, needle):
+    """The run's rules (nsf.model: its image's aspect ratio, some area above zero), checked when parsing so that
+    the error names mask_2 rather than the run's argument 'masks'."""
+    with pytest.raises(RequestError) as e:
+        parse_request({"content": CONTENT, "style": STYLE, **extra}, limits)
+    assert (e.value.status, e.value.field) == (400, field) and needle in e.value.message, e.value.to_dict()
+    job = parse_request({"content": CONTENT, "style": STYLE, "mask": mask_png(128, 96, 0, 40),  # twice the size
+                         "style_mask": mask_png(81, 80)}, limits)  # within the run's 2% tolerance
+    assert job.masks[0].shape == (1, 1, 96, 128)
+
+
+def test_sliced_with_masks_is_the_runs_refusal_naming_style_loss():
+    sliced = ServingLimits.from_model_config(model_config(overrides={"style_loss": "sliced"}), "cpu")
+    with pytest.raises(RequestError) as e:
+        parse_request({"content": CONTENT, "style": STYLE, "mask": LEFT}, sliced)
+    assert (e.value.status, e.value.field, e.value.allowed) == (400, "style_loss", ["gram", "mean_cov"])
+    assert parse_request({"content": CONTENT, "style": STYLE}, sliced).masks is None
+
+
+def test_mask_config_errors_name_the_request_fields(limits):
+    err = from_config_error(ConfigError("masks: 1 for 2 styles", field="masks", allowed="one per style"), limits)
+    assert (err.status, err.field, err.allowed) == (400, "mask", "one per style")
+    err = from_config_error(ConfigError("all zero", field="style_masks", allowed="a mask with some white"), limits)
+    assert err.field == "style_mask"
+    err = from_config_error(ConfigError("sliced", field="style_loss", allowed=["gram", "mean_cov"]), limits)
+    assert (err.field, err.allowed) == ("style_loss", ["gram", "mean_cov"])
+
+
+def test_the_schema_lists_the_mask_fields(limits):
+    props = request_schema(limits)["properties"]
+    names = [f"{base}{suffix}" for base in ("mask", "style_mask") for suffix in ("", "_2", "_3", "_4")]
+    assert all(props[n]["contentEncoding"] == "base64" for n in names)
+    assert "mask_5" not in props and "one per style" in props["mask"]["description"]

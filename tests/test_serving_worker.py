@@ -21,11 +21,13 @@ from serving_requests import (
     BAD,
     GOOD,
     GOOD_JPEG,
+    LEFT,
     OVERFLOWS,
     REPO,
     STYLE2,
     hostile_rows,
     json_body,
+    mask_png,
     model_config,
     multipart,
     noise_png,
@@ -183,6 +185,40 @@ def test_requests_of_one_size_and_config_run_as_one_batch(worker, monkeypatch):
         a = np.asarray(image_of(got), dtype=np.float32)
         b = np.asarray(image_of(ref), dtype=np.float32)
         assert a.shape == b.shape and np.abs(a - b).mean() < 1.0  # float32: the same up to rounding
+
+
+def test_a_masked_request_runs_alone_with_its_masks(worker, monkeypatch):
+    """Three requests of one size and config: the masked one runs on its own, with its (1, 1, H, W) masks;
+    the other two share a batch."""
+    calls = []
+    real = worker.model.transfer
+
+    def spy(content, styles, cfg, **kw):
+        calls.append((content.shape[0], [tuple(m.shape) for m in kw.get("masks") or []],
+                      [None if m is None else tuple(m.shape) for m in kw.get("style_masks") or []]))
+        return real(content, styles, cfg, **kw)
+
+    monkeypatch.setattr(worker.model, "transfer", spy)
+    masked = multipart(size="32", style_2=STYLE2, mask=LEFT, mask_2=mask_png(64, 48, 0, 255),
+                       style_mask_2=mask_png(32, 32, 255, 0))
+    outs = worker.answer([request_of(r) for r in (multipart(size="32"), masked, multipart(size="32"))])
+    assert [o.status for o in outs] == [200, 200, 200], [o.body for o in outs if not o.ok]
+    assert sorted(calls) == [(1, [(1, 1, 48, 64), (1, 1, 48, 64)], [None, (1, 1, 32, 32)]), (2, [], [])]
+    assert image_of(outs[1]).size == (32, 24)
+
+
+def test_masks_a_run_refuses_are_a_400_naming_the_field(worker, monkeypatch):
+    """Parsing refuses what the run would (test_serving_request); a mask the run refuses all the same -- here
+    swapped for one of another aspect ratio on its way in -- is the run's ConfigError answered as a 400."""
+    real = worker.model.transfer
+
+    def swap(content, styles, cfg, **kw):
+        return real(content, styles, cfg, **{**kw, "masks": [torch.ones(1, 1, 16, 64)]})
+
+    monkeypatch.setattr(worker.model, "transfer", swap)
+    out = answer(worker, multipart(size="32", mask=LEFT))
+    assert (out.status, out.body["field"]) == (400, "mask"), out.body
+    assert "aspect ratio" in out.body["allowed"]
 
 
 def test_unexpected_failure_is_a_500_for_that_request_only(worker, monkeypatch):

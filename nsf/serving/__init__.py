@@ -21,11 +21,14 @@ from .limits import ServingLimits
 from .request import (
     CONTENT,
     FORMATS,
+    MASK,
     STYLE,
+    STYLE_MASK,
     STYLE_WEIGHTS,
     Job,
     allowed_fields,
     decode_image,
+    decode_mask,
     from_config_error,
     from_kserve_v2,
     parse_request,
@@ -36,7 +39,7 @@ from .request import (
 from .schema import request_schema
 from .worker import Outcome, Worker
 
-__all__ = ["CONTENT", "FORMATS", "STYLE", "STYLE_WEIGHTS", "CostModel", "Job", "Outcome", "RequestError",
-           "ServingLimits", "Worker", "admit_memory", "allowed_fields", "decode_image", "from_config_error",
-           "from_kserve_v2", "parse_request", "phrase", "pixel_steps", "request_fields", "request_schema", "resolve",
-           "wants_stream"]
+__all__ = ["CONTENT", "FORMATS", "MASK", "STYLE", "STYLE_MASK", "STYLE_WEIGHTS", "CostModel", "Job", "Outcome",
+           "RequestError", "ServingLimits", "Worker", "admit_memory", "allowed_fields", "decode_image", "decode_mask",
+           "from_config_error", "from_kserve_v2", "parse_request", "phrase", "pixel_steps", "request_fields",
+           "request_schema", "resolve", "wants_stream"]

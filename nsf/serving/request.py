@@ -17,19 +17,26 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from ..config import MAX_WEIGHT, PRESETS, StyleConfig, make_config
 from ..errors import ConfigError, ImageError
-from ..image import load_image
+from ..image import load_image, load_mask
+from ..model import ASPECT_TOLERANCE
+from ..optimize import masks_refusal
 from .errors import RequestError
 from .limits import BOOL_CHOICES, CHOICES, HINTS, RANGED, ServingLimits
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 CONTENT = "content"
 STYLE = "style"
-_EXTRA_STYLE = re.compile(r"style_(\d+)")
+MASK = "mask"  # regional styles: mask, mask_2... the content mask of style, style_2... (all styles or none)
+STYLE_MASK = "style_mask"  # style_mask, style_mask_2...: optional, the part of each style image it is taken from
+_NUMBERED = re.compile(r"(style|mask|style_mask)_(\d+)")
 STYLE_WEIGHTS = "style_weights"  # the request's name for StyleConfig.style_blend_weights
 STREAM, DEADLINE = "stream", "deadline"  # progress messages while it runs; seconds until the best image so far
 REQUEST_OPTIONS = ("preset", "format", STYLE_WEIGHTS, STREAM, DEADLINE)
@@ -50,10 +57,19 @@ class Job:
     format: str  # "png" or "jpeg"
     stream: bool = False  # answer with progress messages (nsf.serving.stream), then the image
     deadline: float | None = None  # seconds after the worker took the request: then the best image so far
+    # regional styles: one (1, 1, H, W) mask in [0, 1] per style (fields mask, mask_2...), or None
+    masks: list[Tensor] | None = None
+    # per style, the part of its style image it is taken from (style_mask, style_mask_2...), or None
+    style_masks: list[Tensor | None] | None = None
 
     @property
     def content_type(self) -> str:
         return FORMATS[self.format]
+
+    @property
+    def masked(self) -> bool:
+        """Whether the request carries masks or style masks (it then runs on its own, never batched)."""
+        return self.masks is not None or self.style_masks is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,10 +147,15 @@ def from_kserve_v2(inputs: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def numbered(base: str, count: int) -> list[str]:
+    """The field names of ``count`` numbered images: ``base``, ``base_2`` ... ``base_<count>``."""
+    return [base] + [f"{base}_{i}" for i in range(2, count + 1)]
+
+
 def allowed_fields(limits: ServingLimits) -> list[str]:
     """Every field a request may carry under ``limits``."""
-    styles = [STYLE] + [f"style_{i}" for i in range(2, limits.max_styles + 1)]
-    return [CONTENT, *styles, *limits.fields, *REQUEST_OPTIONS]
+    images = [name for base in (STYLE, MASK, STYLE_MASK) for name in numbered(base, limits.max_styles)]
+    return [CONTENT, *images, *limits.fields, *REQUEST_OPTIONS]
 
 
 def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
@@ -147,9 +168,10 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
     unknown = [k for k in fields if k not in allowed]
     if unknown:
         name = unknown[0]
-        m = _EXTRA_STYLE.fullmatch(str(name))
-        why = (f"at most {limits.max_styles} style images (style, style_2 ... style_{limits.max_styles})"
-               if m and int(m.group(1)) > limits.max_styles else "not a field of this model")
+        m = _NUMBERED.fullmatch(str(name))
+        why = (f"at most {limits.max_styles} style images ({m.group(1)}, {m.group(1)}_2 ... "
+               f"{m.group(1)}_{limits.max_styles})" if m and int(m.group(2)) > limits.max_styles
+               else "not a field of this model")
         raise RequestError(f"unknown field {_show(name)}: {why}", field=str(name), allowed=allowed)
     for name in (CONTENT, STYLE):
         if fields.get(name) is None:
@@ -160,6 +182,12 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
         if name != f"style_{i}":
             raise RequestError(f"{name} given without style_{i}; number extra styles style_2, style_3... "
                                "without gaps", field=name, allowed=f"style_{i}")
+    mask_names, style_mask_names = _mask_names(fields, style_names, MASK), _mask_names(fields, style_names, STYLE_MASK)
+    if any(mask_names) and not all(mask_names):
+        wanted = numbered(MASK, len(style_names))
+        missing = wanted[mask_names.index(None)]
+        raise RequestError(f"the request has masks but no {missing}: mask the styles all or none, one mask per "
+                           f"style ({', '.join(wanted)} for {_count(style_names)})", field=missing, allowed=wanted)
 
     options = {name: _coerce(name, fields[name], HINTS[name], limits) for name in limits.fields if name in fields}
     if STYLE_WEIGHTS in fields:
@@ -179,9 +207,51 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
     deadline = _deadline(fields[DEADLINE]) if DEADLINE in fields else None
 
     cfg = resolve(preset, options, limits)
+    if any(mask_names) and cfg.style_loss == "sliced":  # the run's own refusal, before decoding anything
+        raise from_config_error(masks_refusal(), limits)
     content = decode_image(fields[CONTENT], CONTENT, limits)
     styles = [decode_image(fields[name], name, limits) for name in style_names]
-    return Job(content, styles, cfg, "jpeg" if fmt == "jpg" else fmt, stream, deadline)
+    masks = [_checked_mask(decode_mask(fields[name], name, limits), name, content, CONTENT)
+             for name in mask_names if name] if any(mask_names) else None
+    style_masks = [None if name is None else
+                   _checked_mask(decode_mask(fields[name], name, limits), name, style, style_name)
+                   for name, style, style_name in zip(style_mask_names, styles, style_names)] \
+        if any(style_mask_names) else None
+    return Job(content, styles, cfg, "jpeg" if fmt == "jpg" else fmt, stream, deadline, masks, style_masks)
+
+
+def _checked_mask(mask: Tensor, name: str, image: Image.Image, image_name: str) -> Tensor:
+    """``mask`` if the run would take it (:meth:`nsf.StyleFusion.transfer`'s rules: its image's aspect ratio
+    within ``ASPECT_TOLERANCE``, some area above zero); else a 400 naming the request field (the run's own
+    error names only the argument, ``masks`` or ``style_masks``)."""
+    (mh, mw), (w, h) = mask.shape[-2:], image.size
+    if abs(mh * w - mw * h) > ASPECT_TOLERANCE * h * mw:
+        allowed = f"the aspect ratio of {image_name} ({w}x{h} px), e.g. {w}x{h}"
+        raise RequestError(f"{name} is {mw}x{mh} px for {image_name} of {w}x{h}; allowed: {allowed}", field=name,
+                           allowed=allowed)
+    if not float(mask.max()) > 0:
+        where = "where its style goes" if image_name == CONTENT else "the part of the style image to use"
+        allowed = f"a mask with some area above zero (white: {where})"
+        raise RequestError(f"{name} is all zero (black); allowed: {allowed}", field=name, allowed=allowed)
+    return mask
+
+
+def _count(style_names: Sequence[str]) -> str:
+    return f"{len(style_names)} style image{'s' if len(style_names) > 1 else ''}"
+
+
+def _mask_names(fields: Mapping[str, Any], style_names: Sequence[str], base: str) -> list[str | None]:
+    """The ``base`` fields (``mask``... or ``style_mask``...) of a request's styles, ``None`` where not given.
+    One given for a style the request lacks is refused, naming it."""
+    names = numbered(base, len(style_names))
+    for name in fields:
+        m = _NUMBERED.fullmatch(str(name))
+        if (name == base or (m and m.group(1) == base)) and name not in names:
+            style = STYLE + name[len(base):]
+            raise RequestError(f"{name} given without {style}: {base}_<k> goes with style_<k>, one per style "
+                               f"({', '.join(names)} for {_count(style_names)})", field=name,
+                               allowed=names)
+    return [name if name in fields else None for name in names]
 
 
 def wants_stream(fields: Mapping[str, Any]) -> bool:
@@ -225,15 +295,44 @@ def resolve(preset: str, options: Mapping[str, Any], limits: ServingLimits) -> S
     return cfg
 
 
+# library argument names whose request fields are named otherwise
+_REQUEST_FIELD = {"style_blend_weights": STYLE_WEIGHTS, "masks": MASK, "style_masks": STYLE_MASK}
+
+
 def from_config_error(e: ConfigError, limits: ServingLimits) -> RequestError:
-    """A StyleConfig validation error (field, value, allowed) as the request error of its request field."""
+    """A StyleConfig validation error (field, value, allowed), or one of a run's masks, as the request error
+    of its request field (``masks`` -> ``mask``, ``style_masks`` -> ``style_mask``)."""
     if e.field in RANGED:  # this server's range, not the library's
         return RequestError.from_error(e, message=str(e).split(";", 1)[0], allowed=limits.bounds(e.field))
-    return RequestError.from_error(e, field=STYLE_WEIGHTS if e.field == "style_blend_weights" else e.field)
+    return RequestError.from_error(e, field=_REQUEST_FIELD.get(e.field, e.field))
 
 
 def decode_image(value: Any, name: str, limits: ServingLimits) -> Image.Image:
     """Bytes (multipart) or base64 text (JSON: bare, ``data:`` URL or ``{"b64": ...}``) -> RGB image."""
+    data = _image_bytes(value, name)
+    try:
+        return load_image(data, max_pixels=limits.max_pixels, what=name)
+    except ImageError as e:  # unreadable, truncated, too small (400) or over the pixel cap (413)
+        raise RequestError.from_error(e, field=name, message=f"{name}: {e}") from None
+    except (ValueError, OSError) as e:  # PIL failing past the checks (a broken EXIF block...)
+        raise RequestError(f"{name}: {e}", field=name, allowed="a PNG, JPEG, WebP... image") from None
+
+
+def decode_mask(value: Any, name: str, limits: ServingLimits) -> Tensor:
+    """A mask field, sent like an image (:func:`decode_image`, the same pixel cap and errors) -> its
+    ``(1, 1, H, W)`` greyscale tensor in [0, 1] (:func:`nsf.image.load_mask`)."""
+    data = _image_bytes(value, name)
+    try:
+        return load_mask(data, max_pixels=limits.max_pixels, what=name)
+    except ImageError as e:
+        raise RequestError.from_error(e, field=name, message=f"{name}: {e}") from None
+    except (ValueError, OSError) as e:
+        raise RequestError(f"{name}: {e}", field=name, allowed="a PNG, JPEG, WebP... image") from None
+
+
+def _image_bytes(value: Any, name: str) -> bytes:
+    """An image field's bytes: as sent (multipart) or decoded from base64 text (bare, ``data:`` URL,
+    ``{"b64": ...}``)."""
     if isinstance(value, Mapping) and set(value) == {"b64"}:
         value = value["b64"]
     if isinstance(value, str):
@@ -250,12 +349,7 @@ def decode_image(value: Any, name: str, limits: ServingLimits) -> Image.Image:
         raise RequestError(f"{name} is a {type(value).__name__}", field=name, allowed=IMAGE_VALUE)
     if not data:
         raise RequestError(f"{name} is empty", field=name, allowed="an image file")
-    try:
-        return load_image(data, max_pixels=limits.max_pixels, what=name)
-    except ImageError as e:  # unreadable, truncated, too small (400) or over the pixel cap (413)
-        raise RequestError.from_error(e, field=name, message=f"{name}: {e}") from None
-    except (ValueError, OSError) as e:  # PIL failing past the checks (a broken EXIF block...)
-        raise RequestError(f"{name}: {e}", field=name, allowed="a PNG, JPEG, WebP... image") from None
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

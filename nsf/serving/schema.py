@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import MAX_WEIGHT, PRESETS, StyleConfig
 from .limits import BOOL_CHOICES, CHOICES, HINTS, RANGED, ServingLimits
-from .request import CONTENT, DEADLINE, MAX_DEADLINE, STREAM, STYLE, STYLE_WEIGHTS
+from .request import CONTENT, DEADLINE, MASK, MAX_DEADLINE, STREAM, STYLE, STYLE_MASK, STYLE_WEIGHTS, numbered
 from .stream import PARTIAL_HEADER
 
 
@@ -20,6 +20,15 @@ def request_schema(limits: ServingLimits) -> dict[str, Any]:
                              STYLE: {**image, "description": "style image; " + image["description"]}}
     for i in range(2, limits.max_styles + 1):
         props[f"style_{i}"] = {**image, "description": f"style image {i} (blended by style_weights)"}
+    styles = numbered(STYLE, limits.max_styles)
+    for name, style in zip(numbered(MASK, limits.max_styles), styles):
+        props[name] = {**image, "description": f"regional styles: where {style} goes in the content, a greyscale "
+                                               "mask with the content's aspect ratio (white: there; grey values "
+                                               "blend; where no mask covers, the content stays); give one per "
+                                               "style or none"}
+    for name, style in zip(numbered(STYLE_MASK, limits.max_styles), styles):
+        props[name] = {**image, "description": f"optional: the part of {style} (white) its style is taken from, "
+                                               "a greyscale mask with that image's aspect ratio"}
     meta = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(StyleConfig)}
     json_types = {int: "integer", float: "number", bool: "boolean"}
     for name in limits.fields:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import StyleConfig, make_config
-from ..errors import OutOfMemory, PlanError
+from ..errors import ConfigError, OutOfMemory, PlanError
 from ..image import encode, pil_to_tensor, tensor_to_pil
 from ..model import StyleFusion, style_fusion
 from ..optimize import ScaleDone
@@ -33,7 +33,7 @@ from ..weights import LoadedWeights
 from .admission import CostModel, admit_memory, pixel_steps
 from .errors import RequestError, phrase
 from .limits import ServingLimits
-from .request import Job, parse_request, resolve
+from .request import Job, from_config_error, parse_request, resolve
 from .stream import MEDIA_TYPE, PARTIAL_HEADER, StopWhen, line, preview, result
 from .stream import error as error_message
 
@@ -197,7 +197,8 @@ class Worker:
         job = parse_request(fields, self.limits)
         hw = (job.content.height, job.content.width)
         admit_memory(lambda: self.model.plan_config(job.config, hw,
-                                                    style_sizes=[(s.height, s.width) for s in job.styles]))
+                                                    style_sizes=[(s.height, s.width) for s in job.styles],
+                                                    masks=len(job.masks) if job.masks is not None else 0))
         if self.cost is not None:
             self.cost.admit(job.config, *hw)
         return job
@@ -212,7 +213,9 @@ class Worker:
         image its own problem; a batch that fails is retried request by request. A run out of memory is
         a 507, any other failure a 500 for that request only.
 
-        A request with a ``deadline`` or ``stream`` runs on its own. Past its deadline (counted from this
+        A request with masks (regional styles), a ``deadline`` or ``stream`` runs on its own. A run that
+        refuses its masks (a :class:`~nsf.errors.ConfigError`: an all-zero mask, one whose aspect ratio is not
+        the content's...) is a 400 naming the field, as when parsing. Past its deadline (counted from this
         call) the best image so far is its answer, with ``partial`` set. A streamed request's previews go
         to ``progress(index, line)`` as each scale ends (NDJSON lines, :mod:`nsf.serving.stream`; none
         when the server passes no ``progress``) and its outcome is the last line, the result or the
@@ -239,14 +242,15 @@ class Worker:
             except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
                 logger.exception("style_fusion: request %d failed", idx)
                 outcomes[idx] = Outcome.failed(e)
-        groups: dict[tuple[StyleConfig, tuple[int, int]], list[int]] = {}
+        # a masked request is a group of its own: its masks are its run's, not a batch's
+        groups: dict[tuple[StyleConfig, tuple[int, int], int | None], list[int]] = {}
         for idx, job in jobs.items():
             if job.stream or job.deadline is not None:
                 stop = StopWhen(None if job.deadline is None else arrived + job.deadline,
                                 gone[idx] if idx < len(gone) else None)
                 outcomes[idx] = self._run_alone(idx, job, stop, progress if job.stream else None)
             else:
-                groups.setdefault((job.config, job.content.size), []).append(idx)
+                groups.setdefault((job.config, job.content.size, idx if job.masked else None), []).append(idx)
         for idxs in groups.values():
             self._run_group(idxs, jobs, outcomes, start)
         return [outcomes[i] for i in range(len(requests))]
@@ -265,7 +269,7 @@ class Worker:
         try:
             (data,) = self.run([job], stop=stop, on_scale=on_scale)
         except Exception as e:  # noqa: BLE001 - one failing request must not take the worker down
-            outcome = _failure(idx, e)
+            outcome = self._failure(idx, e)
             return Outcome(200, line(error_message(outcome.status, dict(outcome.body))), MEDIA_TYPE) \
                 if previews and isinstance(outcome.body, dict) else outcome
         partial = self.model.last_partial
@@ -289,7 +293,7 @@ class Worker:
             images = self.run([jobs[i] for i in idxs])
         except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
             if len(idxs) == 1:
-                outcomes[idxs[0]] = _failure(idxs[0], e)
+                outcomes[idxs[0]] = self._failure(idxs[0], e)
                 return
             logger.warning("style_fusion: batch %s failed (%s: %s); running its requests one by one", idxs,
                            type(e).__name__, e)
@@ -308,18 +312,36 @@ class Worker:
 
     def run(self, jobs: list[Job], *, stop: Callable[[], bool] | None = None,
             on_scale: Callable[[ScaleDone], None] | None = None) -> list[bytes]:
-        """Jobs with one config and one content size -> their encoded images (one batched optimization).
+        """Jobs with one config and one content size -> their encoded images (one batched optimization;
+        a job with masks runs alone, its masks passed as ``(1, 1, H, W)`` tensors).
 
         ``stop`` and ``on_scale`` are :meth:`nsf.StyleFusion.transfer`'s; ``self.model.last_partial`` then
         says whether ``stop`` cut the run short (the metadata of a partial PNG says so too)."""
         cfg = jobs[0].config
+        masks: dict[str, Any] = {}
+        if any(job.masked for job in jobs):
+            if len(jobs) > 1:
+                raise ValueError(f"a batch of {len(jobs)} jobs holds a masked one; allowed: a masked job alone")
+            if jobs[0].masks is not None:
+                masks["masks"] = jobs[0].masks
+            if jobs[0].style_masks is not None:
+                masks["style_masks"] = jobs[0].style_masks
         content = torch.cat([pil_to_tensor(job.content) for job in jobs])
         # one entry per style slot: a batch of one, or each request's own image (any size)
         styles = [pil_to_tensor(jobs[0].styles[k]) if len(jobs) == 1 else [pil_to_tensor(j.styles[k]) for j in jobs]
                   for k in range(len(jobs[0].styles))]
-        out = self.model.transfer(content, styles, cfg, stop=stop, on_scale=on_scale)
+        out = self.model.transfer(content, styles, cfg, stop=stop, on_scale=on_scale, **masks)
         meta = self.model.metadata(cfg)
         return [encode(tensor_to_pil(out[i : i + 1]), job.format, meta) for i, job in enumerate(jobs)]
+
+    def _failure(self, idx: int, e: Exception) -> Outcome:
+        """The answer to a request whose run raised ``e``: a refused option (its masks...) as when parsing,
+        507 out of memory, else 500."""
+        if isinstance(e, ConfigError) and not isinstance(e, PlanError):
+            error = from_config_error(e, self.limits)
+            logger.info("style_fusion: request %d refused by its run (%d): %s", idx, error.status, error.message)
+            return Outcome.refused(error)
+        return _failure(idx, e)
 
 
 def _failure(idx: int, e: Exception) -> Outcome:
