@@ -184,10 +184,10 @@ def test_bad_masks_are_refused_naming_their_field(limits, extra, field, allowed)
 
 
 @pytest.mark.parametrize(("extra", "field", "needle"), [
-    ({"mask": mask_png(40, 40)}, "mask", "mask is 40x40 px for content of 64x48; allowed: the aspect ratio"),
+    ({"mask": mask_png(40, 40)}, "mask", "mask is 40x40 px for an image of 64x48; allowed: the aspect ratio"),
     ({"style_2": STYLE2, "mask": LEFT, "mask_2": mask_png(64, 48, 0)}, "mask_2", "mask_2 is all zero"),
-    ({"style_mask": mask_png(64, 48)}, "style_mask", "style_mask is 64x48 px for style of 40x40"),
-    ({"style_mask": mask_png(20, 20, 0)}, "style_mask", "the part of the style image to use"),
+    ({"style_mask": mask_png(64, 48)}, "style_mask", "style_mask is 64x48 px for an image of 40x40"),
+    ({"style_mask": mask_png(20, 20, 0)}, "style_mask", "style_mask is all zero"),
 ])
 def test_masks_the_run_would_refuse_are_refused_naming_their_field(limits, extra, field, needle):
     """The run's rules (nsf.model: its image's aspect ratio, some area above zero), checked when parsing so that

@@ -24,7 +24,7 @@ from PIL import Image
 from ..config import MAX_WEIGHT, PRESETS, StyleConfig, make_config
 from ..errors import ConfigError, ImageError
 from ..image import load_image, load_mask
-from ..model import ASPECT_TOLERANCE
+from ..model import check_mask
 from ..optimize import masks_refusal
 from .errors import RequestError
 from .limits import BOOL_CHOICES, CHOICES, HINTS, RANGED, ServingLimits
@@ -211,29 +211,22 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
         raise from_config_error(masks_refusal(), limits)
     content = decode_image(fields[CONTENT], CONTENT, limits)
     styles = [decode_image(fields[name], name, limits) for name in style_names]
-    masks = [_checked_mask(decode_mask(fields[name], name, limits), name, content, CONTENT)
+    masks = [_checked_mask(decode_mask(fields[name], name, limits), name, content)
              for name in mask_names if name] if any(mask_names) else None
     style_masks = [None if name is None else
-                   _checked_mask(decode_mask(fields[name], name, limits), name, style, style_name)
-                   for name, style, style_name in zip(style_mask_names, styles, style_names)] \
+                   _checked_mask(decode_mask(fields[name], name, limits), name, style)
+                   for name, style in zip(style_mask_names, styles)] \
         if any(style_mask_names) else None
     return Job(content, styles, cfg, "jpeg" if fmt == "jpg" else fmt, stream, deadline, masks, style_masks)
 
 
-def _checked_mask(mask: Tensor, name: str, image: Image.Image, image_name: str) -> Tensor:
-    """``mask`` if the run would take it (:meth:`nsf.StyleFusion.transfer`'s rules: its image's aspect ratio
-    within ``ASPECT_TOLERANCE``, some area above zero); else a 400 naming the request field (the run's own
-    error names only the argument, ``masks`` or ``style_masks``)."""
-    (mh, mw), (w, h) = mask.shape[-2:], image.size
-    if abs(mh * w - mw * h) > ASPECT_TOLERANCE * h * mw:
-        allowed = f"the aspect ratio of {image_name} ({w}x{h} px), e.g. {w}x{h}"
-        raise RequestError(f"{name} is {mw}x{mh} px for {image_name} of {w}x{h}; allowed: {allowed}", field=name,
-                           allowed=allowed)
-    if not float(mask.max()) > 0:
-        where = "where its style goes" if image_name == CONTENT else "the part of the style image to use"
-        allowed = f"a mask with some area above zero (white: {where})"
-        raise RequestError(f"{name} is all zero (black); allowed: {allowed}", field=name, allowed=allowed)
-    return mask
+def _checked_mask(mask: Tensor, name: str, image: Image.Image) -> Tensor:
+    """``mask`` if the run would take it (:func:`nsf.model.check_mask`: its image's aspect ratio, some area above
+    zero); else a 400 naming the request field (the run's own error names only its argument, ``masks``)."""
+    try:
+        return check_mask(mask, (image.height, image.width), field=name)
+    except ConfigError as e:
+        raise RequestError.from_error(e) from None
 
 
 def _count(style_names: Sequence[str]) -> str:
