@@ -47,6 +47,20 @@ def test_new_options_through_the_hub(empty_torch_home):
         torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu", style_loss="w2")
 
 
+def test_masks_through_the_hub(empty_torch_home):
+    """Regional styles from a hub model: PIL masks, one per style; the provenance records them."""
+    model = torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu")
+    content = Image.new("RGB", (40, 32), (200, 60, 60))
+    styles = [Image.effect_noise((40, 40), 60).convert("RGB"), Image.new("RGB", (40, 40), (20, 40, 200))]
+    left = Image.new("L", (40, 32), 0)
+    left.paste(255, (0, 0, 20, 32))
+    right = Image.eval(left, lambda v: 255 - v)
+    out = model.stylize(content, styles, masks=[left, right], style_masks=[None, right.resize((40, 40))], size=32,
+                        steps=2, seed=0)
+    assert isinstance(out, Image.Image) and out.size == (32, 26)
+    assert model.last_metadata["masks"] == {"masks": 2, "style_masks": 1}
+
+
 def test_list_shows_only_public_entry_points(local_repo):
     assert torch.hub.list("owner/nsf", trust_repo=True) == ["style_fusion"]
 
