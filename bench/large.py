@@ -52,13 +52,16 @@ def run(args: argparse.Namespace) -> None:
     if proc.returncode:
         sys.exit(f"nsf failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    # CPU seconds (user + system) stay comparable when something else shares the machine; wall time does not
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for k in ("User", "System"))
     meta = read_metadata(out)
     plan = meta.get("plan", {})
     # the scorer runs VGG-19 on the whole output in float32 without tiling: a 4096 px output took it past
     # the machine's 24 GB (OOM-killed, 2026-11-27); larger outputs are scored at 2048 px
     q = Scorer().score(out if args.size <= 2048 else _downsized(out, 2048), content, style)
     row = {"name": args.name, "pair": args.pair, "size": args.size, "max_memory": args.max_memory, "set": args.set,
-           "seconds": round(wall, 1), "nsf_seconds": meta.get("seconds"), "peak_rss_gb": round(rss_kb * 1024 / 1e9, 2),
+           "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "nsf_seconds": meta.get("seconds"),
+           "peak_rss_gb": round(rss_kb * 1024 / 1e9, 2),
            "predicted_peak_gb": round(plan.get("peak_bytes", 0) / 1e9, 2),
            "budget_gb": round(plan["budget"] / 1e9, 2) if plan.get("budget") else None,
            "tiles": [s["tiles"] for s in plan.get("scales", [])],

@@ -261,9 +261,9 @@ class Objective(nn.Module):
             out: dict[str, Tensor] = {}
             for n in self.style_w:
                 shares = self.tiled.mask_shares(n)
-                out[n] = cast(Tensor, sum(r.weight * shares[i] * self._term(grams[n][:, i], means[n][:, i] if n in means
-                                                                            else None, r.targets, n)
-                                          for i, r in enumerate(self.regions)))
+                terms = [self._term(grams[n][:, i], means[n][:, i] if n in means else None, r.targets, n)
+                         for i, r in enumerate(self.regions)]
+                out[n] = cast(Tensor, sum(r.weight * share * d for r, share, d in zip(self.regions, shares, terms)))
             return out
         if self.style_loss == "gram":
             return {n: losses.mse_per_image(grams[n], self.style_targets[n]) for n in self.style_w}
