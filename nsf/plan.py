@@ -52,6 +52,18 @@ TILED_WORK = 1.25
 # A content mask's image-sized float32 copies per pixel: at the scale's size, and at each style layer's
 # resolution (relu1_1's full size, then a quarter, a sixteenth...: 4/3 of the pixels).
 MASK_BYTES = 10
+# A step's cost relative to a gram-loss step without masks, for admission control's estimate. Measured on the
+# 2-core CPU (bench/RESULTS.md): "style losses step time" (one thread, 256-512 px: mean_cov 1.01-1.19x, sliced
+# 1.83-1.98x) and "masks step" (two soft masks: 1.13x at 256 px).
+LOSS_WORK = {"gram": 1.0, "mean_cov": 1.2, "sliced": 2.0}
+MASK_WORK = 0.07  # per content mask
+
+
+def step_cost(cfg: StyleConfig, masks: int = 0) -> float:
+    """A step of ``cfg`` with ``masks`` content masks, in gram-loss steps without masks."""
+    return LOSS_WORK.get(cfg.style_loss, 1.0) * (1.0 + MASK_WORK * masks)
+
+
 AUTO_SHARE = {"cpu": 0.8, "cuda": 0.9}  # of the free memory that max_memory="auto" plans with
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -234,6 +246,7 @@ class Plan:
     in_use: int  # bytes held before the run
     scales: tuple[ScalePlan, ...] = field(default_factory=tuple)
     masks: int = 0  # content masks of the run (regional styles)
+    step_cost: float = 1.0  # a step's cost in gram-loss steps without masks (:func:`step_cost`)
 
     @property
     def peak_bytes(self) -> int:
@@ -250,7 +263,9 @@ class Plan:
 
     @property
     def work(self) -> float:
-        return sum(s.work for s in self.scales)
+        """The run's cost in untiled gram-loss pixel-steps (what admission control's seconds per pixel-step
+        multiply)."""
+        return sum(s.work for s in self.scales) * self.step_cost
 
     def layout(self) -> list[Layout]:
         return [s.layout for s in self.scales]
@@ -372,7 +387,7 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
                                 _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks),
                                 _scale_seconds(costs, batch, sum(windows), style_px, steps, tile is not None),
                                 sum(windows), batch))
-    return Plan(content, batch, device, budget, in_use, tuple(scales), masks)
+    return Plan(content, batch, device, budget, in_use, tuple(scales), masks, step_cost(cfg, masks))
 
 
 def too_small(cfg: StyleConfig, content: tuple[int, int]) -> ConfigError:

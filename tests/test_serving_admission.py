@@ -34,6 +34,21 @@ def test_admit_passes_what_fits_and_names_the_largest_steps_that_fit():
     assert f"at most steps={top}" in err.message and "10 s limit" in err.message
 
 
+def test_other_style_losses_and_masks_count_as_more_work():
+    """Measured step costs (nsf.plan.LOSS_WORK, MASK_WORK): a sliced step is about two gram steps, a mask adds
+    a share; a request that fits as gram can be refused as sliced, naming fewer steps."""
+    cfg = make_config(size=256, steps=100)
+    gram = pixel_steps(cfg, 256, 256)
+    assert pixel_steps(cfg.replace(style_loss="sliced"), 256, 256) == pytest.approx(2.0 * gram)
+    assert pixel_steps(cfg, 256, 256, masks=2) == pytest.approx(1.14 * gram)
+    cost = CostModel(seconds_per_pixel_step=1.0 / gram, budget=1.5)  # the gram run: 1 s
+    cost.admit(cfg, 256, 256)
+    cost.admit(cfg, 256, 256, masks=4)  # 1.28 s
+    with pytest.raises(RequestError) as e:
+        cost.admit(cfg.replace(style_loss="sliced"), 256, 256)
+    assert e.value.field == "steps" and e.value.allowed["max"] < 100
+
+
 def test_admit_names_the_largest_size_when_no_step_count_fits():
     cost = CostModel(seconds_per_pixel_step=1e-3, budget=60.0)
     cfg = make_config(size=1024, steps=50, scales=(1.0,), scale_steps=(1.0,))

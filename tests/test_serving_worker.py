@@ -349,3 +349,13 @@ def test_preserve_color_json_bool_and_a_bad_choice(worker):
     out = answer(worker, json_body(preserve_color="sepia"))
     assert out.status == 400 and out.body["field"] == "preserve_color"
     assert out.body["allowed"] == ["off", "luminance", "histogram", "true", "false"]
+
+
+def test_style_loss_and_iterate_average_are_client_fields(worker):
+    """The shipped config lets clients choose the style loss and the iterate average (issue 13's options)."""
+    out = answer(worker, multipart(style_loss="mean_cov", iterate_average="0.5"))
+    params = read_metadata(out.body)["params"]
+    assert out.status == 200 and (params["style_loss"], params["iterate_average"]) == ("mean_cov", 0.5)
+    out = answer(worker, json_body(style_loss="w2"))
+    assert out.status == 400 and out.body["field"] == "style_loss"
+    assert out.body["allowed"] == ["gram", "mean_cov", "sliced"]

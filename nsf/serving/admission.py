@@ -14,7 +14,7 @@ from ..config import StyleConfig
 from ..errors import ConfigError, PlanError
 from ..geometry import MIN_SIDE
 from ..optimize import schedule
-from ..plan import Plan, largest
+from ..plan import Plan, largest, step_cost
 from .errors import RequestError
 
 
@@ -29,9 +29,10 @@ def admit_memory(plan: Callable[[], Plan]) -> Plan:
         raise RequestError.from_error(e) from None
 
 
-def pixel_steps(cfg: StyleConfig, height: int, width: int) -> int:
-    """The work of a run: sum over its coarse-to-fine scales of H * W * steps (early stopping may do less)."""
-    return sum(h * w * n for _, (h, w), n in schedule(height, width, cfg))
+def pixel_steps(cfg: StyleConfig, height: int, width: int, masks: int = 0) -> float:
+    """The work of a run: sum over its coarse-to-fine scales of H * W * steps (early stopping may do less), in
+    gram-loss steps without masks (:func:`nsf.plan.step_cost`: other style losses and masks cost more)."""
+    return sum(h * w * n for _, (h, w), n in schedule(height, width, cfg)) * step_cost(cfg, masks)
 
 
 @dataclass(frozen=True)
@@ -47,25 +48,26 @@ class CostModel:
 
     seconds_per_pixel_step: float
     budget: float
-    work: Callable[[StyleConfig, int, int], float] = field(default=pixel_steps, compare=False)
+    work: Callable[[StyleConfig, int, int, int], float] = field(default=pixel_steps, compare=False)
 
-    def seconds(self, cfg: StyleConfig, height: int, width: int) -> float:
-        return self.seconds_per_pixel_step * self.work(cfg, height, width)
+    def seconds(self, cfg: StyleConfig, height: int, width: int, masks: int = 0) -> float:
+        return self.seconds_per_pixel_step * self.work(cfg, height, width, masks)
 
-    def admit(self, cfg: StyleConfig, height: int, width: int) -> None:
-        """Raise a 422 :class:`RequestError` naming the largest steps (or size) that fit the budget."""
-        estimate = self.seconds(cfg, height, width)
+    def admit(self, cfg: StyleConfig, height: int, width: int, masks: int = 0) -> None:
+        """Raise a 422 :class:`RequestError` naming the largest steps (or size) that fit the budget (``masks``:
+        the request's content masks)."""
+        estimate = self.seconds(cfg, height, width, masks)
         if estimate <= self.budget:
             return
         why = (f"size={cfg.size} with steps={cfg.steps} would take about {estimate:.0f} s on this worker "
                f"({self.seconds_per_pixel_step:.3g} s per pixel-step, measured at start-up), over its "
                f"{self.budget:.0f} s limit per request")
-        fits = largest(lambda n: self.seconds(dataclasses.replace(cfg, steps=n), height, width) <= self.budget,
+        fits = largest(lambda n: self.seconds(dataclasses.replace(cfg, steps=n), height, width, masks) <= self.budget,
                        1, cfg.steps - 1)
         if fits:
             raise RequestError(f"{why}; at size={cfg.size} at most steps={fits} fit", field="steps", status=422,
                                allowed={"min": 1, "max": fits, "seconds_limit": round(self.budget)})
-        fits = largest(lambda n: self.seconds(dataclasses.replace(cfg, size=n), height, width) <= self.budget,
+        fits = largest(lambda n: self.seconds(dataclasses.replace(cfg, size=n), height, width, masks) <= self.budget,
                        MIN_SIDE, cfg.size - 1)
         raise RequestError(f"{why}; with steps={cfg.steps} at most size={fits} fits" if fits else why,
                            field="size", status=422,

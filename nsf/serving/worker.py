@@ -178,10 +178,11 @@ class Worker:
                     100 * limits.time_budget, self.response_timeout)
         return self.cost
 
-    def _work(self, cfg: StyleConfig, height: int, width: int) -> float:
-        """A run's pixel-steps as planned for this worker's memory (tiled scales cost more; inf: cannot fit)."""
+    def _work(self, cfg: StyleConfig, height: int, width: int, masks: int = 0) -> float:
+        """A run's pixel-steps as planned for this worker's memory (tiled scales, other style losses and masks
+        cost more; inf: cannot fit)."""
         try:
-            return self.model.plan_config(cfg, (height, width)).work
+            return self.model.plan_config(cfg, (height, width), masks=masks).work
         except PlanError:
             return math.inf
 
@@ -196,11 +197,12 @@ class Worker:
         over the worker's memory (422) or time (422) limit."""
         job = parse_request(fields, self.limits)
         hw = (job.content.height, job.content.width)
+        masks = len(job.masks) if job.masks is not None else 0
         admit_memory(lambda: self.model.plan_config(job.config, hw,
                                                     style_sizes=[(s.height, s.width) for s in job.styles],
-                                                    masks=len(job.masks) if job.masks is not None else 0))
+                                                    masks=masks))
         if self.cost is not None:
-            self.cost.admit(job.config, *hw)
+            self.cost.admit(job.config, *hw, masks=masks)
         return job
 
     def answer(self, requests: Sequence[Mapping[str, Any] | RequestError], *,
