@@ -54,7 +54,8 @@ TILED_WORK = 1.25
 MASK_BYTES = 10
 # A step's cost relative to a gram-loss step without masks, for admission control's estimate. Measured on the
 # 2-core CPU (bench/RESULTS.md): "style losses step time" (one thread, 256-512 px: mean_cov 1.01-1.19x, sliced
-# 1.83-1.98x) and "masks step" (two soft masks: 1.13x at 256 px).
+# 1.83-1.98x) and "masks step" (two soft masks: 0.94-1.13x at 256-512 px, noisy on the shared machine; the
+# upper end is taken).
 LOSS_WORK = {"gram": 1.0, "mean_cov": 1.2, "sliced": 2.0}
 MASK_WORK = 0.07  # per content mask
 
