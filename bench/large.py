@@ -58,7 +58,10 @@ def run(args: argparse.Namespace) -> None:
     plan = meta.get("plan", {})
     # the scorer runs VGG-19 on the whole output in float32 without tiling: a 4096 px output took it past
     # the machine's 24 GB (OOM-killed, 2026-11-27); larger outputs are scored at 2048 px
-    q = Scorer().score(out if args.size <= 2048 else _downsized(out, 2048), content, style)
+    # --no-score: a memory-only row; scoring a 2048 px output takes about 11 GB itself (a run beside another
+    # 2048 px one was OOM-killed that way, 2026-12-04)
+    q = Scorer().score(out if args.size <= 2048 else _downsized(out, 2048), content, style) if args.score \
+        else {"style_ratio": None, "content_ratio": None}
     row = {"name": args.name, "pair": args.pair, "size": args.size, "max_memory": args.max_memory, "set": args.set,
            "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "nsf_seconds": meta.get("seconds"),
            "peak_rss_gb": round(rss_kb * 1024 / 1e9, 2),
@@ -67,11 +70,15 @@ def run(args: argparse.Namespace) -> None:
            "tiles": [s["tiles"] for s in plan.get("scales", [])],
            "history": [s["history"] for s in plan.get("scales", [])],
            "steps": [s["steps"] for s in plan.get("scales", [])],
-           "style_ratio": round(q["style_ratio"], 4), "content_ratio": round(q["content_ratio"], 4),
+           "style_ratio": _round(q["style_ratio"]), "content_ratio": _round(q["content_ratio"]),
            "image": str(out.relative_to(REPO)), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(row), flush=True)
     with open(ROWS, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def _round(v: float | None) -> float | str:
+    return "-" if v is None else round(v, 4)
 
 
 def _downsized(path: Path, side: int):  # noqa: ANN202 - a PIL image
@@ -203,6 +210,7 @@ def main() -> None:
     r.add_argument("--pair", default="astronaut:starry_night")
     r.add_argument("--max-memory", default="auto")
     r.add_argument("--set", nargs="*", default=[], help="more nsf stylize options, key=value")
+    r.add_argument("--no-score", dest="score", action="store_false", help="no quality scores (memory-only rows)")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
