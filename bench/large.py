@@ -144,12 +144,13 @@ def table(args: argparse.Namespace) -> None:
     runs = [r for r in rows if "name" in r]
     lines = [f"`{args.command}` (`python bench/large.py run ...`: one child process per row, `/usr/bin/time -v`) "
              f"on {device_name('cpu')}, torch {torch.__version__}; quality by bench/score.py at the output's size.", "",
-             "| run | pair | size | --max-memory | options | seconds | peak RSS GB | predicted GB | tiles per scale "
-             "| history | style_ratio | content_ratio | image | measured |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | pair | size | --max-memory | options | seconds | cpu s | peak RSS GB | predicted GB | tiles per "
+             "scale | history | style_ratio | content_ratio | image | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['name']} | {r['pair']} | {r['size']} | {r['max_memory']} | {' '.join(r['set']) or '-'} | "
-                     f"{r['seconds']} | {r['peak_rss_gb']} | {r['predicted_peak_gb']} | {r['tiles']} | {r['history']} "
+                     f"{r['seconds']} | {r.get('cpu_seconds', '-')} | {r['peak_rss_gb']} | {r['predicted_peak_gb']} | "
+                     f"{r['tiles']} | {r['history']} "
                      f"| {r['style_ratio']} | {r['content_ratio']} | {r['image']} | {r['date']} |")
     steps = [r for r in rows if "step" in r]
     if steps:
