@@ -97,8 +97,9 @@ def masked_gram(features: Tensor, mask: Tensor, norm: str = "chw", positions: Te
         positions: ``(B|1,)`` the ``sum(m)`` that ``"chw"`` divides by; default the mask's own. A tile of a
             larger map passes the whole mask's sum, so the tiles' Grams sum to the map's.
 
-    Computed in float32 or wider. The backward, ``dF = (dG + dG^T) F diag(m)``, recomputes ``F diag(m)``
-    instead of keeping it: autograd would keep one extra feature map per mask and layer for the whole step.
+    Computed in float32 or wider. The backward, ``dF = ((dG + dG^T) F) diag(m)``, keeps only ``F`` (which the
+    network keeps anyway) and ``m``: autograd through ``bmm(F * m, F^T)`` would keep ``F * m``, one extra
+    feature map per mask and layer for the whole step.
     """
     if features.dim() != 4 or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != features.shape[-2:]:
         raise ValueError(f"masked_gram expects (B, C, H, W) features and a (B|1, 1, H, W) mask; got "
