@@ -285,6 +285,12 @@ def test_a_tampered_archive_does_not_serve(guarded_store, tmp_path):
         while "sha256 mismatch" not in (log := server.log_text()) and time.monotonic() < deadline:
             time.sleep(1)
         assert "sha256 mismatch" in log and CAFFE_FILENAME in log, log[-3000:]
-        r = server.multipart(SMALL, timeout=60)
-        assert r.status >= 500 or r.status == 404  # no worker ever loaded the model: no image comes back
+        # no worker ever loaded the model: no image comes back. TorchServe answers with an error, or, while it
+        # is between restarts of the failing worker, keeps the request queued past the client's timeout (seen
+        # once on a loaded machine, 2026-12-04): either way, never an image.
+        try:
+            r = server.multipart(SMALL, timeout=60)
+        except TimeoutError:
+            return
+        assert r.status >= 500 or r.status == 404
         assert not r.body.startswith(b"\x89PNG")
