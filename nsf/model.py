@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from . import image as im
 from . import plan as planner
 from .config import StyleConfig, make_config
-from .errors import ConfigError, OutOfMemory, PlanError
-from .optimize import ProgressCallback, ScaleCallback, ScaleDone, StyleInput, run, style_parts
+from .errors import OutOfMemory, PlanError
+from .optimize import ProgressCallback, ScaleCallback, ScaleDone, StyleInput, checked_masks, run, style_parts
 from .tiling import release_host_memory
 from .version import __version__
 from .vgg import FeatureExtractor, freeze
@@ -195,7 +195,7 @@ class StyleFusion(nn.Module):
             raise ValueError("no style image given; allowed: one or more style images")
 
         parts = [[s.to(device=device, dtype=torch.float32) for s in style_parts(style)] for style in styles]
-        masks, style_masks = _checked_masks(content, parts, masks, style_masks)
+        masks, style_masks = checked_masks(content, parts, masks, style_masks)  # before planning with them
         self.last_masks = {"masks": len(masks) if masks is not None else 0,
                            "style_masks": sum(m is not None for m in style_masks or [])}
         masks = [m.to(device=device, dtype=torch.float32) for m in masks] if masks is not None else None
@@ -343,58 +343,6 @@ class StyleFusion(nn.Module):
                 "precision": "bf16" if _autocast_dtype(self.precision, self.device) else "fp32",
                 "params": cfg.to_dict(), **({"partial": self.last_partial} if self.last_partial else {}),
                 **({"masks": dict(self.last_masks)} if any(self.last_masks.values()) else {})}
-
-
-ASPECT_TOLERANCE = 0.02  # a mask's aspect ratio may differ from its image's by this share (rounded resizes)
-
-
-def check_mask(mask: Tensor, image_hw: tuple[int, int], *, field: str, name: str | None = None,
-               batch: int = 1) -> Tensor:
-    """``mask`` ``(1|batch, 1, h, w)`` if a run takes it for an image of ``image_hw``: its aspect ratio (within
-    ``ASPECT_TOLERANCE``) and some area above zero; else a :class:`ConfigError` on ``field`` (``name``: what the
-    message calls the mask, default ``field``)."""
-    name = name or field
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch):
-        raise ConfigError(f"{name}: shape {tuple(mask.shape)}; allowed: (1|{batch}, 1, h, w)", field=field,
-                          value=tuple(mask.shape), allowed=f"(1|{batch}, 1, h, w)")
-    (h, w), (mh, mw) = image_hw, mask.shape[-2:]
-    if abs(mh * w - mw * h) > ASPECT_TOLERANCE * h * mw:
-        allowed = f"the aspect ratio of its image ({w}x{h} px), e.g. {w}x{h}"
-        raise ConfigError(f"{name} is {mw}x{mh} px for an image of {w}x{h}; allowed: {allowed}", field=field,
-                          value=(mw, mh), allowed=allowed)
-    if not bool((mask.flatten(1).amax(1) > 0).all()):
-        allowed = "a mask with some area above zero (white: where the style goes or comes from)"
-        raise ConfigError(f"{name} is all zero (black); allowed: {allowed}", field=field, value="all zero",
-                          allowed=allowed)
-    return mask
-
-
-def _checked_masks(content: Tensor, styles: Sequence[Sequence[Tensor]], masks: Sequence[Tensor] | None,
-                   style_masks: Sequence[Tensor | None] | None
-                   ) -> tuple[list[Tensor] | None, list[Tensor | None] | None]:
-    """``masks`` and ``style_masks`` checked against the content ``(B, 3, H, W)`` and the styles' parts."""
-    def count(given: Sequence[Any], field: str) -> None:
-        if len(given) != len(styles):
-            raise ConfigError(f"{field}: {len(given)} for {len(styles)} style image(s); allowed: {len(styles)}, "
-                              "one per style", field=field, value=len(given), allowed=f"{len(styles)}, one per style")
-
-    hw = (content.shape[-2], content.shape[-1])
-    if masks is not None:
-        count(masks, "masks")
-        masks = [check_mask(m, hw, field="masks", name=f"masks {k}", batch=content.shape[0])
-                 for k, m in enumerate(masks, start=1)]
-    if style_masks is not None:
-        count(style_masks, "style_masks")
-        checked: list[Tensor | None] = []
-        for k, (m, ps) in enumerate(zip(style_masks, styles), start=1):
-            if m is not None and len(ps) != 1:
-                raise ConfigError(f"style_masks {k}: a mask for a style given per content image; allowed: a mask "
-                                  "for a style given once", field="style_masks", allowed="a style given once")
-            checked.append(None if m is None else check_mask(m, (ps[0].shape[-2], ps[0].shape[-1]),
-                                                             field="style_masks", name=f"style_masks {k}",
-                                                             batch=ps[0].shape[0]))
-        style_masks = checked
-    return (list(masks) if masks is not None else None), style_masks
 
 
 def _is_oom(e: BaseException) -> bool:

@@ -24,8 +24,7 @@ from PIL import Image
 from ..config import MAX_WEIGHT, PRESETS, StyleConfig, make_config
 from ..errors import ConfigError, ImageError
 from ..image import load_image, load_mask
-from ..model import check_mask
-from ..optimize import masks_refusal
+from ..optimize import check_mask, masks_refusal
 from .errors import RequestError
 from .limits import BOOL_CHOICES, CHOICES, HINTS, RANGED, ServingLimits
 
@@ -221,7 +220,7 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
 
 
 def _checked_mask(mask: Tensor, name: str, image: Image.Image) -> Tensor:
-    """``mask`` if the run would take it (:func:`nsf.model.check_mask`: its image's aspect ratio, some area above
+    """``mask`` if the run would take it (:func:`nsf.optimize.check_mask`: its image's aspect ratio, some area above
     zero); else a 400 naming the request field (the run's own error names only its argument, ``masks``)."""
     try:
         return check_mask(mask, (image.height, image.width), field=name)
