@@ -336,14 +336,9 @@ def predict_rows(served: Served, model_input: Any, params: Mapping[str, Any] | N
     model = served.model
     out = []
     for job in jobs:
-        masks: dict[str, Any] = {}
-        if job.masks is not None:
-            masks["masks"] = job.masks
-        if job.style_masks is not None:
-            masks["style_masks"] = job.style_masks
         try:
             image = model.transfer(pil_to_tensor(job.content), [pil_to_tensor(s) for s in job.styles], job.config,
-                                   **masks)
+                                   masks=job.masks, style_masks=job.style_masks)
         except ConfigError as e:  # masks the run refuses (all zero, the wrong aspect ratio...)
             if isinstance(e, PlanError):
                 raise

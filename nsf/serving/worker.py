@@ -320,19 +320,14 @@ class Worker:
         ``stop`` and ``on_scale`` are :meth:`nsf.StyleFusion.transfer`'s; ``self.model.last_partial`` then
         says whether ``stop`` cut the run short (the metadata of a partial PNG says so too)."""
         cfg = jobs[0].config
-        masks: dict[str, Any] = {}
-        if any(job.masked for job in jobs):
-            if len(jobs) > 1:
-                raise ValueError(f"a batch of {len(jobs)} jobs holds a masked one; allowed: a masked job alone")
-            if jobs[0].masks is not None:
-                masks["masks"] = jobs[0].masks
-            if jobs[0].style_masks is not None:
-                masks["style_masks"] = jobs[0].style_masks
+        if len(jobs) > 1 and any(job.masked for job in jobs):
+            raise ValueError(f"a batch of {len(jobs)} jobs holds a masked one; allowed: a masked job alone")
         content = torch.cat([pil_to_tensor(job.content) for job in jobs])
         # one entry per style slot: a batch of one, or each request's own image (any size)
         styles = [pil_to_tensor(jobs[0].styles[k]) if len(jobs) == 1 else [pil_to_tensor(j.styles[k]) for j in jobs]
                   for k in range(len(jobs[0].styles))]
-        out = self.model.transfer(content, styles, cfg, stop=stop, on_scale=on_scale, **masks)
+        out = self.model.transfer(content, styles, cfg, stop=stop, on_scale=on_scale, masks=jobs[0].masks,
+                                  style_masks=jobs[0].style_masks)
         meta = self.model.metadata(cfg)
         return [encode(tensor_to_pil(out[i : i + 1]), job.format, meta) for i, job in enumerate(jobs)]
 
