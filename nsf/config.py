@@ -84,6 +84,12 @@ class StyleConfig:
                                          "coarsest first (the last repeats)")
     refine_content_weight: float = _opt(1.0, "content_weight is multiplied by this at the refinement scales, "
                                         "where the composition is settled and the style adds detail")
+    # 1 each by default: at 2048 px from 512 px images, 4 on relu4_1 and relu5_1 took style_ratio 0.17 -> 0.10
+    # and content_ratio 0.56 -> 0.90 (bench/RESULTS.md "refinement weights"); a trade, not a gain
+    refine_style_layer_weights: tuple[float, ...] | None = _opt(
+        None, "style_layer_weights are multiplied by these at the refinement scales, one per style layer "
+        "(default: 1 each; dropped when style_layers change without them), e.g. 1,1,1,4,4 for more of the "
+        "style's larger forms in a print")
     stroke_scale: str = _opt("pixels", f"{' or '.join(STROKE_SCALES)}: style strokes keep their size relative to "
                              "the picture (the style image is resized with the output, upscaled if need be) or "
                              "to the style image's pixels (never upscaled: a print gets finer strokes)")
@@ -178,7 +184,8 @@ def validate(cfg: StyleConfig) -> StyleConfig:
     validate_layers(cfg.content_layers, "content layer", field="content_layers")
     validate_layers(cfg.style_layers, "style layer", field="style_layers")
     for layers, weights, what in ((cfg.content_layers, cfg.content_layer_weights, "content_layer_weights"),
-                                  (cfg.style_layers, cfg.style_layer_weights, "style_layer_weights")):
+                                  (cfg.style_layers, cfg.style_layer_weights, "style_layer_weights"),
+                                  (cfg.style_layers, cfg.refine_style_layer_weights, "refine_style_layer_weights")):
         if weights is not None:
             if len(weights) != len(layers):
                 raise ConfigError(f"{what} has {len(weights)} values for {len(layers)} layers; give one per layer",
@@ -214,7 +221,7 @@ def validate(cfg: StyleConfig) -> StyleConfig:
 
 _TUPLE_FIELDS = {"content_layers": str, "style_layers": str, "content_layer_weights": float,
                  "style_layer_weights": float, "style_blend_weights": float, "scales": float, "scale_steps": float,
-                 "refine_steps": int}
+                 "refine_steps": int, "refine_style_layer_weights": float}
 
 
 def make_config(base: StyleConfig | str | None = None, **overrides: Any) -> StyleConfig:
@@ -242,10 +249,11 @@ def make_config(base: StyleConfig | str | None = None, **overrides: Any) -> Styl
         elif key == "preserve_color" and isinstance(value, bool):
             value = COLOR_BOOLS[value]
         changes[key] = value
-    for key in ("content_layers", "style_layers"):
+    for key, weights in (("content_layers", "content_layer_weights"), ("style_layers", "style_layer_weights"),
+                         ("style_layers", "refine_style_layer_weights")):
         # new layers without new weights: drop weights that belonged to the old layers
-        if key in changes and key[:-1] + "_weights" not in changes:
-            changes[key[:-1] + "_weights"] = None
+        if key in changes and weights not in changes and changes[key] != getattr(base, key):
+            changes[weights] = None
     return validate(dataclasses.replace(base, **changes))
 
 

@@ -589,8 +589,7 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
                               w / k) for st, sm, m, w in zip(sized, sized_masks, masks, blend)]
         else:
             targets = style_targets(extractor, sized, blend, cfg, tile=lay.tile, masks=sized_masks)
-        refining = scale_index >= len(cfg.scales) and cfg.refine_content_weight != 1.0
-        scale_cfg = replace(cfg, content_weight=cfg.content_weight * cfg.refine_content_weight) if refining else cfg
+        scale_cfg = refined(cfg) if scale_index >= len(cfg.scales) else cfg
         objective = Objective(extractor, scale_cfg, c, targets, tile=lay.tile, generator=generator)
         tiled = objective.tiles > 1
         loss_fn = compile_fn(objective) if compile_fn is not None and not tiled else objective
@@ -623,6 +622,18 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
     if x is None:  # pragma: no cover - schedule() always keeps the last scale
         raise RuntimeError("empty schedule")
     return x.detach().clamp(0, 1)
+
+
+def refined(cfg: StyleConfig) -> StyleConfig:
+    """The options of a refinement scale (above ``base_size``): ``content_weight`` times
+    ``refine_content_weight``, each style layer's weight times its ``refine_style_layer_weights`` entry."""
+    # Past the style image's own size (stroke_scale=pixels) the deep layers' 156 px fields see a composition
+    # laid out at base_size, larger than the style's forms: at 2048 px from 512 px images relu4_1/relu5_1 score
+    # 0.36/0.32 with equal weights, the shallow layers 0.02-0.12 (bench/RESULTS.md "refinement weights")
+    style = _layer_weights(cfg.style_layers, cfg.style_layer_weights)
+    boost = cfg.refine_style_layer_weights or (1.0,) * len(style)
+    return replace(cfg, content_weight=cfg.content_weight * cfg.refine_content_weight,
+                   style_layer_weights=tuple(w * b for w, b in zip(style.values(), boost)))
 
 
 def upsample(x: Tensor, hw: tuple[int, int], content: Tensor | None = None) -> Tensor:

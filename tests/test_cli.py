@@ -208,6 +208,7 @@ FLAG_RUNS: dict[str, tuple[list[str], object, list[str]]] = {
     "base_size": (["32"], 32, ["--size", "64"]),  # a refinement scale above base_size
     "refine_steps": (["2"], [2], ["--size", "64", "--base-size", "32"]),
     "refine_content_weight": (["1.5"], 1.5, ["--size", "64", "--base-size", "32"]),
+    "refine_style_layer_weights": (["1,3"], [1.0, 3.0], ["--size", "64", "--base-size", "32"]),  # FAST_FLAGS' 2 layers
     "stroke_scale": (["pixels"], "pixels", []),
     "tol": (["0.01"], 0.01, []),
     "patience": (["1"], 1, []),

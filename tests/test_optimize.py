@@ -555,6 +555,36 @@ def test_schedule_at_or_below_base_size_is_unchanged_and_base_size_zero_turns_it
         (0, (512, 512), 90), (1, (1024, 1024), 45), (2, (2048, 2048), 15)]
 
 
+def test_refined_multiplies_the_weights_of_a_refinement_scale():
+    cfg = make_config(style_layer_weights=(2, 1, 1, 1, 1), content_weight=3.0, refine_content_weight=0.5,
+                      refine_style_layer_weights=(1, 1, 1, 4, 4))
+    r = O.refined(cfg)
+    assert (r.style_layer_weights, r.content_weight) == ((2.0, 1.0, 1.0, 4.0, 4.0), 1.5)
+    assert make_config().refine_style_layer_weights is None  # the default: 1 each
+    assert O.refined(make_config()).style_layer_weights == (1.0,) * 5
+    # other layers without their own refinement weights: 1 each; the same layers keep them
+    assert make_config(cfg, style_layers=STYLE).refine_style_layer_weights is None
+    assert make_config(cfg, style_layers=cfg.style_layers).refine_style_layer_weights == (1.0, 1.0, 1.0, 4.0, 4.0)
+    assert make_config(style_layers={"relu1_1": 1.0}, refine_style_layer_weights=(3,)).refine_style_layer_weights \
+        == (3.0,)
+    with pytest.raises(ValueError, match="refine_style_layer_weights has 2 values for 5 layers"):
+        make_config(refine_style_layer_weights=(1, 2))
+
+
+def test_refine_style_layer_weights_change_the_refinement_scales_only(model):
+    content, style = smooth_image(48, 48, seed=21), [smooth_image(48, 48, seed=22)]
+    ext = model.extractor(CONTENT + STYLE)
+
+    def out(size, boost):
+        cfg = small_cfg(size=size, steps=3, base_size=32, refine_steps=(3,), refine_style_layer_weights=boost)
+        return O.run(ext, content, style, cfg)
+
+    assert torch.equal(out(32, (1, 1, 8)), out(32, (1, 1, 1)))  # no refinement scale: no change
+    equal, boosted = out(64, (1, 1, 1)), out(64, (1, 1, 8))
+    assert equal.shape == boosted.shape == (1, 3, 64, 64)
+    assert (equal - boosted).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("mode,expected", [("picture", (128, 96)), ("pixels", (64, 48))])
 def test_stroke_scale_picture_resizes_the_style_with_the_output_and_pixels_never_upscales(mode, expected):
     cfg = make_config(stroke_scale=mode)
