@@ -2,12 +2,12 @@
 
 A default run at 2048 px spends about 20 minutes of this CPU in its 2048 px scale and the rest getting
 there; the earlier scales do not depend on what the last one does. This runs those once (`start`: the
-default run at half the size, which is the 2048 px run's result before its last scale, bit for bit) and
+default run at half the size: the same scales, steps and options as the 2048 px run before its last) and
 then only the last scale (`last`), as `nsf.optimize.run` does it (the upsampled start plus the content's
 detail band, the same targets and L-BFGS), with options that change that scale only.
 
 Usage:
-  python bench/refine.py start --size 2048                           # bench/out/refine_start_2048.pt
+  python bench/refine.py start --size 2048                           # bench/out/refine_start_PAIR_2048.pt
   python bench/refine.py last NAME --size 2048 [--set key=value ...]  # a JSON line per run, per-layer scores
   python bench/refine.py rescore IMAGE.png                           # the same scores of a saved output
   python bench/refine.py table [--record]                            # rows so far -> RESULTS
