@@ -147,6 +147,11 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple[Any, ...] | None:
                           allowed=f"a sequence of {kind.__name__}") from e
 
 
+# (layers, one weight per layer): the pairs that are checked against each other and reset together
+LAYER_WEIGHTS = (("content_layers", "content_layer_weights"), ("style_layers", "style_layer_weights"),
+                 ("style_layers", "refine_style_layer_weights"))
+
+
 def validate(cfg: StyleConfig) -> StyleConfig:
     """Check every option; raise :class:`~nsf.errors.ConfigError` (a ``ValueError``) naming the field, the bad
     value and what is allowed."""
@@ -183,9 +188,8 @@ def validate(cfg: StyleConfig) -> StyleConfig:
                           field="iterate_average", value=cfg.iterate_average, allowed="0 (off) or a decay in (0, 1)")
     validate_layers(cfg.content_layers, "content layer", field="content_layers")
     validate_layers(cfg.style_layers, "style layer", field="style_layers")
-    for layers, weights, what in ((cfg.content_layers, cfg.content_layer_weights, "content_layer_weights"),
-                                  (cfg.style_layers, cfg.style_layer_weights, "style_layer_weights"),
-                                  (cfg.style_layers, cfg.refine_style_layer_weights, "refine_style_layer_weights")):
+    for layers_field, what in LAYER_WEIGHTS:
+        layers, weights = getattr(cfg, layers_field), getattr(cfg, what)
         if weights is not None:
             if len(weights) != len(layers):
                 raise ConfigError(f"{what} has {len(weights)} values for {len(layers)} layers; give one per layer",
@@ -249,8 +253,7 @@ def make_config(base: StyleConfig | str | None = None, **overrides: Any) -> Styl
         elif key == "preserve_color" and isinstance(value, bool):
             value = COLOR_BOOLS[value]
         changes[key] = value
-    for key, weights in (("content_layers", "content_layer_weights"), ("style_layers", "style_layer_weights"),
-                         ("style_layers", "refine_style_layer_weights")):
+    for key, weights in LAYER_WEIGHTS:
         # new layers without new weights: drop weights that belonged to the old layers
         if key in changes and weights not in changes and changes[key] != getattr(base, key):
             changes[weights] = None
