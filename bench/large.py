@@ -42,10 +42,7 @@ def run(args: argparse.Namespace) -> None:
     out = OUT / f"large_{args.name}.png"
     cmd = ["nsf", "stylize", str(content), str(style), "-o", str(out), "--size", str(args.size), "--no-progress",
            "--max-memory", args.max_memory, "--seed", "0"]
-    for kv in args.set:
-        key, value = kv.split("=", 1)
-        flag = key.replace("_", "-")
-        cmd += [f"--{flag}"] if value == "true" else [f"--no-{flag}"] if value == "false" else [f"--{flag}", value]
+    cmd += set_flags(args.set)
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -75,6 +72,16 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps(row), flush=True)
     with open(ROWS, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def set_flags(pairs: list[str]) -> list[str]:
+    """``key=value`` options -> `nsf stylize` flags (``true``/``false``: the flag and its ``--no-`` form)."""
+    flags: list[str] = []
+    for kv in pairs:
+        key, value = kv.split("=", 1)
+        flag = key.replace("_", "-")
+        flags += [f"--{flag}"] if value == "true" else [f"--no-{flag}"] if value == "false" else [f"--{flag}", value]
+    return flags
 
 
 def _round(v: float | None) -> float | str:

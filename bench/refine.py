@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
@@ -56,14 +55,15 @@ def start(args: argparse.Namespace) -> None:
     print(json.dumps({"start": args.size // 2, "seconds": round(time.perf_counter() - t0, 1)}))
 
 
-def _value(v: str) -> object:
-    """A --set value: a number, a comma list (of numbers or names) or a name."""
-    if "," in v:
-        return [_value(p) for p in v.split(",")]
-    try:
-        return float(v)
-    except ValueError:
-        return v
+def _options(pairs: list[str]) -> dict[str, object]:
+    """``key=value`` options parsed as `nsf` parses its flags (the same types, lists and booleans)."""
+    from large import set_flags
+
+    from nsf.cli import build_parser
+    from nsf.config import FIELD_NAMES
+
+    args = build_parser().parse_args(["plan", *set_flags(pairs)])
+    return {name: getattr(args, name) for name in FIELD_NAMES if getattr(args, name) is not None}
 
 
 def last(args: argparse.Namespace) -> None:
@@ -74,7 +74,7 @@ def last(args: argparse.Namespace) -> None:
     content_path, style_path = _pair(args)
     model = nsf.style_fusion(device="cpu")
     cfg = model.resolve_config(size=args.size, seed=0)
-    scale_cfg = O.refined(model.resolve_config(cfg, **{k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}))
+    scale_cfg = O.refined(model.resolve_config(cfg, **_options(args.set)))
     content = pil_to_tensor(load_image(content_path))
     style = pil_to_tensor(load_image(style_path))
     scale_index, hw, n_steps = O.schedule(content.shape[-2], content.shape[-1], cfg)[-1]
@@ -87,7 +87,7 @@ def last(args: argparse.Namespace) -> None:
     objective = O.Objective(ext, scale_cfg, c, targets, generator=torch.Generator().manual_seed(0))
     x = O.upsample(x0, hw, c).detach().clone().contiguous().requires_grad_(True)
     t0 = time.perf_counter()
-    x, _, best, _ = O._optimize_scale(objective, x, scale_cfg, n_steps, 0, n_steps, scale_index, None)
+    x, *_ = O._optimize_scale(objective, x, scale_cfg, n_steps, 0, n_steps, scale_index, None)
     seconds = time.perf_counter() - t0
     print(f"{n_steps} steps in {seconds:.1f} s", file=sys.stderr, flush=True)
     out = (x.detach().clamp(0, 1) * 255).round() / 255  # as the 8-bit PNG a run writes is scored
@@ -103,35 +103,11 @@ def last(args: argparse.Namespace) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-@torch.no_grad()
 def score(out: torch.Tensor, content: torch.Tensor, style: torch.Tensor) -> dict[str, float]:
-    """bench/score.py's style_ratio (and per layer) and content_ratio, one layer and one image at a time."""
-    from score import CONTENT_LAYER, STYLE_LAYERS, Scorer
+    """bench/score.py's ratios (per style layer, their mean, content), rounded for the row."""
+    from score import Scorer
 
-    from nsf.image import target_size
-    from nsf.vgg import FeatureExtractor
-
-    sc = Scorer()
-    hw = tuple(out.shape[-2:])
-
-    def sized(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return t if tuple(t.shape[-2:]) == size else \
-            F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
-
-    con = sized(content, hw)
-    long_side = max(hw)
-    sty = style if max(style.shape[-2:]) <= long_side else \
-        sized(style, target_size(style.shape[-2], style.shape[-1], long_side))
-    row: dict[str, float] = {}
-    for n in STYLE_LAYERS:
-        net = FeatureExtractor(sc.net.normalize, sc.net.body, (n,))
-        go, gc, gs = (sc._gram(net(t)[n]) for t in (out, con, sty))
-        row[f"style_{n}"] = round(float(F.mse_loss(go, gs) / F.mse_loss(gc, gs)), 4)
-    net = FeatureExtractor(sc.net.normalize, sc.net.body, (CONTENT_LAYER,))
-    fo, fc, fsc = (net(t)[CONTENT_LAYER].double() for t in (out, con, sized(style, hw)))
-    row["content_ratio"] = round(float(F.mse_loss(fo, fc) / F.mse_loss(fsc, fc)), 4)
-    row["style_ratio"] = round(sum(row[f"style_{n}"] for n in STYLE_LAYERS) / len(STYLE_LAYERS), 4)
-    return row
+    return {k: round(v, 4) for k, v in Scorer().ratios(out, content, style).items()}
 
 
 def rescore(args: argparse.Namespace) -> None:

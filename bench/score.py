@@ -96,6 +96,26 @@ class Scorer:
                 **{f"style_{n}": r for n, r in zip(STYLE_LAYERS, ratios)},
                 **{f"sw_{n}": r for n, r in zip(STYLE_LAYERS, sw)}}
 
+    @torch.no_grad()
+    def ratios(self, output, content, style) -> dict[str, float]:
+        """:meth:`score`'s style ratio (each layer's and their mean) and content ratio, without the sliced one,
+        one layer and one image at a time: the same numbers for a 2048 px output in about 4 GB instead of 11,
+        for more forward passes."""
+        out = self._load(output)
+        hw = tuple(out.shape[-2:])
+        con = self._load(content, hw)
+        sty = self._load(style, long_side=max(hw))
+        ratios = {}
+        for n in STYLE_LAYERS:
+            net = FeatureExtractor(self.net.normalize, self.net.body, (n,))
+            go, gc, gs = (self._gram(net(t)[n]) for t in (out, con, sty))
+            ratios[n] = float(F.mse_loss(go, gs) / F.mse_loss(gc, gs))
+        net = FeatureExtractor(self.net.normalize, self.net.body, (CONTENT_LAYER,))
+        fo, fc, fsc = (net(t)[CONTENT_LAYER].double() for t in (out, con, self._load(style, hw)))
+        return {"style_ratio": sum(ratios.values()) / len(ratios), "content_ratio": float(F.mse_loss(fo, fc)
+                                                                                          / F.mse_loss(fsc, fc)),
+                **{f"style_{n}": r for n, r in ratios.items()}}
+
 
 if __name__ == "__main__":
     if len(sys.argv) != 4:
