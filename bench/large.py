@@ -217,7 +217,8 @@ def main() -> None:
     r.add_argument("--size", type=int, required=True)
     r.add_argument("--pair", default="astronaut:starry_night")
     r.add_argument("--max-memory", default="auto")
-    r.add_argument("--set", nargs="*", default=[], help="more nsf stylize options, key=value")
+    r.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more nsf stylize options, key=value (--set a=1 b=2 or --set a=1 --set b=2)")
     r.add_argument("--no-score", dest="score", action="store_false", help="no quality scores (memory-only rows)")
     c = sub.add_parser("compare")
     c.add_argument("a")
