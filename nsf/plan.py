@@ -5,7 +5,7 @@ predicted peak memory and time.
 Memory model, per scale of ``B`` images of ``P`` pixels and ``S`` style pixels (bytes)::
 
     peak = in_use + 12 (2 m B P + S) + (targets + 10 masks) B P
-           + max(act_bytes max(B W, S_window) + 12 B P step_copies, 12 B P update_copies)
+           + max(act_bytes max(B W, S_window) + fixed + 12 B P step_copies, 12 B P update_copies)
 
 ``in_use`` is what the process (CPU: its resident set) or the device (CUDA: allocated tensors) holds
 before the run; ``m`` the L-BFGS pairs (two image-sized float32 vectors each); ``step_copies`` and
@@ -13,7 +13,8 @@ before the run; ``m`` the L-BFGS pairs (two image-sized float32 vectors each); `
 L-BFGS update (image, best iterate, content, gradient; the update's temporaries);
 ``targets`` the content-target bytes per pixel; ``act_bytes`` the peak bytes per pixel of a
 forward+backward, measured on this model (autograd's saved tensors at a small size, plus three of the
-largest buffers of the backward); ``W`` the pixels of the largest tile window (``P`` untiled).
+largest buffers of the backward) and ``fixed`` the bytes of a step that do not grow with it (measured as
+the difference of two sizes); ``W`` the pixels of the largest tile window (``P`` untiled).
 Time model: seconds per pixel of a forward+backward and of a forward, timed on this device; a tiled
 step costs a forward plus a forward+backward over its windows (halos included).
 """
@@ -152,36 +153,52 @@ class Costs:
     fb_seconds: float | None = None  # seconds per input pixel of a forward+backward
     f_seconds: float | None = None  # seconds per input pixel of a forward without gradient
     calibrated_at: int = 0  # side (px) of the timing run
+    fixed_bytes: float = 0.0  # a step's saved tensors that do not grow with the image (bf16 weight copies, Grams)
 
 
 def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device, *, timing: bool,
             memory_size: int = 128, timing_size: int | None = None) -> Costs:
-    """Measure :class:`Costs` on ``device``: one small forward+backward with autograd's saved tensors
-    counted (plus three of the largest for the backward's own buffers), and (``timing``) a timed
-    forward+backward and forward at ``timing_size`` px."""
+    """Measure :class:`Costs` on ``device``: small forwards+backwards with autograd's saved tensors counted
+    (plus three of the largest for the backward's own buffers), and (``timing``) a timed forward+backward and
+    forward at ``timing_size`` px.
+
+    The saved tensors are counted at ``memory_size`` and at twice it, and the difference per pixel is what a
+    pixel costs: tensors that do not grow with the image (autocast's bf16 copies of the weights, saved for the
+    backward, about 40 MB; the Gram matrices) would otherwise count as 2.4 KB per pixel at 128 px, a 512 px
+    bf16 run's peak predicted 0.4 GB too high.
+    """
     layers = cfg.layers
     geo = geometry(extractor.body, extractor.module_names, layers)
-    x = torch.rand(1, 3, memory_size, memory_size, generator=torch.Generator().manual_seed(0)).to(device)
-    objective = Objective(extractor, cfg, x, style_targets(extractor, [x], (1.0,), cfg))
     params = {p.untyped_storage().data_ptr() for p in extractor.parameters()}
-    saved: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
+    def saved_bytes(side: int) -> tuple[int, int, float]:
+        """(saved tensors' bytes, the largest one's, content-target bytes per pixel) of one step at side px."""
+        x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device)
+        objective = Objective(extractor, cfg, x, style_targets(extractor, [x], (1.0,), cfg))
+        saved: dict[int, int] = {}
 
-    xr = x.clone().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = objective(xr)
-    torch.autograd.grad(loss.sum(), xr)
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+            return t
+
+        xr = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = objective(xr)
+        torch.autograd.grad(loss.sum(), xr)
+        targets = sum(f[0].numel() * f.element_size() for f in objective.content_targets.values()) / side**2
+        return sum(saved.values()), max(saved.values()), targets
+
+    small, _, targets = saved_bytes(memory_size)
+    large, largest, _ = saved_bytes(2 * memory_size)
+    per_pixel = (large - small) / (3 * memory_size**2)
+    fixed = max(0.0, small - per_pixel * memory_size**2)
     # the backward holds, besides the saved tensors, a layer's incoming and outgoing gradient and the
     # convolution's own buffer: three of the largest (with two, a 1024 px CPU run peaked at 3.84 GB of
-    # RSS against 3.58 GB predicted, bench/RESULTS.md)
-    act = (sum(saved.values()) + 3 * max(saved.values())) / memory_size**2
-    targets = sum(f[0].numel() * f.element_size() for f in objective.content_targets.values()) / memory_size**2
-    costs = Costs(act, targets, geo)
+    # RSS against 3.58 GB predicted, bench/RESULTS.md); the largest is relu1's output, image-sized
+    act = per_pixel + 3 * largest / (2 * memory_size) ** 2
+    costs = Costs(act, targets, geo, fixed_bytes=fixed)
     if not timing:
         return costs
     side = timing_size or (512 if device.type == "cuda" else 256)
@@ -203,7 +220,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
         fn()
         _sync(device)
         seconds.append((time.perf_counter() - t0) / side**2)
-    return Costs(act, targets, geo, seconds[0], seconds[1], side)
+    return Costs(act, targets, geo, seconds[0], seconds[1], side, fixed)
 
 
 def _sync(device: torch.device) -> None:
@@ -310,7 +327,7 @@ def _scale_peak(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, ti
     px = batch * h * w
     window = px if tile is None else batch * _window(h, tile[0], costs.geometry) * _window(w, tile[1], costs.geometry)
     style_window = style_px if tile is None else min(style_px, window)
-    act = costs.act_bytes * max(window, style_window)
+    act = costs.act_bytes * max(window, style_window) + costs.fixed_bytes
     state = RGB_BYTES * (2 * history * px + style_px) + (costs.target_bytes + MASK_BYTES * masks) * px
     return int(in_use + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
 
