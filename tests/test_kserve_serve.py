@@ -31,6 +31,7 @@ import yaml
 from PIL import Image
 from serving import CONTENT, NAME, REPO, STYLE, STYLE2, KServer, Reply, b64, running_kserve, v2_inputs
 
+import nsf
 from nsf.image import encode, read_metadata
 from nsf.weights import VGG19Weights
 
@@ -153,12 +154,13 @@ def test_v1_several_instances_answer_each(kserver):
     assert isinstance(body["predictions"][0], str) and body["predictions"][1]["field"] == "preset"
 
 
-def test_same_bytes_as_the_library(kserver, model):
+def test_same_bytes_as_the_library(kserver):
     """The same request and seed through v1, v2 and the library (stylize + PNG encoding): the same bytes."""
     fields = {"content": CONTENT, "style": STYLE, "size": 64, "steps": 3, "seed": 9}
     v1 = base64.b64decode(kserver.v1(fields).json()["predictions"][0])
     v2 = base64.b64decode(kserver.v2(fields).json()["outputs"][0]["data"][0])
     cfg = yaml.safe_load((REPO / "deploy" / "model-config.yaml").read_text())
+    model = nsf.style_fusion(device="cpu")  # the builder's defaults, as the server's (precision "auto" included)
     img = model.stylize(CONTENT, STYLE, size=64, steps=3, seed=9, max_pixels=cfg["nsf"]["max_pixels"])
     assert v1 == v2 == encode(img, "png", model.last_metadata)
 

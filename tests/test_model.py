@@ -251,7 +251,7 @@ def test_compiled_matches_eager(model, monkeypatch):
         return real_compile(module, *args, **kwargs)
 
     monkeypatch.setattr(torch, "compile", spy)
-    compiled = nsf.style_fusion(device="cpu", compile=True)
+    compiled = nsf.style_fusion(device="cpu", compile=True, precision="fp32", channels_last=False)  # as `model`
     opts = {**FAST, "steps": 3, "optimizer": "adam", "lr": 0.02}
     content, style = smooth_image(32, 32, seed=25), random_image(32, 32, seed=26)
     eager = model.stylize(content, style, **opts)
@@ -333,9 +333,21 @@ def test_bf16_precision_runs_and_is_recorded():
     content, style = smooth_image(32, 32, seed=1), smooth_image(32, 32, seed=2)
     out = model.stylize(content, style, **FAST)
     assert out.dtype == torch.float32 and out.shape == (1, 3, 32, 32)
-    fp32 = nsf.style_fusion(device="cpu")  # auto is float32 on CPU
+    fp32 = nsf.style_fusion(device="cpu", precision="fp32")
     assert fp32.metadata(fp32.config)["precision"] == "fp32"
     assert float((out - fp32.stylize(content, style, **FAST)).abs().mean()) < 0.05
+
+
+def test_auto_precision_and_layout_follow_the_cpu(monkeypatch):
+    """"auto" runs the network in bf16 and NHWC on a CPU with AMX (where that is the fast path), else fp32 NCHW."""
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        model = nsf.style_fusion(device="cpu")
+        ext = model.extractor(model.config.layers)
+        assert (ext.autocast, ext.channels_last) == ((torch.bfloat16, True) if amx else (None, False))
+        assert model.metadata(model.config)["precision"] == ("bf16" if amx else "fp32")
+        pinned = nsf.style_fusion(device="cpu", precision="fp32", channels_last=False).extractor(model.config.layers)
+        assert (pinned.autocast, pinned.channels_last) == (None, False)
 
 
 @pytest.mark.parametrize(("kw", "message"), [({"precision": "fp16"}, "precision='fp16'; allowed: auto, fp32, bf16"),
