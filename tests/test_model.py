@@ -341,7 +341,7 @@ def test_bf16_precision_runs_and_is_recorded():
 def test_auto_precision_and_layout_follow_the_cpu(monkeypatch):
     """"auto" runs the network in bf16 and NHWC on a CPU with AMX (where that is the fast path), else fp32 NCHW."""
     for amx in (True, False):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
         model = nsf.style_fusion(device="cpu")
         ext = model.extractor(model.config.layers)
         assert (ext.autocast, ext.channels_last) == ((torch.bfloat16, True) if amx else (None, False))
