@@ -164,8 +164,8 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
 
     The saved tensors are counted at ``memory_size`` and at twice it, and the difference per pixel is what a
     pixel costs: tensors that do not grow with the image (autocast's bf16 copies of the weights, saved for the
-    backward, about 40 MB; the Gram matrices) would otherwise count as 2.4 KB per pixel at 128 px, a 512 px
-    bf16 run's peak predicted 0.4 GB too high.
+    backward, 26 MB to relu5_1; the Gram matrices) would otherwise count as 1.6 KB per pixel at 128 px (a 512 px
+    bf16 run's peak was predicted 0.4 GB too high); they are ``fixed_bytes``, counted once.
     """
     layers = cfg.layers
     geo = geometry(extractor.body, extractor.module_names, layers)

@@ -55,9 +55,9 @@ def test_measured_activation_bytes_are_vgg_sized(costs):
 
 def test_weight_copies_of_a_bf16_step_count_once_not_per_pixel(costs):
     """Autocast keeps a bf16 copy of each weight for the backward: 26 MB to relu5_1 that do not grow with the
-    image. Counted at one size they read as 1.7 KB more per pixel than float32 (a 512 px bf16 run's peak was
-    predicted 2.04 GB, measured 1.64); from two sizes they are a fixed cost and bf16's per-pixel cost is below
-    float32's."""
+    image. Counted at one size (128 px) they made bf16 cost 4.0 KB per pixel against float32's 2.5 (a 512 px bf16
+    run's peak was predicted 2.04 GB, measured 1.64); from two sizes they are a fixed cost and bf16's per-pixel
+    cost is below float32's."""
     bf16 = nsf.style_fusion(device="cpu", precision="bf16", channels_last=True)
     half = bf16.costs(bf16.config)
     weights = sum(p.numel() for p in bf16.extractor(bf16.config.layers).body.parameters())
