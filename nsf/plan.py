@@ -171,10 +171,13 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     geo = geometry(extractor.body, extractor.module_names, layers)
     params = {p.untyped_storage().data_ptr() for p in extractor.parameters()}
 
-    def saved_bytes(side: int) -> tuple[int, int, float]:
-        """(saved tensors' bytes, the largest one's, content-target bytes per pixel) of one step at side px."""
+    def step_at(side: int) -> tuple[Objective, torch.Tensor]:
+        """An objective whose content and style are one random ``side`` px image, and that image."""
         x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device)
-        objective = Objective(extractor, cfg, x, style_targets(extractor, [x], (1.0,), cfg))
+        return Objective(extractor, cfg, x, style_targets(extractor, [x], (1.0,), cfg)), x
+
+    def saved_bytes(objective: Objective, x: torch.Tensor) -> tuple[int, int, float]:
+        """(saved tensors' bytes, the largest one's, content-target bytes per pixel) of one step."""
         saved: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -187,11 +190,12 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss, _ = objective(xr)
         torch.autograd.grad(loss.sum(), xr)
-        targets = sum(f[0].numel() * f.element_size() for f in objective.content_targets.values()) / side**2
+        targets = sum(f[0].numel() * f.element_size() for f in objective.content_targets.values()) / x.shape[-1]**2
         return sum(saved.values()), max(saved.values()), targets
 
-    small, _, targets = saved_bytes(memory_size)
-    large, largest, _ = saved_bytes(2 * memory_size)
+    small, _, targets = saved_bytes(*step_at(memory_size))
+    objective, x = step_at(2 * memory_size)
+    large, largest, _ = saved_bytes(objective, x)
     per_pixel = (large - small) / (3 * memory_size**2)
     fixed = max(0.0, small - per_pixel * memory_size**2)
     # the backward holds, besides the saved tensors, a layer's incoming and outgoing gradient and the
@@ -202,8 +206,10 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     if not timing:
         return costs
     side = timing_size or (512 if device.type == "cuda" else 256)
-    x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device)
-    objective = Objective(extractor, cfg, x, style_targets(extractor, [x], (1.0,), cfg))
+    # at twice memory_size (CPU's default) the step just counted was the forward+backward's warm-up
+    warm = side == 2 * memory_size
+    if not warm:
+        objective, x = step_at(side)
 
     def fb() -> None:
         xr = x.clone().requires_grad_(True)
@@ -214,7 +220,8 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
 
     seconds = []
     for fn in (fb, f):
-        fn()  # warm-up: allocator, cuDNN/oneDNN choices
+        if not (warm and fn is fb):
+            fn()  # warm-up: allocator, cuDNN/oneDNN choices
         _sync(device)
         t0 = time.perf_counter()
         fn()
