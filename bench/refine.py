@@ -3,12 +3,14 @@
 A default run at 2048 px spends about 20 minutes of this CPU in its 2048 px scale and the rest getting
 there; the earlier scales do not depend on what the last one does. This runs those once (`start`: the
 default run at half the size: the same scales, steps and options as the 2048 px run before its last) and
-then only the last scale (`last`), as `nsf.optimize.run` does it (the upsampled start plus the content's
-detail band, the same targets and L-BFGS), with options that change that scale only.
+then only the last scale (`last`): `nsf.optimize.run(..., resume=)` from that start, so the scale runs as in
+a whole run (the upsampled start plus the content's detail band, the same targets and L-BFGS), with options
+that change that scale only.
 
 Usage:
   python bench/refine.py start --size 2048                           # bench/out/refine_start_PAIR_2048.pt
   python bench/refine.py last NAME --size 2048 [--set key=value ...]  # a JSON line per run, per-layer scores
+                                                     # e.g. --set refine_steps=20,40: 40 steps at 2048 px
   python bench/refine.py rescore IMAGE.png                           # the same scores of a saved output
   python bench/refine.py table [--record]                            # rows so far -> RESULTS
 
@@ -73,25 +75,20 @@ def last(args: argparse.Namespace) -> None:
 
     content_path, style_path = _pair(args)
     model = nsf.style_fusion(device="cpu")
-    cfg = model.resolve_config(size=args.size, seed=0)
-    scale_cfg = O.refined(model.resolve_config(cfg, **_options(args.set)))
+    cfg = model.resolve_config(size=args.size, seed=0, **_options(args.set))
     content = pil_to_tensor(load_image(content_path))
     style = pil_to_tensor(load_image(style_path))
-    scale_index, hw, n_steps = O.schedule(content.shape[-2], content.shape[-1], cfg)[-1]
-    n_steps = args.steps or n_steps
+    plan = O.schedule(content.shape[-2], content.shape[-1], cfg)
+    n_steps = plan[-1][2]
     x0 = torch.load(_start_path(args), weights_only=True)
-    ext = model.extractor(scale_cfg.layers)
-    c = O.resize(content, hw)
-    sized = [O._resize_style(style, max(O.MIN_SIDE, round(max(hw) * cfg.style_scale)), cfg)]
-    targets = O.style_targets(ext, sized, (1.0,), scale_cfg)
-    objective = O.Objective(ext, scale_cfg, c, targets, generator=torch.Generator().manual_seed(0))
-    x = O.upsample(x0, hw, c).detach().clone().contiguous().requires_grad_(True)
     t0 = time.perf_counter()
-    x, *_ = O._optimize_scale(objective, x, scale_cfg, n_steps, 0, n_steps, scale_index, None)
+    # the last entry of the schedule as run() runs it, from the start's image (run's own per-scale setup)
+    x = O.run(model.extractor(cfg.layers), content, [style], cfg, generator=torch.Generator().manual_seed(cfg.seed),
+              resume=(len(plan) - 1, x0))
     seconds = time.perf_counter() - t0
     print(f"{n_steps} steps in {seconds:.1f} s", file=sys.stderr, flush=True)
-    out = (x.detach().clamp(0, 1) * 255).round() / 255  # as the 8-bit PNG a run writes is scored
-    del objective, targets, x
+    out = (x * 255).round() / 255  # as the 8-bit PNG a run writes is scored
+    del x
     path = OUT / f"refine_{args.name}.png"
     save_png(out, path, {"refine": args.set})
     row = {"name": args.name, "pair": args.pair, "size": args.size, "set": args.set, "steps": n_steps,
@@ -154,8 +151,7 @@ def main() -> None:
         if name == "last":
             q.add_argument("name")
             q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                           help="a config option for the last scale only")
-            q.add_argument("--steps", type=int, default=0, help="steps at the last scale (default: the schedule's)")
+                           help="a config option (only the last scale runs; its steps: refine_steps)")
         q.add_argument("--size", type=int, default=2048)
         q.add_argument("--pair", default="astronaut:starry_night")
     args = p.parse_args()

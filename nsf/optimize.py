@@ -520,7 +520,8 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
         generator: torch.Generator | None = None, cuda_graph: bool = False,
         layout: Sequence[Layout] | None = None, on_tile: Callable[[int, int], None] | None = None,
         on_scale: ScaleCallback | None = None, stop: Callable[[], bool] | None = None,
-        masks: Sequence[Tensor] | None = None, style_masks: Sequence[Tensor | None] | None = None) -> Tensor:
+        masks: Sequence[Tensor] | None = None, style_masks: Sequence[Tensor | None] | None = None,
+        resume: tuple[int, Tensor] | None = None) -> Tensor:
     """Optimize pixels so their features match ``content`` and their Grams match ``styles``.
 
     Args:
@@ -549,6 +550,9 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
             its start, the previous scale's result upsampled), ``on_scale`` says ``stopped``, and the
             later scales do not run (a client's deadline or disconnect). The result is then that image
             brought to the last scale's size (with the content's detail band, as between scales).
+        resume: ``(k, x)``: run entries ``k..`` of :func:`schedule` only (``k >= 1``), from ``x``, the result of
+            entry ``k - 1`` (``(B, 3, h, w)``, e.g. a :class:`ScaleDone` image), brought up as between scales;
+            the same steps, targets and options as the whole run's last scales (a benchmark of one scale).
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1] at the last scale's size: the best iterate of the last scale.
@@ -573,10 +577,17 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
     if len(layout) != len(plan):
         raise ValueError(f"layout has {len(layout)} entries for a schedule of {len(plan)} scales; "
                          "allowed: one per scale")
-    total = sum(n for _, _, n in plan)
+    first, x = 0, None
+    if resume is not None:
+        first, x = resume[0], resume[1].to(content)
+        if not 0 < first < len(plan):
+            raise ValueError(f"resume starts at entry {first} of a schedule of {len(plan)} scales; "
+                             f"allowed: 1..{len(plan) - 1}")
+    total = sum(n for _, _, n in plan[first:])
     step = 0
-    x: Tensor | None = None
     for number, ((scale_index, hw, n_steps), lay) in enumerate(zip(plan, layout), start=1):
+        if number <= first:
+            continue
         c = resize(content, hw)
         style_long = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
         sized = [_resize_style(s, style_long, cfg) for s in styles]

@@ -345,6 +345,30 @@ def test_on_scale_reports_each_scale_and_the_last_is_the_result(model):
     assert torch.equal(O.run(ex, content, styles, cfg, stop=lambda: False), out)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_resume_runs_the_last_scales_as_the_whole_run_does(model, optimizer):
+    # run() hands the next scale its last best iterate unclamped and on_scale reports it clamped: equal
+    # where the steps are projected onto [0, 1] (adam), within the clamp's reach with L-BFGS
+    cfg, content, styles = _two_scales()
+    cfg = cfg.replace(optimizer=optimizer, lr=0.05 if optimizer == "adam" else 1.0)
+    ex = model.extractor(cfg.layers)
+    calls, done = [], []
+    out = O.run(ex, content, styles, cfg, callback=calls.append, on_scale=done.append)
+    resumed, later = [], []
+    again = O.run(ex, content, styles, cfg, callback=resumed.append, on_scale=later.append,
+                  resume=(1, done[0].image))
+    if optimizer == "adam":
+        assert torch.equal(again, out)
+    else:
+        assert_close(again, out, atol=0.02, rtol=0)
+    assert [(p.step, p.total, p.scale, p.size) for p in resumed] == [(1, 3, 1, (128, 128)), (2, 3, 1, (128, 128)),
+                                                                     (3, 3, 1, (128, 128))]
+    assert [(d.number, d.scales, d.step, d.total) for d in later] == [(2, 2, 3, 3)]
+    for k in (0, 2, -1):
+        with pytest.raises(ValueError, match="allowed: 1..1"):
+            O.run(ex, content, styles, cfg, resume=(k, done[0].image))
+
+
 def test_stop_ends_the_run_with_the_best_image_so_far_at_full_size(model):
     cfg, content, styles = _two_scales()
     ex = model.extractor(cfg.layers)
