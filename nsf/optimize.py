@@ -552,7 +552,9 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
             brought to the last scale's size (with the content's detail band, as between scales).
         resume: ``(k, x)``: run entries ``k..`` of :func:`schedule` only (``k >= 1``), from ``x``, the result of
             entry ``k - 1`` (``(B, 3, h, w)``, e.g. a :class:`ScaleDone` image), brought up as between scales;
-            the same steps, targets and options as the whole run's last scales (a benchmark of one scale).
+            the same steps, targets and options as the whole run's last scales (a benchmark of one scale). A
+            :class:`ScaleDone` image is clamped to [0, 1] and the image run() hands on is not: where L-BFGS left
+            pixels outside, the resumed scale starts from the clamped ones.
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1] at the last scale's size: the best iterate of the last scale.

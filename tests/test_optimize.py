@@ -352,8 +352,8 @@ def test_resume_runs_the_last_scales_as_the_whole_run_does(model, optimizer):
     cfg, content, styles = _two_scales()
     cfg = cfg.replace(optimizer=optimizer, lr=0.05 if optimizer == "adam" else 1.0)
     ex = model.extractor(cfg.layers)
-    calls, done = [], []
-    out = O.run(ex, content, styles, cfg, callback=calls.append, on_scale=done.append)
+    done = []
+    out = O.run(ex, content, styles, cfg, on_scale=done.append)
     resumed, later = [], []
     again = O.run(ex, content, styles, cfg, callback=resumed.append, on_scale=later.append,
                   resume=(1, done[0].image))
