@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -587,9 +588,7 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
                              f"allowed: 1..{len(plan) - 1}")
     total = sum(n for _, _, n in plan[first:])
     step = 0
-    for number, ((scale_index, hw, n_steps), lay) in enumerate(zip(plan, layout), start=1):
-        if number <= first:
-            continue
+    for number, ((scale_index, hw, n_steps), lay) in islice(enumerate(zip(plan, layout), start=1), first, None):
         c = resize(content, hw)
         style_long = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
         sized = [_resize_style(s, style_long, cfg) for s in styles]
