@@ -306,14 +306,15 @@ class Bench:
             reset_peak()
             first = timed(lambda m=model, s=size: m.stylize(CONTENT, STYLE, size=s))
             reset_peak()
-            img = None
+            result = None
 
             def go(m=model, s=size):
-                nonlocal img
-                img = m.stylize(CONTENT, STYLE, size=s)
+                nonlocal result
+                result = m.run(CONTENT, STYLE, size=s)
 
             secs = timed(go)
-            plan = model.last_plan
+            assert result is not None
+            plan, img = result.plan, result.pil()
             path = self.out / f"gpu_large_{size}_{budget}.jpg"
             img.save(path, quality=92)
             q = scorer.score(img.resize((1024, 1024)), CONTENT, STYLE) if size > 4096 else scorer.score(img, CONTENT,
@@ -323,7 +324,7 @@ class Bench:
                           "history": [sc.history for sc in plan.scales], "style_ratio": q["style_ratio"],
                           "content_ratio": q["content_ratio"], "image": path.name}
             print(name, rows[name], flush=True)
-            del model, img
+            del model, img, result
             torch.cuda.empty_cache()
         model = nsf.style_fusion(device=self.dev, compile=False)
         cfg = model.config

@@ -96,8 +96,8 @@ def overhead(args: argparse.Namespace, config: Path, content: bytes, style: byte
     options = {k: v for k, v in fields.items() if k not in ("content", "style")}
     model.stylize(content, style, size=64, steps=1, max_pixels=max_pixels)  # the same one-off costs
     start = time.perf_counter()
-    img = model.stylize(content, style, **options, max_pixels=max_pixels)
-    library = encode(img, "png", model.last_metadata)
+    result = model.run(content, style, **options, max_pixels=max_pixels)
+    library = encode(result.pil(), "png", result.metadata)
     t_library = time.perf_counter() - start
     return {"server_s": t_server, "library_s": t_library, "overhead_s": t_server - t_library,
             "same_bytes": served == library, "first_preview_s": first_preview, "streamed_s": streamed,

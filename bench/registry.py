@@ -130,8 +130,8 @@ def main() -> int:
     max_pixels = load_model_config(REPO / "deploy/model-config.yaml")["nsf"]["max_pixels"]
     model = torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu")
     t0 = time.perf_counter()
-    img = model.stylize(content_path, style_path, size=args.size, seed=0, max_pixels=max_pixels)
-    library = encode(img, "png", model.last_metadata)
+    result = model.run(content_path, style_path, size=args.size, seed=0, max_pixels=max_pixels)
+    library = encode(result.pil(), "png", result.metadata)
     library_s = time.perf_counter() - t0
     same = "identical" if library == served else "DIFFERENT"
     print(f"library: {library_s:.2f} s; output bytes {same}", flush=True)

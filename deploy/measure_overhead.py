@@ -106,12 +106,12 @@ def main() -> int:
     max_pixels = load_model_config(REPO / MODEL_CONFIG)["nsf"]["max_pixels"]
     for _ in range(args.repeat):
         start = time.perf_counter()
-        img = model.stylize(content, style, size=args.size, steps=args.steps, seed=0, max_pixels=max_pixels)
-        library = encode(img, "png", model.last_metadata)
+        result = model.run(content, style, size=args.size, steps=args.steps, seed=0, max_pixels=max_pixels)
+        library = encode(result.pil(), "png", result.metadata)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         t_library = time.perf_counter() - start
-    same = np.array_equal(np.asarray(Image.open(io.BytesIO(served))), np.asarray(img))
+    same = np.array_equal(np.asarray(Image.open(io.BytesIO(served))), np.asarray(result.pil()))
     print(json.dumps({"size": args.size, "steps": args.steps, "device": str(model.device),
                       "threads": torch.get_num_threads(), "server_s": round(t_server, 2),
                       "handler_s": round(t_handler, 2),

@@ -273,21 +273,20 @@ def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init_ima
     callback, on_tile, close = _progress(not args.no_progress)
     start = time.perf_counter()
     try:
-        t = model.stylize(content, list(styles), init_image=init_image, callback=callback, on_tile=on_tile,
-                          as_tensor=True, **masks, **options)
+        result = model.run(content, list(styles), init_image=init_image, callback=callback, on_tile=on_tile,
+                           **masks, **options)
     finally:
         close()
     elapsed = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
-    plan = model.last_plan
-    meta = {**model.last_metadata, "seconds": round(elapsed, 2), "bit_depth": args.bit_depth,
-            "plan": plan.to_dict() if plan else None}
+    t, plan = result.image, result.plan
+    meta = {**result.metadata, "seconds": round(elapsed, 2), "bit_depth": args.bit_depth, "plan": plan.to_dict()}
     if out.suffix.lower() == ".png":
         save_png(t, out, meta, bit_depth=args.bit_depth)
     else:
         tensor_to_pil(t).save(out)
     device = model.device if model.device.type != "cuda" else torch.cuda.get_device_name(model.device)
-    tiled = f", tiled at {sum(1 for s in plan.scales if s.tile)} scale(s)" if plan and plan.tiled else ""
+    tiled = f", tiled at {sum(1 for s in plan.scales if s.tile)} scale(s)" if plan.tiled else ""
     print(f"wrote {out} ({t.shape[-1]}x{t.shape[-2]}, {args.bit_depth}-bit) in {elapsed:.1f} s on {device}{tiled}")
     return 0
 

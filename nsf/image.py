@@ -14,6 +14,7 @@ import struct
 import threading
 import warnings
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,7 @@ def match_color(style: Tensor, content: Tensor) -> Tensor:
     return out.reshape(b, 3, *style.shape[-2:]).clamp(0, 1).to(style.dtype)
 
 
-def _text_chunks(metadata: dict[str, Any]) -> dict[str, str]:
+def _text_chunks(metadata: Mapping[str, Any]) -> dict[str, str]:
     """The whole record as JSON under ``nsf``, plus a few top-level keys for `exiftool` (ASCII text)."""
     out = {METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)}
     out.update({key: str(metadata[key]) for key in ("nsf_version", "weights", "weights_sha256", "seed")
@@ -264,7 +265,7 @@ def _text_chunks(metadata: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def png_info(metadata: dict[str, Any]) -> PngImagePlugin.PngInfo:
+def png_info(metadata: Mapping[str, Any]) -> PngImagePlugin.PngInfo:
     """PNG text chunks (:func:`_text_chunks`) for PIL."""
     info = PngImagePlugin.PngInfo()
     for key, value in _text_chunks(metadata).items():
@@ -272,7 +273,7 @@ def png_info(metadata: dict[str, Any]) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(img: Image.Image | Tensor, path: str | os.PathLike, metadata: dict[str, Any],
+def save_png(img: Image.Image | Tensor, path: str | os.PathLike, metadata: Mapping[str, Any],
              bit_depth: int = 8) -> None:
     """Write a PNG with the provenance chunks; a tensor ``(1|, 3, H, W)`` in [0, 1] may be written with 16 bits
     per channel (PIL writes RGB only at 8)."""
@@ -290,7 +291,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def encode_png16(t: Tensor, metadata: dict[str, Any] | None = None) -> bytes:
+def encode_png16(t: Tensor, metadata: Mapping[str, Any] | None = None) -> bytes:
     """A 16-bit RGB PNG of ``(1|, 3, H, W)`` values in [0, 1] (rounded to 1/65535), with the same text chunks
     as :func:`png_info` writes. Rows use PNG's ``Up`` filter (type 2), which suits smooth images."""
     if t.dim() == 4:
@@ -308,7 +309,7 @@ def encode_png16(t: Tensor, metadata: dict[str, Any] | None = None) -> bytes:
             + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b""))
 
 
-def encode(img: Image.Image, fmt: str = "png", metadata: dict[str, Any] | None = None, quality: int = 95) -> bytes:
+def encode(img: Image.Image, fmt: str = "png", metadata: Mapping[str, Any] | None = None, quality: int = 95) -> bytes:
     """Encode to PNG (with provenance text chunks) or JPEG bytes."""
     buf = io.BytesIO()
     if fmt == "png":

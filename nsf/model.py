@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, overload
 
 import torch
@@ -70,6 +70,29 @@ def _compile_fn(compile: CompileMode | str, device: torch.device) -> Callable[[n
     return lambda module: torch.compile(module, mode=mode, dynamic=False)
 
 
+@dataclass(frozen=True)
+class Result:
+    """What one run returns: a value, so two runs on one model (two threads, a server and a notebook) never read
+    each other's results.
+
+    ``image``: the stylized batch ``(B, 3, H, W)``, floats in [0, 1] on the model's device. ``plan``: the
+    :class:`nsf.plan.Plan` it ran (scales, tiles, predicted peak and time). ``partial``: where a ``stop`` hook ended
+    it (``{scale, scales, step, total}``, 1-based scale) or ``None`` when it ran to its end. ``masks``: how many
+    content and style masks it had. ``metadata``: its provenance record (what the PNG's ``nsf`` chunk holds: versions,
+    weights and their sha256, every parameter, the seed, ``partial`` and ``masks`` where they apply).
+    """
+
+    image: Tensor
+    plan: planner.Plan
+    metadata: Mapping[str, Any]
+    partial: Mapping[str, int] | None = None
+    masks: Mapping[str, int] = field(default_factory=lambda: {"masks": 0, "style_masks": 0})
+
+    def pil(self, index: int = 0) -> Image.Image:
+        """Image ``index`` of the batch as an 8-bit RGB ``PIL.Image``."""
+        return im.tensor_to_pil(self.image[index : index + 1])
+
+
 class StyleFusion(nn.Module):
     """Neural style transfer (Gatys et al.) with VGG-19 features.
 
@@ -104,11 +127,6 @@ class StyleFusion(nn.Module):
         self.compile = compile
         self._extractors: dict[tuple, FeatureExtractor] = {}
         self._costs: dict[tuple, planner.Costs] = {}
-        self.last_plan: planner.Plan | None = None
-        # where the last run's ``stop`` hook ended it ({scale: 1-based, scales, step, total}); None: it ran to the end
-        self.last_partial: dict[str, int] | None = None
-        # how many content and style masks the last run had (regional styles), for its provenance
-        self.last_masks: dict[str, int] = {"masks": 0, "style_masks": 0}
         if device is not None:
             self.to(device)
 
@@ -191,18 +209,19 @@ class StyleFusion(nn.Module):
                  init_image: Tensor | None = None, callback: ProgressCallback | None = None,
                  on_tile: Callable[[int, int], None] | None = None, on_scale: ScaleCallback | None = None,
                  stop: Callable[[], bool] | None = None, masks: Sequence[Tensor] | None = None,
-                 style_masks: Sequence[Tensor | None] | None = None) -> Tensor:
-        """The tensor core of :meth:`stylize`: ``content`` ``(B, 3, H, W)`` in [0, 1] -> stylized batch.
+                 style_masks: Sequence[Tensor | None] | None = None) -> Result:
+        """The tensor core of :meth:`stylize`: ``content`` ``(B, 3, H, W)`` in [0, 1] -> a :class:`Result` holding
+        the stylized batch, the plan it ran, whether ``stop`` cut it short and its provenance.
 
         Each style is a ``(B|1, 3, h, w)`` batch or a list of B ``(1, 3, h_i, w_i)`` images, one per
         content image (a batch of requests with their own styles). The output's size follows
         ``cfg.size``/``cfg.resize`` (use ``forward`` to keep the input size). The run is planned first
         (:meth:`plan`): scales that would not fit the memory budget run tile by tile, with the same
-        result; ``self.last_plan`` holds the plan. ``on_tile(done, total)`` follows a tiled step.
+        result; ``Result.plan`` holds the plan. ``on_tile(done, total)`` follows a tiled step.
         ``init_image`` ``(B|1, 3, h, w)``: start from it instead of ``cfg.init``.
         ``on_scale(ScaleDone)`` receives each coarse-to-fine scale's best image as the scale ends (colours
         restored as in the result). ``stop()`` is polled before each step after the first: once true, the run
-        returns the best image so far at the full size, and ``self.last_partial`` says where it stopped.
+        returns the best image so far at the full size, and ``Result.partial`` says where it stopped.
         ``masks``: one ``(1|B, 1, h, w)`` content mask in [0, 1] per style, the content's aspect ratio (regional
         styles, :func:`nsf.optimize.run`); ``style_masks``: one ``(1, 1, h, w)`` mask or ``None`` per style, the
         style image's aspect ratio (where its statistics come from).
@@ -221,8 +240,8 @@ class StyleFusion(nn.Module):
 
         parts = [[s.to(device=device, dtype=torch.float32) for s in style_parts(style)] for style in styles]
         masks, style_masks = checked_masks(content, parts, masks, style_masks)  # before planning with them
-        self.last_masks = {"masks": len(masks) if masks is not None else 0,
-                           "style_masks": sum(m is not None for m in style_masks or [])}
+        used_masks = {"masks": len(masks) if masks is not None else 0,
+                      "style_masks": sum(m is not None for m in style_masks or [])}
         masks = [m.to(device=device, dtype=torch.float32) for m in masks] if masks is not None else None
         style_masks = [m.to(device=device, dtype=torch.float32) if m is not None else None
                        for m in style_masks] if style_masks is not None else None
@@ -240,15 +259,15 @@ class StyleFusion(nn.Module):
         layers = cfg.layers
         # "reduce-overhead" compiles with its own CUDA graphs; ours would nest them
         graphs = self.cuda_graphs is not False and device.type == "cuda" and self.compile != "reduce-overhead"
-        plan = self.last_plan = self.plan_config(cfg, (content.shape[-2], content.shape[-1]), batch=content.shape[0],
+        plan = self.plan_config(cfg, (content.shape[-2], content.shape[-1]), batch=content.shape[0],
                                                  style_sizes=[(p.shape[-2], p.shape[-1]) for ps in parts for p in ps],
                                                  masks=len(masks) if masks is not None else 0)
-        self.last_partial = None
+        partial: dict[str, int] | None = None
 
         def scale_done(done: ScaleDone) -> None:
+            nonlocal partial
             if done.stopped:
-                self.last_partial = {"scale": done.number, "scales": done.scales, "step": done.step,
-                                     "total": done.total}
+                partial = {"scale": done.number, "scales": done.scales, "step": done.step, "total": done.total}
             if on_scale is not None:
                 on_scale(replace(done, image=im.recolor(done.image, im.resize(content, done.size)))
                          if cfg.preserve_color == "luminance" else done)
@@ -274,7 +293,7 @@ class StyleFusion(nn.Module):
                               f"may have taken memory since. {self._advice(cfg, plan)}")
         if cfg.preserve_color == "luminance":
             out = im.recolor(out, im.resize(content, (out.shape[-2], out.shape[-1])))
-        return out
+        return Result(out, plan, self.metadata(cfg, partial=partial, masks=used_masks), partial, used_masks)
 
     def _advice(self, cfg: StyleConfig, failed: planner.Plan) -> str:
         """What the planner says fits the memory free now, after a run planned as ``failed`` ran out of it."""
@@ -298,7 +317,7 @@ class StyleFusion(nn.Module):
         h, w = content.shape[-2:]
         overrides.setdefault("size", max(h, w))
         cfg = self.resolve_config(**overrides)
-        out = self.transfer(content, styles, cfg)
+        out = self.transfer(content, styles, cfg).image
         return im.resize(out, (h, w))
 
     @overload
@@ -307,13 +326,24 @@ class StyleFusion(nn.Module):
     def stylize(self, content: str | os.PathLike | Image.Image, style: Any, **kw: Any) -> Image.Image: ...
 
     def stylize(self, content: im.ImageLike, style: im.ImageLike | Sequence[im.ImageLike], *,
-                preset: str | None = None, init_image: im.ImageLike | None = None,
-                callback: ProgressCallback | None = None, on_tile: Callable[[int, int], None] | None = None,
-                on_scale: ScaleCallback | None = None, stop: Callable[[], bool] | None = None,
-                masks: Sequence[im.ImageLike] | None = None,
-                style_masks: Sequence[im.ImageLike | None] | None = None,
-                as_tensor: bool = False, **options: Any) -> Image.Image | Tensor:
-        """Stylize ``content`` with ``style``.
+                as_tensor: bool = False, **kw: Any) -> Image.Image | Tensor:
+        """Stylize ``content`` with ``style``: :meth:`run`'s image alone.
+
+        Returns:
+            A ``PIL.Image`` (for path/PIL/bytes content) or a ``(1, 3, H, W)`` tensor (for tensor content, or
+            with ``as_tensor=True``), with the longer side ``size`` and the content's aspect ratio. For the plan,
+            the provenance or whether a ``stop`` hook cut the run short, call :meth:`run`.
+        """
+        result = self.run(content, style, **kw)
+        return result.image if as_tensor or isinstance(content, Tensor) else result.pil()
+
+    def run(self, content: im.ImageLike, style: im.ImageLike | Sequence[im.ImageLike], *,
+            preset: str | None = None, init_image: im.ImageLike | None = None,
+            callback: ProgressCallback | None = None, on_tile: Callable[[int, int], None] | None = None,
+            on_scale: ScaleCallback | None = None, stop: Callable[[], bool] | None = None,
+            masks: Sequence[im.ImageLike] | None = None,
+            style_masks: Sequence[im.ImageLike | None] | None = None, **options: Any) -> Result:
+        """Stylize ``content`` with ``style`` and return the whole :class:`Result` (image, plan, provenance).
 
         Args:
             content: a path, PIL image, image bytes or a ``(3, H, W)``/``(1, 3, H, W)`` tensor in [0, 1].
@@ -326,19 +356,17 @@ class StyleFusion(nn.Module):
             on_scale: called with an :class:`nsf.optimize.ScaleDone` (the scale's best image) as each
                 coarse-to-fine scale ends, e.g. for previews.
             stop: polled before each step after the first; once true, the best image so far is returned at the
-                full size and ``last_metadata["partial"]`` says where the run stopped (a deadline).
+                full size and ``Result.partial`` (and ``metadata["partial"]``) says where the run stopped.
             masks: regional styles: one mask per style (a greyscale path, PIL image, bytes or tensor in [0, 1],
                 any size with the content's aspect ratio): style ``k`` goes where mask ``k`` is white; soft values
                 blend the styles, an area no mask covers keeps the content only.
             style_masks: one mask or ``None`` per style, the style image's aspect ratio: the part of each style
                 image its statistics come from.
-            as_tensor: return the ``(1, 3, H, W)`` float tensor whatever the input (e.g. for 16-bit output).
             **options: any :class:`nsf.StyleConfig` field, e.g. ``size=512, steps=300, seed=0``.
 
         Returns:
-            A ``PIL.Image`` (for path/PIL/bytes content) or a ``(1, 3, H, W)`` tensor (for tensor content),
-            with the longer side ``size`` and the content's aspect ratio. ``self.last_metadata`` holds
-            the run's provenance record.
+            :class:`Result`: ``image`` ``(1, 3, H, W)`` with the longer side ``size`` and the content's aspect
+            ratio (``Result.pil()`` for a ``PIL.Image``), ``plan``, ``partial``, ``masks`` and ``metadata``.
         """
         cfg = self.resolve_config(preset, **options)
         c = self._as_tensor(content, "content", cfg)
@@ -349,25 +377,24 @@ class StyleFusion(nn.Module):
                   for i, m in enumerate(masks)] if masks is not None else None
         style_mask_t = [im.load_mask(m, what=f"style mask {i + 1}", max_pixels=cfg.max_pixels) if m is not None
                         else None for i, m in enumerate(style_masks)] if style_masks is not None else None
-        out = self.transfer(c, styles, cfg, init_image=init_t, callback=callback, on_tile=on_tile, on_scale=on_scale,
-                            stop=stop, masks=mask_t, style_masks=style_mask_t)
-        self.last_metadata = self.metadata(cfg)
-        return out if as_tensor or isinstance(content, Tensor) else im.tensor_to_pil(out)
+        return self.transfer(c, styles, cfg, init_image=init_t, callback=callback, on_tile=on_tile, on_scale=on_scale,
+                             stop=stop, masks=mask_t, style_masks=style_mask_t)
 
     def _as_tensor(self, src: im.ImageLike, what: str, cfg: StyleConfig) -> Tensor:
         if isinstance(src, Tensor):
             return im.check_tensor(src, what)
         return im.pil_to_tensor(im.load_image(src, max_pixels=cfg.max_pixels, what=what))
 
-    def metadata(self, cfg: StyleConfig) -> dict[str, Any]:
+    def metadata(self, cfg: StyleConfig, *, partial: Mapping[str, int] | None = None,
+                 masks: Mapping[str, int] | None = None) -> dict[str, Any]:
         """Provenance of a run: versions, weights and their sha256, every parameter, the seed; ``partial``
-        (where it stopped) when the last run was stopped before its end; ``masks`` (how many content and style
+        (where it stopped) when a run was stopped before its end; ``masks`` (how many content and style
         masks) when it had masks."""
         return {"nsf_version": __version__, "torch_version": torch.__version__, "weights": self.weights_name,
                 "weights_sha256": self.weights_sha256, "device": str(self.device), "seed": cfg.seed,
                 "precision": "bf16" if _autocast_dtype(self.precision, self.device) else "fp32",
-                "params": cfg.to_dict(), **({"partial": self.last_partial} if self.last_partial else {}),
-                **({"masks": dict(self.last_masks)} if any(self.last_masks.values()) else {})}
+                "params": cfg.to_dict(), **({"partial": dict(partial)} if partial else {}),
+                **({"masks": dict(masks)} if masks and any(masks.values()) else {})}
 
 
 def _is_oom(e: BaseException) -> bool:

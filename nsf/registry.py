@@ -313,7 +313,7 @@ def predict_rows(served: Served, model_input: Any, params: Mapping[str, Any] | N
     Optional columns ``mask``, ``mask_2``... and ``style_mask``... carry a row's regional-style masks
     (image bytes, as the styles); a run that refuses them raises :func:`request_error` naming the column."""
     from .errors import ConfigError, PlanError
-    from .image import encode, pil_to_tensor, tensor_to_pil
+    from .image import encode, pil_to_tensor
     from .serving import CONTENT, STYLE, RequestError, from_config_error, parse_request
 
     options = {k: v for k, v in (params or {}).items() if _given(v)}
@@ -337,13 +337,13 @@ def predict_rows(served: Served, model_input: Any, params: Mapping[str, Any] | N
     out = []
     for job in jobs:
         try:
-            image = model.transfer(pil_to_tensor(job.content), [pil_to_tensor(s) for s in job.styles], job.config,
-                                   masks=job.masks, style_masks=job.style_masks)
+            result = model.transfer(pil_to_tensor(job.content), [pil_to_tensor(s) for s in job.styles], job.config,
+                                    masks=job.masks, style_masks=job.style_masks)
         except ConfigError as e:  # masks the run refuses (all zero, the wrong aspect ratio...)
             if isinstance(e, PlanError):
                 raise
             raise request_error(from_config_error(e, served.limits)) from None
-        out.append(encode(tensor_to_pil(image), job.format, model.metadata(job.config)))
+        out.append(encode(result.pil(), job.format, result.metadata))
     return out
 
 

@@ -38,9 +38,9 @@ def test_new_options_through_the_hub(empty_torch_home):
         ("mean_cov", 0.5, "luminance")
     content = Image.new("RGB", (40, 32), (200, 60, 60))
     style = Image.effect_noise((40, 40), 60).convert("RGB")
-    out = model.stylize(content, style, size=32, steps=2, style_loss="sliced", preserve_color="histogram")
-    assert isinstance(out, Image.Image)
-    params = model.last_metadata["params"]
+    result = model.run(content, style, size=32, steps=2, style_loss="sliced", preserve_color="histogram")
+    assert isinstance(result.pil(), Image.Image)
+    params = result.metadata["params"]
     assert (params["style_loss"], params["iterate_average"], params["preserve_color"]) == \
         ("sliced", 0.5, "histogram")
     with pytest.raises(ValueError, match="allowed: gram, mean_cov, sliced"):
@@ -55,10 +55,10 @@ def test_masks_through_the_hub(empty_torch_home):
     left = Image.new("L", (40, 32), 0)
     left.paste(255, (0, 0, 20, 32))
     right = Image.eval(left, lambda v: 255 - v)
-    out = model.stylize(content, styles, masks=[left, right], style_masks=[None, right.resize((40, 40))], size=32,
-                        steps=2, seed=0)
-    assert isinstance(out, Image.Image) and out.size == (32, 26)
-    assert model.last_metadata["masks"] == {"masks": 2, "style_masks": 1}
+    result = model.run(content, styles, masks=[left, right], style_masks=[None, right.resize((40, 40))], size=32,
+                       steps=2, seed=0)
+    assert result.pil().size == (32, 26)
+    assert result.metadata["masks"] == result.masks == {"masks": 2, "style_masks": 1}
 
 
 def test_list_shows_only_public_entry_points(local_repo):

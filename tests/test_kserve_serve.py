@@ -161,8 +161,8 @@ def test_same_bytes_as_the_library(kserver):
     v2 = base64.b64decode(kserver.v2(fields).json()["outputs"][0]["data"][0])
     cfg = yaml.safe_load((REPO / "deploy" / "model-config.yaml").read_text())
     model = nsf.style_fusion(device="cpu")  # the builder's defaults, as the server's (precision "auto" included)
-    img = model.stylize(CONTENT, STYLE, size=64, steps=3, seed=9, max_pixels=cfg["nsf"]["max_pixels"])
-    assert v1 == v2 == encode(img, "png", model.last_metadata)
+    result = model.run(CONTENT, STYLE, size=64, steps=3, seed=9, max_pixels=cfg["nsf"]["max_pixels"])
+    assert v1 == v2 == encode(result.pil(), "png", result.metadata)
 
 
 # --- progress while a request runs --------------------------------------------------------------

@@ -75,11 +75,11 @@ def test_a_mask_of_ones_is_the_single_style_run(model):
     content, style = smooth_image(H, W, seed=1), stripes()
     for loss in ("gram", "mean_cov"):
         opts = {**FAST, "size": H, "steps": 3, "seed": 0, "style_loss": loss}
-        plain = model.stylize(content, style, **opts)
-        assert "masks" not in model.last_metadata
-        masked = model.stylize(content, style, masks=[torch.ones(1, 1, H, W)], **opts)
-        assert_close(masked, plain, rtol=0, atol=1e-6)
-        assert model.last_metadata["masks"] == {"masks": 1, "style_masks": 0}  # provenance says it was masked
+        plain = model.run(content, style, **opts)
+        assert "masks" not in plain.metadata
+        masked = model.run(content, style, masks=[torch.ones(1, 1, H, W)], **opts)
+        assert_close(masked.image, plain.image, rtol=0, atol=1e-6)
+        assert masked.metadata["masks"] == {"masks": 1, "style_masks": 0}  # provenance says it was masked
 
 
 def test_uncovered_area_keeps_the_content(model):

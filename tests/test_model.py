@@ -60,7 +60,7 @@ def test_path_and_bytes_inputs_and_metadata(model, tmp_path):
     pil_rgb(32, 32, seed=9).save(style_path)
     out = model.stylize(str(content_path), style_path, **FAST, seed=5)
     assert isinstance(out, Image.Image) and out.size == (32, 32)
-    meta = model.last_metadata
+    meta = model.run(str(content_path), style_path, **FAST, seed=5).metadata
     assert meta["weights"] == "caffe"
     assert meta["weights_sha256"] == model.weights_sha256
     assert meta["seed"] == 5
@@ -94,9 +94,9 @@ def test_noise_init_differs_by_seed(model):
 def test_stylize_accepts_the_init_option(model):
     # `init` is the StyleConfig option (content or noise) here as everywhere; a start image is init_image.
     content, style = smooth_image(32, 32, seed=12), random_image(32, 32, seed=13)
-    out = model.stylize(content, style, **FAST, init="noise", seed=0)
-    assert torch.equal(out, model(content, style, **FAST, init="noise", seed=0))
-    assert model.last_metadata["params"]["init"] == "noise"
+    result = model.run(content, style, **FAST, init="noise", seed=0)
+    assert torch.equal(result.image, model(content, style, **FAST, init="noise", seed=0))
+    assert result.metadata["params"]["init"] == "noise"
 
 
 def test_init_image_path(model, tmp_path):
@@ -173,16 +173,49 @@ def test_stop_and_previews_through_stylize(model):
     content = smooth_image(96, 96, seed=3, lo=0.3, hi=0.7)
     seen, steps = [], []
     first = model.plan((96, 96), **opts).scales[0].steps
-    out = model.stylize(content, random_image(64, 64, seed=4), on_scale=seen.append, callback=steps.append,
-                        stop=lambda: len(steps) >= first, **opts)
+    result = model.run(content, random_image(64, 64, seed=4), on_scale=seen.append, callback=steps.append,
+                       stop=lambda: len(steps) >= first, **opts)
     # asked before the second scale's first step: it stops there, with its start as the result
-    assert out.shape[-2:] == (96, 96) and [d.stopped for d in seen] == [False, True] and seen[0].scales == 2
-    assert model.last_partial == {"scale": 2, "scales": seen[0].scales, "step": first, "total": 6}
-    assert model.last_metadata["partial"] == model.last_partial
+    assert result.image.shape[-2:] == (96, 96) and [d.stopped for d in seen] == [False, True] and seen[0].scales == 2
+    assert result.partial == {"scale": 2, "scales": seen[0].scales, "step": first, "total": 6}
+    assert result.metadata["partial"] == result.partial
     chroma = im.rgb_to_yiq(im.resize(content, seen[0].size))[:, 1:]
     assert (im.rgb_to_yiq(seen[0].image)[:, 1:] - chroma).abs().max() < 0.02  # the content's colours
-    model.stylize(content, random_image(64, 64, seed=4), **opts)
-    assert model.last_partial is None and "partial" not in model.last_metadata
+    again = model.run(content, random_image(64, 64, seed=4), **opts)
+    assert again.partial is None and "partial" not in again.metadata
+
+
+def test_two_threads_on_one_model_each_get_their_own_result(model):
+    """Results are values: two different requests on one model from two threads at once each return what their
+    serial run returns (image, partial flag, masks, provenance), whatever order the threads end in."""
+    import threading
+
+    content, style = smooth_image(48, 48, seed=40), random_image(40, 40, seed=41)
+    FAST_LAYERS = {k: v for k, v in FAST.items() if k not in ("size", "steps")}  # noqa: N806
+    requests = [dict(size=48, steps=4, seed=1, style_loss="mean_cov", masks=[torch.ones(1, 1, 48, 48)]),
+                dict(size=32, steps=5, seed=2, preserve_color="luminance", stop=lambda: True)]
+    serial = [model.run(content, style, **FAST_LAYERS, **r) for r in requests]
+    got: list = [None, None]
+    barrier = threading.Barrier(2)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        got[i] = model.run(content, style, **FAST_LAYERS, **requests[i])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for mine, alone in zip(got, serial):
+        assert mine is not None
+        assert_close(mine.image, alone.image, rtol=0, atol=1e-6)
+        assert (mine.partial, dict(mine.masks), mine.plan.content) == (alone.partial, dict(alone.masks),
+                                                                        alone.plan.content)
+        assert mine.metadata == alone.metadata
+    assert got[0].masks["masks"] == 1 and got[0].partial is None and got[0].metadata["params"]["seed"] == 1
+    assert got[1].partial is not None and "masks" not in got[1].metadata and got[1].image.shape[-1] == 32
+    assert not any(name.startswith("last_") for name in vars(model))  # nothing is left on the model to read back
 
 
 def test_histogram_color_gives_the_output_the_contents_colours(model):
@@ -193,18 +226,18 @@ def test_histogram_color_gives_the_output_the_contents_colours(model):
     style = smooth_image(32, 32, seed=26)
     style[:, 0] *= 0.2  # a blue-green style
     opts = {**FAST, "steps": 15, "init": "noise", "content_weight": 0.0}
-    colour = {mode: model.stylize(content, style, **opts, preserve_color=mode).mean((2, 3))
-              for mode in ("off", "histogram")}
+    results = {mode: model.run(content, style, **opts, preserve_color=mode) for mode in ("off", "histogram")}
+    colour = {mode: r.image.mean((2, 3)) for mode, r in results.items()}
     target = content.mean((2, 3))
     assert float((colour["histogram"] - target).abs().max()) < 0.5 * float((colour["off"] - target).abs().max())
-    assert model.last_metadata["params"]["preserve_color"] == "histogram"
+    assert results["histogram"].metadata["params"]["preserve_color"] == "histogram"
 
 
 def test_preserve_color_bools_are_the_old_modes(model):
     content, style = smooth_image(32, 32, seed=27), random_image(32, 32, seed=28)
-    assert torch.equal(model.stylize(content, style, **FAST, preserve_color=True),
-                       model.stylize(content, style, **FAST, preserve_color="luminance"))
-    assert model.last_metadata["params"]["preserve_color"] == "luminance"
+    luminance = model.run(content, style, **FAST, preserve_color="luminance")
+    assert torch.equal(model.stylize(content, style, **FAST, preserve_color=True), luminance.image)
+    assert luminance.metadata["params"]["preserve_color"] == "luminance"
     off = model.stylize(content, style, **FAST, preserve_color=False)
     assert torch.equal(off, model.stylize(content, style, **FAST))
 
@@ -212,9 +245,9 @@ def test_preserve_color_bools_are_the_old_modes(model):
 @pytest.mark.parametrize("loss", ["mean_cov", "sliced"])
 def test_new_style_losses_and_averaging_through_stylize(model, loss):
     content, style = smooth_image(32, 32, seed=29), random_image(40, 40, seed=30)
-    out = model.stylize(content, style, **FAST, style_loss=loss, iterate_average=0.5)
-    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
-    params = model.last_metadata["params"]
+    result = model.run(content, style, **FAST, style_loss=loss, iterate_average=0.5)
+    assert result.image.shape == (1, 3, 32, 32) and torch.isfinite(result.image).all()
+    params = result.metadata["params"]
     assert (params["style_loss"], params["iterate_average"]) == (loss, 0.5)
 
 

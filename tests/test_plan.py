@@ -143,8 +143,9 @@ def test_a_run_over_the_budget_is_tiled_and_gives_the_untiled_image(model):
     need (but over a tile's) it runs tiled, and the image is the same."""
     content, style = smooth_image(256, 256, seed=1), random_image(128, 128, seed=2)
     opts = {"size": 256, "steps": 3, "scales": (1.0,), "scale_steps": (1.0,), "tol": 0.0}
-    free = model.stylize(content, style, **opts)
-    assert not model.last_plan.tiled
+    first = model.run(content, style, **opts)
+    free = first.image
+    assert not first.plan.tiled
     tight = nsf.style_fusion(device="cpu", precision="fp32", channels_last=False)  # as `model`
     tight.stylize(content[..., :64, :64], style, **{**opts, "size": 64})  # loads, measures costs: RSS settles
     costs = tight.costs(tight.config)
@@ -152,8 +153,8 @@ def test_a_run_over_the_budget_is_tiled_and_gives_the_untiled_image(model):
     # room for a 128 px tile's window and the loop's image-sized tensors, not for the whole 256 px step's
     # activations (about 60 MB more)
     tight.max_memory = used + int(costs.act_bytes * 190 * 190) + 40 * 2**20
-    out = tight.stylize(content, style, **opts)
-    plan = tight.last_plan
+    tiled = tight.run(content, style, **opts)
+    out, plan = tiled.image, tiled.plan
     assert plan.tiled and plan.scales[-1].tiles > 1, plan.table()
     # float32 sums in another order, through 3 L-BFGS steps (the float64 proof is test_tiling's): the same
     # picture to a fortieth of an 8-bit level on average, no pixel two levels apart

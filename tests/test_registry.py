@@ -80,8 +80,9 @@ def test_load_by_alias_gives_the_library_bytes(store, limits):
     m = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     out = m.predict({"content": [CONTENT, CONTENT], "style": [STYLE, STYLE]}, params=SMALL)
     hub = torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu")
-    img = hub.stylize(CONTENT, STYLE, **SMALL, max_pixels=limits.max_pixels)
-    expected = encode(img, "png", hub.last_metadata)
+    result = hub.run(CONTENT, STYLE, **SMALL, max_pixels=limits.max_pixels)
+    img = result.pil()
+    expected = encode(img, "png", result.metadata)
     assert out == [expected, expected]  # one image per row, the same bytes as the library's
     jpeg = m.predict({"content": [CONTENT], "style": [STYLE]}, params={**SMALL, "format": "jpeg"})
     assert jpeg == [encode(img, "jpeg")]
@@ -108,8 +109,8 @@ def test_mask_columns_pass_through_to_the_run(store, limits):
     out = m.predict({"content": [CONTENT], "style": [STYLE], "mask": [mask], "style_mask": [style_mask]},
                     params=SMALL)
     hub = torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu")
-    img = hub.stylize(CONTENT, STYLE, masks=[mask], style_masks=[style_mask], **SMALL, max_pixels=limits.max_pixels)
-    assert out == [encode(img, "png", hub.last_metadata)]
+    result = hub.run(CONTENT, STYLE, masks=[mask], style_masks=[style_mask], **SMALL, max_pixels=limits.max_pixels)
+    assert out == [encode(result.pil(), "png", result.metadata)]
     with pytest.raises(serving.RequestError) as got:
         m.predict({"content": [CONTENT], "style": [STYLE], "mask": [encode(Image.new("L", (64, 16)), "png")]},
                   params=SMALL)

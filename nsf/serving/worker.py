@@ -25,7 +25,7 @@ import torch
 
 from ..config import StyleConfig, make_config
 from ..errors import ConfigError, OutOfMemory, PlanError
-from ..image import encode, pil_to_tensor, tensor_to_pil
+from ..image import encode, pil_to_tensor
 from ..model import StyleFusion, style_fusion
 from ..optimize import ScaleDone
 from ..version import __version__
@@ -269,12 +269,11 @@ class Worker:
                 previews += 1
 
         try:
-            (data,) = self.run([job], stop=stop, on_scale=on_scale)
+            (data,), partial = self.run([job], stop=stop, on_scale=on_scale)
         except Exception as e:  # noqa: BLE001 - one failing request must not take the worker down
             outcome = self._failure(idx, e)
             return Outcome(200, line(error_message(outcome.status, dict(outcome.body))), MEDIA_TYPE) \
                 if previews and isinstance(outcome.body, dict) else outcome
-        partial = self.model.last_partial
         if stop.client_gone:
             logger.info("style_fusion: request %d: the client went away after %d preview(s); stopped at step %s "
                         "of %d after %.2f s", idx, previews, partial["step"] if partial else job.config.steps,
@@ -292,7 +291,7 @@ class Worker:
 
     def _run_group(self, idxs: list[int], jobs: dict[int, Job], outcomes: dict[int, Outcome], start: float) -> None:
         try:
-            images = self.run([jobs[i] for i in idxs])
+            images, _ = self.run([jobs[i] for i in idxs])
         except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
             if len(idxs) == 1:
                 outcomes[idxs[0]] = self._failure(idxs[0], e)
@@ -313,12 +312,12 @@ class Worker:
             self._run_group([i], jobs, outcomes, start)
 
     def run(self, jobs: list[Job], *, stop: Callable[[], bool] | None = None,
-            on_scale: Callable[[ScaleDone], None] | None = None) -> list[bytes]:
+            on_scale: Callable[[ScaleDone], None] | None = None) -> tuple[list[bytes], Mapping[str, int] | None]:
         """Jobs with one config and one content size -> their encoded images (one batched optimization;
-        a job with masks runs alone, its masks passed as ``(1, 1, H, W)`` tensors).
+        a job with masks runs alone, its masks passed as ``(1, 1, H, W)`` tensors), and where ``stop`` cut the
+        run short (``None``: it ran to its end; the metadata of a partial PNG says so too).
 
-        ``stop`` and ``on_scale`` are :meth:`nsf.StyleFusion.transfer`'s; ``self.model.last_partial`` then
-        says whether ``stop`` cut the run short (the metadata of a partial PNG says so too)."""
+        ``stop`` and ``on_scale`` are :meth:`nsf.StyleFusion.transfer`'s."""
         cfg = jobs[0].config
         if len(jobs) > 1 and any(job.masked for job in jobs):
             raise ValueError(f"a batch of {len(jobs)} jobs holds a masked one; allowed: a masked job alone")
@@ -326,10 +325,9 @@ class Worker:
         # one entry per style slot: a batch of one, or each request's own image (any size)
         styles = [pil_to_tensor(jobs[0].styles[k]) if len(jobs) == 1 else [pil_to_tensor(j.styles[k]) for j in jobs]
                   for k in range(len(jobs[0].styles))]
-        out = self.model.transfer(content, styles, cfg, stop=stop, on_scale=on_scale, masks=jobs[0].masks,
-                                  style_masks=jobs[0].style_masks)
-        meta = self.model.metadata(cfg)
-        return [encode(tensor_to_pil(out[i : i + 1]), job.format, meta) for i, job in enumerate(jobs)]
+        result = self.model.transfer(content, styles, cfg, stop=stop, on_scale=on_scale, masks=jobs[0].masks,
+                                     style_masks=jobs[0].style_masks)
+        return [encode(result.pil(i), job.format, result.metadata) for i, job in enumerate(jobs)], result.partial
 
     def _failure(self, idx: int, e: Exception) -> Outcome:
         """The answer to a request whose run raised ``e``: a refused option (its masks...) as when parsing,
