@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import sys
 import time
@@ -21,6 +22,10 @@ from .config import PRESETS, StyleConfig
 from .model import PRECISIONS
 from .model import style_fusion as _builder  # its signature holds the builder's defaults (runs look it up anew)
 from .version import __version__
+
+# Commands that live in modules of their own, by name: each module has ``add_parser(subparsers)`` (imports nothing
+# heavy at import time) and ``main(args) -> int``. A new face is one module and one row here.
+FACES: dict[str, str] = {}
 
 DEMO_CONTENT = "astronaut.jpg"
 DEMO_STYLE = "starry_night.jpg"
@@ -82,7 +87,7 @@ def builder_defaults() -> dict[str, Any]:
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
     defaults = builder_defaults()
     parser.add_argument("--preset", default=defaults["preset"], choices=sorted(PRESETS),
                         help=f"named option set (default: {defaults['preset']})")
@@ -98,7 +103,7 @@ def _show_arg(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
                         help="bits per channel of a PNG output: 16 keeps the optimizer's smooth gradients "
                              "for print (default: 8)")
@@ -122,21 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style-masks", default=None, metavar="SA.png,,...",
                    help="optional, one per style, comma-separated: the part of each style image its style is "
                         "taken from (an empty entry or - : the whole style image)")
-    _add_output_flags(p)
-    _add_run_flags(p)
+    add_output_flags(p)
+    add_run_flags(p)
     d = sub.add_parser("demo", help="stylize the bundled sample images (no files of your own needed)")
     d.add_argument("-o", "--output", default="nsf-demo.png", help="output image (default: nsf-demo.png)")
-    _add_output_flags(d)
-    _add_run_flags(d)
+    add_output_flags(d)
+    add_run_flags(d)
     n = sub.add_parser("plan", help="show how a run fits the memory budget (scales, tiles, peak memory, time) "
                                     "before running it")
     n.add_argument("content", nargs="?", default=None,
                    help="content image, or its WxH (e.g. 4000x3000); default: a square image of --size")
     n.add_argument("--no-timing", action="store_true", help="skip the short timing run (no time prediction)")
     n.add_argument("--json", action="store_true", help="print the plan as JSON")
-    _add_run_flags(n)
+    add_run_flags(n)
     _add_serving_commands(sub)
     _add_registry_commands(sub)
+    for module in FACES.values():
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -195,7 +202,7 @@ def _builder_arg(name: str, value: Any) -> Any:
     return {"true": True, "false": False, "auto": "auto"}.get(value.lower(), value)
 
 
-def _progress(enabled: bool) -> Any:
+def progress_bar(enabled: bool) -> Any:
     """``(callback, on_tile, close)`` of a tqdm bar over the steps that names the scale and its tiles."""
     if not enabled:
         return None, None, lambda: None
@@ -266,11 +273,11 @@ def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init_ima
     from .image import save_png, tensor_to_pil
 
     masks = mask_paths(getattr(args, "masks", None), getattr(args, "style_masks", None), len(styles))
-    model, options = _model(args)
+    model, options = model_from_args(args)
     out = Path(args.output)
     if args.bit_depth == 16 and out.suffix.lower() != ".png":
         raise ValueError(f"--bit-depth 16 with output {out.name!r}; allowed: a .png output")
-    callback, on_tile, close = _progress(not args.no_progress)
+    callback, on_tile, close = progress_bar(not args.no_progress)
     start = time.perf_counter()
     try:
         result = model.run(content, list(styles), init_image=init_image, callback=callback, on_tile=on_tile,
@@ -291,7 +298,7 @@ def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init_ima
     return 0
 
 
-def _model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+def model_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .model import style_fusion
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)
@@ -307,7 +314,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from .image import load_image
 
-    model, options = _model(args)
+    model, options = model_from_args(args)
     size: Any = None
     if args.content is not None:
         m = re.fullmatch(r"(\d+)x(\d+)", args.content)
@@ -343,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in FACES:
+            return int(importlib.import_module(FACES[args.command]).main(args))
         if args.command == "archive":
             from .serve import build_archive
 
