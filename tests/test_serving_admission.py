@@ -5,9 +5,11 @@ Pure: no server, no model."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nsf.config import make_config
-from nsf.errors import PlanError
+from nsf.errors import ConfigError, PlanError
 from nsf.serving import CostModel, RequestError, admit_memory, pixel_steps
 
 
@@ -71,3 +73,57 @@ def test_admit_memory_is_a_422_naming_the_largest_size():
     assert (err.status, err.field, err.allowed["max"]) == (422, "size", 1800)
     assert "on this worker" in err.message
     assert admit_memory(lambda: "the plan") == "the plan"
+
+
+def _planned_work(cfg, height, width, masks=0):
+    """The worker's work function in miniature: the plan's own refusal of a size whose short side is under 16 px
+    for this content (nsf.plan.too_small, a ConfigError with allowed={"min": ...}), else the pixel-steps."""
+    from nsf.geometry import MIN_SIDE, target_size
+    from nsf.plan import too_small
+
+    if min(target_size(height, width, cfg.size, cfg.resize)) < MIN_SIDE:
+        raise too_small(cfg, (height, width))
+    return pixel_steps(cfg, height, width, masks)
+
+
+@pytest.mark.parametrize("size", [1024, 2048])
+def test_a_large_size_with_many_steps_is_a_422_not_the_plans_least_size_error(size):
+    """Found with kserve.InferenceRESTClient: 1024/2048 px with 300 steps on a 512x345 content answered 500
+    "ConfigError: size=16 makes a 16x11 px picture..." (the size search went below this content's least size)."""
+    cost = CostModel(seconds_per_pixel_step=6e-5, budget=720.0, work=_planned_work)  # 512 px x 300 fits
+    cfg = make_config(size=size, steps=300)
+    with pytest.raises(RequestError) as e:
+        cost.admit(cfg, 345, 512)
+    err = e.value
+    assert err.status == 422 and err.field in ("size", "steps"), err.to_dict()
+    assert err.allowed["max"] is not None and err.allowed["seconds_limit"] == 720
+    if err.field == "size":
+        top = err.allowed["max"]
+        assert err.allowed["min"] == cost.least_size(cfg, 345, 512) > 16  # 512x345: 24 px at the least
+        assert cost.seconds(cfg.replace(size=top), 345, 512) <= 720 < cost.seconds(cfg.replace(size=top + 1), 345, 512)
+
+
+def test_when_no_size_fits_the_steps_at_the_least_size_are_named():
+    cost = CostModel(seconds_per_pixel_step=1.0, budget=2e4, work=_planned_work)
+    cfg = make_config(size=1024, steps=300)
+    with pytest.raises(RequestError) as e:
+        cost.admit(cfg, 345, 512)
+    err = e.value
+    assert err.status == 422 and err.field == "steps" and err.allowed["size"] == 24, err.to_dict()
+    assert cost.seconds(cfg.replace(size=24, steps=err.allowed["max"]), 345, 512) <= 2e4
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(16, 2048), steps=st.integers(1, 300), h=st.integers(16, 600), w=st.integers(16, 600),
+       rate=st.sampled_from([1e-7, 1e-6, 1e-5, 1e-3]))
+def test_admission_over_the_whole_range_answers_or_refuses_with_422(size, steps, h, w, rate):
+    """Every size up to the limit x every steps up to the limit, any aspect ratio: admitted, a 422 naming what fits,
+    or the run's own 400 for a size under this content's least: never another error."""
+    cost = CostModel(seconds_per_pixel_step=rate, budget=60.0, work=_planned_work)
+    cfg = make_config(size=size, steps=steps)
+    try:
+        cost.admit(cfg, h, w)
+    except RequestError as e:
+        assert e.status == 422 and e.field in ("size", "steps"), e.to_dict()
+    except ConfigError as e:  # the size itself is under this content's least: parse/plan say so first (400)
+        assert e.field == "size" and size < e.allowed["min"]

@@ -7,7 +7,7 @@ within the limit instead of waiting for a timeout and a worker restart.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..config import StyleConfig
@@ -62,13 +62,41 @@ class CostModel:
         why = (f"size={cfg.size} with steps={cfg.steps} would take about {estimate:.0f} s on this worker "
                f"({self.seconds_per_pixel_step:.3g} s per pixel-step, measured at start-up), over its "
                f"{self.budget:.0f} s limit per request")
-        fits = largest(lambda n: self.seconds(dataclasses.replace(cfg, steps=n), height, width, masks) <= self.budget,
-                       1, cfg.steps - 1)
+        fits = largest(lambda n: self._fits(dataclasses.replace(cfg, steps=n), height, width, masks), 1, cfg.steps - 1)
         if fits:
             raise RequestError(f"{why}; at size={cfg.size} at most steps={fits} fit", field="steps", status=422,
                                allowed={"min": 1, "max": fits, "seconds_limit": round(self.budget)})
-        fits = largest(lambda n: self.seconds(dataclasses.replace(cfg, size=n), height, width, masks) <= self.budget,
-                       MIN_SIDE, cfg.size - 1)
-        raise RequestError(f"{why}; with steps={cfg.steps} at most size={fits} fits" if fits else why,
-                           field="size", status=422,
-                           allowed={"min": MIN_SIDE, "max": fits, "seconds_limit": round(self.budget)})
+        # The sizes searched start at the least this content's aspect ratio allows (the run refuses a smaller
+        # one, ConfigError with allowed={"min": ...}), so the answer is this 422, never that error escaping.
+        least = self.least_size(cfg, height, width, masks)
+        fits = largest(lambda n: self._fits(dataclasses.replace(cfg, size=n), height, width, masks),
+                       least, cfg.size - 1)
+        if fits:
+            raise RequestError(f"{why}; with steps={cfg.steps} at most size={fits} fits", field="size", status=422,
+                               allowed={"min": least, "max": fits, "seconds_limit": round(self.budget)})
+        # not even the least size fits with these steps: name the steps that fit there
+        steps = largest(lambda n: self._fits(dataclasses.replace(cfg, size=least, steps=n), height, width, masks),
+                        1, cfg.steps - 1)
+        if steps:
+            raise RequestError(f"{why}; no size fits with steps={cfg.steps}: at size={least} (the least for this "
+                               f"content) at most steps={steps} fit", field="steps", status=422,
+                               allowed={"min": 1, "max": steps, "size": least, "seconds_limit": round(self.budget)})
+        raise RequestError(f"{why}; not even size={least} with steps=1 fits", field="size", status=422,
+                           allowed={"min": least, "max": None, "seconds_limit": round(self.budget)})
+
+    def _fits(self, cfg: StyleConfig, height: int, width: int, masks: int) -> bool:
+        try:
+            return self.seconds(cfg, height, width, masks) <= self.budget
+        except ConfigError:  # a size the run refuses for this content fits nothing
+            return False
+
+    def least_size(self, cfg: StyleConfig, height: int, width: int, masks: int = 0) -> int:
+        """The least ``size`` a run of this ``height x width`` content takes (each output side at least
+        ``MIN_SIDE`` px), from the run's own refusal of a smaller one (its ``allowed["min"]``)."""
+        try:
+            self.seconds(dataclasses.replace(cfg, size=MIN_SIDE), height, width, masks)
+        except ConfigError as e:
+            if isinstance(e.allowed, Mapping) and isinstance(e.allowed.get("min"), int):
+                return max(MIN_SIDE, int(e.allowed["min"]))
+            raise
+        return MIN_SIDE
