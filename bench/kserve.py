@@ -107,7 +107,7 @@ def overhead(args: argparse.Namespace, config: Path, content: bytes, style: byte
 def throughput(args: argparse.Namespace, config: Path, content: bytes, style: bytes, tmp: Path) -> list[tuple]:
     from serving import running_kserve, running_server
 
-    from nsf.serve import build_archive
+    from nsf.runtimes.common import build_archive
 
     cores = os.cpu_count() or 1
     fields = {"content": content, "style": style, "size": args.size}

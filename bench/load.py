@@ -77,7 +77,7 @@ def main() -> None:
 
     from serving import png, running_server
 
-    from nsf.serve import build_archive
+    from nsf.runtimes.common import build_archive
 
     cores = os.cpu_count() or 1
     content = (REPO / "nsf/assets/astronaut.jpg").read_bytes()

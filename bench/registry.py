@@ -112,7 +112,7 @@ def main() -> int:
     import torch
 
     from nsf.image import encode
-    from nsf.serve import load_model_config
+    from nsf.runtimes.common import load_model_config
 
     threads = torch.get_num_threads()
     content_path, style_path = REPO / "nsf/assets/astronaut.jpg", REPO / "nsf/assets/starry_night.jpg"

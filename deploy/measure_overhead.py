@@ -33,7 +33,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nsf.serve import build_archive, wait_ready  # noqa: E402
+from nsf.runtimes.torchserve import build_archive, wait_ready  # noqa: E402
 
 
 def multipart(fields: dict) -> tuple[bytes, str]:
@@ -99,7 +99,7 @@ def main() -> int:
 
     import nsf
     from nsf.image import encode
-    from nsf.serve import MODEL_CONFIG, load_model_config
+    from nsf.runtimes.common import MODEL_CONFIG, load_model_config
 
     model = nsf.style_fusion(device="cpu" if not torch.cuda.is_available() else "cuda")
     # The server checks images against its own pixel cap and records it in the provenance: the same call.

@@ -1,4 +1,6 @@
-"""TorchServe handler of the ``style_fusion`` model: a thin adapter around :class:`nsf.serving.Worker`.
+"""TorchServe handler of the ``style_fusion`` model: TorchServe's entry point, a thin adapter around
+:class:`nsf.serving.Worker` (the rest of the TorchServe runtime -- the archive, ``nsf serve``, the envelope guard
+and the streaming call -- is :mod:`nsf.runtimes.torchserve`).
 
 The serving logic (request checks, admission, warm-up, calibration, batching, retry, errors) is the
 server-neutral core in ``nsf/serving/``; this file maps TorchServe's context onto it: the device and
@@ -24,7 +26,6 @@ from __future__ import annotations
 import base64
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,9 +35,9 @@ if os.path.isdir(os.path.join(_HERE, "nsf")) and sys.path[:1] != [_HERE]:
 
 import torch  # noqa: E402
 
+from nsf.runtimes.torchserve import EnvelopeError, guard_kserve_envelopes, streamer  # noqa: E402
 from nsf.serving import Outcome, RequestError, Worker, from_kserve_v2, request_fields  # noqa: E402
 from nsf.serving.stream import MEDIA_TYPE  # noqa: E402
-from nsf.serving.torchserve_envelopes import EnvelopeError, guard_kserve_envelopes  # noqa: E402
 from nsf.weights import CAFFE_FILENAME, load_caffe  # noqa: E402
 
 
@@ -87,25 +88,9 @@ class StyleFusionHandler:
                 as_text.append(text)
         # a streamed request sends its previews as TorchServe intermediate responses (chunked HTTP); in a
         # batch of several the frontend would send each message to every request, so previews need batch 1
-        progress = _streamer(context) if len(data) == 1 and not as_text[0] else None
+        progress = streamer(context, MEDIA_TYPE) if len(data) == 1 and not as_text[0] else None
         outcomes = self.worker.answer(requests, progress=progress, streams=not any(as_text))
         return [_reply(context, i, o, t) for i, (o, t) in enumerate(zip(outcomes, as_text))]
-
-
-def _streamer(context: Any) -> Callable[[int, bytes], None]:
-    """``progress(idx, line)`` for :meth:`Worker.answer`: one TorchServe intermediate response per message.
-
-    TorchServe 0.12's frontend writes each one to the client as a chunk and never tells the worker that
-    the client has gone, so on this runtime only a request's deadline stops a run early.
-    """
-    from ts.handler_utils.utils import send_intermediate_predict_response
-
-    def send(idx: int, message: bytes) -> None:
-        context.set_response_content_type(idx, MEDIA_TYPE)
-        send_intermediate_predict_response([message], context.request_ids, "Intermediate Prediction success", 200,
-                                           context)
-
-    return send
 
 
 def _reply(context: Any, idx: int, outcome: Outcome, as_text: bool) -> Any:

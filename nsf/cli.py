@@ -21,6 +21,7 @@ from typing import Any
 from .config import PRESETS, StyleConfig
 from .model import PRECISIONS
 from .model import style_fusion as _builder  # its signature holds the builder's defaults (runs look it up anew)
+from .runtimes import ARCHIVING, DEFAULT_SERVING, EXPORTING, RUNTIMES, SERVING
 from .version import __version__
 
 # Commands that live in modules of their own, by name: each module has ``add_parser(subparsers)`` (imports nothing
@@ -156,9 +157,9 @@ def _add_serving_commands(sub: Any) -> None:
                    help="the model-config.yaml to pack (default: deploy/model-config.yaml of the checkout)")
     s = sub.add_parser("serve", help="serve style_fusion in the foreground: TorchServe with the archive (default) "
                                       "or KServe's model server (--runtime kserve)")
-    s.add_argument("--runtime", choices=["torchserve", "kserve"], default="torchserve",
-                   help="torchserve: the .mar under TorchServe (the 'serve' extra, Java 17); kserve: KServe's Python "
-                        "model server, KServe v1 and v2 protocols (the 'kserve' extra). Default: torchserve")
+    s.add_argument("--runtime", choices=SERVING, default=DEFAULT_SERVING,
+                   help="; ".join(f"{n}: {RUNTIMES[n].summary} (the '{RUNTIMES[n].extra}' extra)" for n in SERVING)
+                        + f". Default: {DEFAULT_SERVING}")
     s.add_argument("--model-store", default="model_store",
                    help="torchserve: folder holding style_fusion.mar (default: model_store)")
     s.add_argument("--port", type=int, default=None,
@@ -179,7 +180,8 @@ def _add_serving_commands(sub: Any) -> None:
 def _add_registry_commands(sub: Any) -> None:
     """``nsf export mlflow`` (MLflow's model registry; needs the ``mlflow`` extra and a checkout)."""
     e = sub.add_parser("export", help="log and register style_fusion in a model registry")
-    e.add_argument("registry", choices=["mlflow"], help="the registry (mlflow: a model from code + artifacts)")
+    e.add_argument("registry", choices=EXPORTING,
+                   help="; ".join(f"{n}: {RUNTIMES[n].summary} (the '{RUNTIMES[n].extra}' extra)" for n in EXPORTING))
     e.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking/registry store (default: sqlite:///mlflow.db in the current directory, "
                         "artifacts in ./mlartifacts; no server needed)")
@@ -328,22 +330,14 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    if args.runtime == "kserve":
-        from .serve_kserve import DEFAULT_PORT, serve_kserve
-
-        if args.workdir is not None:
-            raise ValueError("--workdir is TorchServe's; the KServe server keeps no files (its log is this output)")
-        return serve_kserve(host=args.host or "127.0.0.1", port=DEFAULT_PORT if args.port is None else args.port,
-                            workers=1 if args.workers is None else args.workers, model_config=args.model_config,
-                            device=args.device, root=args.root)
-    given = [f for f in ("host", "workers", "model_config", "device") if getattr(args, f) is not None]
-    if given:
-        raise ValueError(f"--{given[0].replace('_', '-')} is for --runtime kserve; TorchServe takes its listeners "
-                         "from deploy/config.properties (--port) and its worker settings from the .mar")
-    from .serve import serve
-
-    return serve(args.model_store, workdir=args.workdir, port=args.port, root=args.root)
+def _runtime(name: str) -> Any:
+    """The adapter module of runtime ``name`` (nsf.runtimes.RUNTIMES), or a ValueError naming the extra it needs."""
+    runtime = RUNTIMES[name]
+    try:
+        return importlib.import_module(runtime.module)
+    except ImportError as e:
+        raise ValueError(f"the {name} runtime needs the '{runtime.extra}' extra ({e}); allowed: pip install -e "
+                         f"'.[{runtime.extra}]'") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -353,21 +347,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in FACES:
             return int(importlib.import_module(FACES[args.command]).main(args))
         if args.command == "archive":
-            from .serve import build_archive
-
-            built = build_archive(args.export_path, root=args.root, model_config=args.model_config)
-            print(f"wrote {built.mar} (sha256 {built.sha256})\n      {built.sha256_file}\n      {built.card}")
-            return 0
+            return int(_runtime(ARCHIVING[0]).archive_main(args))
         if args.command == "serve":
-            return _serve(args)
+            return int(_runtime(args.runtime).serve_main(args))
         if args.command == "plan":
             return _plan(args)
         if args.command == "export":
-            from .registry import log_model
-
-            log_model(tracking_uri=args.tracking_uri, registered_model_name=args.registered_model_name,
-                      alias=args.alias, with_mar=args.with_mar, root=args.root, model_config=args.model_config)
-            return 0
+            return int(_runtime(args.registry).export_main(args))
         if args.command == "stylize":
             return _run(args, args.content, args.styles, init_image=args.init_image)
         assets = resources.files("nsf") / "assets"

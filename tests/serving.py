@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from nsf.serve import wait_ready
+from nsf.runtimes.torchserve import wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "style_fusion"
@@ -332,8 +332,9 @@ class KServer:
             return []
 
     def server(self) -> psutil.Process:
-        """The KServe server process (python -m nsf.serving.kserve_runtime)."""
-        (server,) = [p for p in psutil.Process(self.proc.pid).children() if "kserve_runtime" in " ".join(p.cmdline())]
+        """The KServe server process (python -m nsf.runtimes.kserve)."""
+        (server,) = [p for p in psutil.Process(self.proc.pid).children()
+                     if "nsf.runtimes.kserve" in " ".join(p.cmdline())]
         return server
 
     def workers(self) -> list[psutil.Process]:
@@ -356,7 +357,7 @@ class KServer:
         return path.read_text(errors="replace") if path.is_file() else ""
 
     def wait_ready(self, timeout: float = 240) -> None:
-        from nsf.serve_kserve import wait_ready
+        from nsf.runtimes.kserve import wait_ready
 
         try:
             wait_ready(self.url, timeout=timeout, proc=self.proc)

@@ -135,7 +135,7 @@ def test_unpacked_archive_serves_with_its_own_code(unpacked, tmp_path):
 
 
 def test_archive_refuses_a_broken_model_config(tmp_path):
-    from nsf.serve import build_archive
+    from nsf.runtimes.common import build_archive
 
     root = tmp_path / "checkout"
     for rel in ("handlers/style_fusion_handler.py", "deploy/model-config.yaml", "deploy/config.properties"):
@@ -150,7 +150,7 @@ def test_archive_refuses_a_broken_model_config(tmp_path):
 
 
 def _properties(path: Path) -> dict[str, str]:
-    from nsf.serve import read_properties
+    from nsf.runtimes.torchserve import read_properties
 
     return {e[0]: e[1] for e in read_properties(path) if isinstance(e, tuple)}
 

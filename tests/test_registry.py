@@ -25,7 +25,7 @@ import torch
 
 from nsf import serving
 from nsf.image import encode
-from nsf.serve import load_model_config
+from nsf.runtimes.common import load_model_config
 from nsf.version import __version__
 from nsf.weights import CAFFE_FILENAME, VGG19Weights, sha256_file
 
@@ -33,7 +33,7 @@ mlflow = pytest.importorskip("mlflow", reason="the 'mlflow' extra is not install
 psutil = pytest.importorskip("psutil")
 from serving import net_connections  # noqa: E402
 
-from nsf import registry  # noqa: E402
+from nsf.runtimes import mlflow as registry  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -67,11 +67,6 @@ def store(tmp_path_factory) -> Iterator[tuple[Path, registry.Registered]]:
 @pytest.fixture(scope="module")
 def limits() -> serving.ServingLimits:
     return serving.ServingLimits.from_model_config(load_model_config(REPO / "deploy" / "model-config.yaml"), "cpu")
-
-
-def test_import_nsf_does_not_import_mlflow():
-    code = "import sys, nsf, nsf.cli, nsf.registry; sys.exit('mlflow' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0
 
 
 def test_load_by_alias_gives_the_library_bytes(store, limits):

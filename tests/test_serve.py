@@ -25,7 +25,7 @@ from PIL import Image
 from serving import BIN, CONTENT, NAME, REPO, STYLE, STYLE2, Server, free_port_block, running_server
 
 from nsf.image import read_metadata
-from nsf.serve import build_archive, effective_properties, wait_ready
+from nsf.runtimes.torchserve import build_archive, effective_properties, wait_ready
 from nsf.weights import VGG19Weights
 
 pytest.importorskip("ts", reason="TorchServe (the 'serve' extra) is not installed")

@@ -31,7 +31,7 @@ import yaml
 from PIL import Image
 from serving import CONTENT, NAME, REPO, STYLE, Reply, Server, multipart_body, png, running_server
 
-from nsf.serve import build_archive
+from nsf.runtimes.common import build_archive
 from nsf.weights import CAFFE_FILENAME, sha256_file
 
 pytest.importorskip("ts", reason="TorchServe (the 'serve' extra) is not installed")

@@ -15,7 +15,7 @@ from ..errors import ConfigError, ImageTooLargeError, PlanError
 # Reason phrases of the statuses the serving core answers with (written out: http.HTTPStatus renamed
 # 413 and 422 in Python 3.13, and a client may compare them).
 PHRASES = {200: "OK", 400: "Bad Request", 413: "Payload Too Large", 422: "Unprocessable Entity",
-           500: "Internal Server Error", 507: "Insufficient Storage"}
+           500: "Internal Server Error", 503: "Service Unavailable", 507: "Insufficient Storage"}
 _KEEP = object()
 
 

@@ -1,6 +1,8 @@
 """KServe's v1 and v2 REST shapes for ``style_fusion``, as pure functions (nothing here imports kserve).
 
-The KServe runtime (:mod:`nsf.serving.kserve_runtime`) maps what kserve's model server hands its
+Two runtimes speak them: KServe's own model server (:mod:`nsf.runtimes.kserve`) and TorchServe under its KServe
+envelopes (``handlers/style_fusion_handler.py``), so they live in the serving core, not in either. The KServe
+runtime maps what kserve's model server hands its
 ``predict`` onto request fields for :meth:`nsf.serving.Worker.answer`, and the worker's outcomes back:
 
 * v1, ``POST /v1/models/style_fusion:predict``: ``{"instances": [{content, style, size...}, ...]}``, each
@@ -24,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import RequestError
-from .request import from_kserve_v2
+from .request import STYLE_WEIGHTS, show
 from .worker import Outcome
 
 # Instances in one v1 request: they run one after another (or as one batch when their options and sizes
@@ -89,6 +91,27 @@ def v1_answer(outcomes: Sequence[Outcome]) -> tuple[int, dict[str, Any]]:
     if len(outcomes) > 1:
         body["predictions"] = predictions
     return failed.status, body
+
+
+def from_kserve_v2(inputs: Any) -> dict[str, Any]:
+    """KServe v2 ``inputs`` -> a field mapping.
+
+    Each input's ``name`` is a field; BYTES inputs carry base64 text (or the option's text), the
+    others a list that is unwrapped when it holds one value.
+    """
+    if not isinstance(inputs, Sequence) or isinstance(inputs, (str, bytes)):
+        raise RequestError("KServe v2 request without an inputs list", field="inputs",
+                           allowed="a list of {name, datatype, shape, data}")
+    fields: dict[str, Any] = {}
+    for item in inputs:
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+            raise RequestError(f"KServe v2 input {show(item)} has no name", field="inputs",
+                               allowed="{name, datatype, shape, data}")
+        value = item.get("data")
+        if isinstance(value, list) and len(value) == 1 and item["name"] != STYLE_WEIGHTS:
+            value = value[0]
+        fields[item["name"]] = value
+    return fields
 
 
 def v2_request(inputs: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | RequestError:

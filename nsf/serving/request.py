@@ -1,7 +1,8 @@
 """Request fields in, a checked :class:`Job` out.
 
 A request is a mapping of field names to values: multipart/form-data gives bytes, a JSON body gives
-typed values with the images as base64 strings, KServe v2 gives named inputs (:func:`from_kserve_v2`).
+typed values with the images as base64 strings, KServe v2 gives named inputs
+(:func:`nsf.serving.kserve_protocol.from_kserve_v2`).
 :func:`parse_request` checks every field against :class:`~nsf.serving.limits.ServingLimits` and the
 option rules of :class:`nsf.StyleConfig`, decodes the images behind the pixel-cap guard, and returns a
 :class:`Job`. Anything wrong raises :class:`~nsf.serving.errors.RequestError` naming the field and what
@@ -38,7 +39,12 @@ STYLE_MASK = "style_mask"  # style_mask, style_mask_2...: optional, the part of 
 _NUMBERED = re.compile(r"(style|mask|style_mask)_(\d+)")
 STYLE_WEIGHTS = "style_weights"  # the request's name for StyleConfig.style_blend_weights
 STREAM, DEADLINE = "stream", "deadline"  # progress messages while it runs; seconds until the best image so far
-REQUEST_OPTIONS = ("preset", "format", STYLE_WEIGHTS, STREAM, DEADLINE)
+# The kinds of value a request field holds (JSON Schema's names; "numbers": a list of numbers, "image": an image)
+IMAGE, INTEGER, NUMBER, BOOLEAN, TEXT, NUMBERS = "image", "integer", "number", "boolean", "string", "numbers"
+# Request-only fields (not StyleConfig options) and their kinds: with the images and the options the server lets
+# clients set, they make the one table of request fields (field_kinds) that parse_request, the JSON Schema, the
+# KServe v2 metadata and the MLflow signature all read.
+REQUEST_OPTIONS = {"preset": TEXT, "format": TEXT, STYLE_WEIGHTS: NUMBERS, STREAM: BOOLEAN, DEADLINE: NUMBER}
 MAX_DEADLINE = 86400.0  # s; a deadline is the client's bound within the worker's own time admission
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg"}
 IMAGE_VALUE = "an image as a base64 string (JSON) or a file (multipart)"
@@ -120,27 +126,6 @@ def _looks_like_image(head: bytes) -> bool:
     return head.startswith((b"\x89PNG", b"\xff\xd8", b"GIF8", b"RIFF", b"BM", b"II*", b"MM\x00"))
 
 
-def from_kserve_v2(inputs: Any) -> dict[str, Any]:
-    """KServe v2 ``inputs`` -> a field mapping.
-
-    Each input's ``name`` is a field; BYTES inputs carry base64 text (or the option's text), the
-    others a list that is unwrapped when it holds one value.
-    """
-    if not isinstance(inputs, Sequence) or isinstance(inputs, (str, bytes)):
-        raise RequestError("KServe v2 request without an inputs list", field="inputs",
-                           allowed="a list of {name, datatype, shape, data}")
-    fields: dict[str, Any] = {}
-    for item in inputs:
-        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
-            raise RequestError(f"KServe v2 input {_show(item)} has no name", field="inputs",
-                               allowed="{name, datatype, shape, data}")
-        value = item.get("data")
-        if isinstance(value, list) and len(value) == 1 and item["name"] != STYLE_WEIGHTS:
-            value = value[0]
-        fields[item["name"]] = value
-    return fields
-
-
 # ---------------------------------------------------------------------------------------------
 # Fields -> a checked job
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +136,20 @@ def numbered(base: str, count: int) -> list[str]:
     return [base] + [f"{base}_{i}" for i in range(2, count + 1)]
 
 
+def field_kinds(limits: ServingLimits) -> dict[str, str]:
+    """The one table of request fields under ``limits``: every field a request may carry -> the kind of its value
+    (:data:`IMAGE`, :data:`INTEGER`, :data:`NUMBER`, :data:`BOOLEAN`, :data:`TEXT` -- a choice option's name -- or
+    :data:`NUMBERS`): the content and numbered style/mask images, the StyleConfig options ``limits.fields`` and the
+    request-only :data:`REQUEST_OPTIONS`."""
+    kinds = {int: INTEGER, float: NUMBER, bool: BOOLEAN}
+    images = [CONTENT, *(name for base in (STYLE, MASK, STYLE_MASK) for name in numbered(base, limits.max_styles))]
+    options = {name: TEXT if name in CHOICES else kinds[HINTS[name]] for name in limits.fields}
+    return {**dict.fromkeys(images, IMAGE), **options, **REQUEST_OPTIONS}
+
+
 def allowed_fields(limits: ServingLimits) -> list[str]:
-    """Every field a request may carry under ``limits``."""
-    images = [name for base in (STYLE, MASK, STYLE_MASK) for name in numbered(base, limits.max_styles)]
-    return [CONTENT, *images, *limits.fields, *REQUEST_OPTIONS]
+    """Every field a request may carry under ``limits`` (the keys of :func:`field_kinds`)."""
+    return list(field_kinds(limits))
 
 
 def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
@@ -357,9 +352,13 @@ def _size_of(value: Any) -> int:
     return 0
 
 
-def _show(value: Any, limit: int = 60) -> str:
+def show(value: Any, limit: int = 60) -> str:
+    """A client's value for an error message: its repr, cut at ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+_show = show
 
 
 def _text(value: Any, name: str) -> str:

@@ -7,7 +7,18 @@ from typing import Any
 
 from ..config import MAX_WEIGHT, PRESETS, StyleConfig
 from .limits import BOOL_CHOICES, CHOICES, HINTS, RANGED, ServingLimits
-from .request import CONTENT, DEADLINE, MASK, MAX_DEADLINE, STREAM, STYLE, STYLE_MASK, STYLE_WEIGHTS, numbered
+from .request import (
+    CONTENT,
+    DEADLINE,
+    MASK,
+    MAX_DEADLINE,
+    STREAM,
+    STYLE,
+    STYLE_MASK,
+    STYLE_WEIGHTS,
+    field_kinds,
+    numbered,
+)
 from .stream import PARTIAL_HEADER
 
 
@@ -31,7 +42,7 @@ def request_schema(limits: ServingLimits) -> dict[str, Any]:
                                                "a greyscale mask with that image's aspect ratio"}
     meta = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(StyleConfig)}
     json_types = {int: "integer", float: "number", bool: "boolean"}
-    for name in limits.fields:
+    for name in (n for n in field_kinds(limits) if n in limits.fields):
         if name in CHOICES:
             props[name] = {"enum": [*CHOICES[name], *([True, False] if name in BOOL_CHOICES else [])],
                            "default": getattr(base, name), "description": meta[name]}
@@ -58,6 +69,9 @@ def request_schema(limits: ServingLimits) -> dict[str, Any]:
     props[DEADLINE] = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DEADLINE,
                        "description": "seconds; past it the best image so far is the answer, marked partial "
                                       f"(header {PARTIAL_HEADER}: true, PNG metadata 'partial')"}
+    table = field_kinds(limits)  # the one table of request fields: the schema describes each, no more, no less
+    if set(props) != set(table):
+        raise AssertionError(f"request_schema and field_kinds disagree on {sorted(set(props) ^ set(table))}")
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": f"style_fusion request on {limits.device} (JSON body; multipart/form-data takes the same "
                      "fields, images as files)",

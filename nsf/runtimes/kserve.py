@@ -1,41 +1,43 @@
-"""KServe's own Python model server as nsf's second serving runtime (``nsf serve --runtime kserve``).
+"""KServe's own Python model server as a runtime of ``style_fusion`` (``nsf serve --runtime kserve``).
 
-``python -m nsf.serving.kserve_runtime --model-config deploy/model-config.yaml`` serves ``style_fusion``
-with kserve's ``ModelServer`` (pinned: ``kserve==0.21.0``, the ``kserve`` extra) on 127.0.0.1:8080:
+``python -m nsf.runtimes.kserve --model-config deploy/model-config.yaml`` serves ``style_fusion`` with kserve's
+``ModelServer`` (pinned: ``kserve==0.21.0``, the ``kserve`` extra) on 127.0.0.1:8080; ``nsf serve --runtime
+kserve`` (:func:`launch`) runs that in a process group of its own, prints how to call it, says when it is ready
+and starts it again when it dies after it was ready. Translation only:
 
-* ``StyleFusionModel`` is a ``kserve.Model`` over the serving core's :class:`~nsf.serving.Worker`:
-  ``load()`` builds, warms up and calibrates it (``ready`` after that), ``predict`` answers the v1
-  (``POST /v1/models/style_fusion:predict``) and v2 (``POST /v2/models/style_fusion/infer``) protocols with
-  the fields, limits, statuses and ``{error, field, allowed}`` bodies of the TorchServe handler (the shapes:
-  :mod:`nsf.serving.kserve_protocol`). The optimization runs on one thread of its own per worker
-  process, one request after another, so the event loop keeps answering health checks and refusals.
-* :class:`ErrorShape`, an ASGI middleware on kserve's FastAPI app, answers nsf's errors and reshapes
-  kserve's own (400/404/422/500/503 ``{"error"}`` or ``{"detail"}``) to ``{error, field, allowed}``, and
-  refuses a body over the request size limit before reading it.
+* ``StyleFusionModel`` is a ``kserve.Model`` over the serving core's :class:`~nsf.serving.Worker` behind a
+  :class:`~nsf.serving.Runner` (one run at a time off the event loop, 503 past the queue, one HTTP request's
+  instances admitted together): v1 (``POST /v1/models/style_fusion:predict``, streamed with ``stream=true``) and
+  v2 (``POST /v2/models/style_fusion/infer``) in the shapes of :mod:`nsf.serving.kserve_protocol`;
+* :class:`ErrorShape`, an ASGI middleware on kserve's FastAPI app: nsf's ``{error, field, allowed}`` bodies for
+  every error, the body size cap, and the client's disconnect (it sets the request's ``gone`` event, which stops
+  the run: streamed or not, v1 or v2);
 * kserve's REST server binds 0.0.0.0 with no option to change it: :class:`_ModelServer` sets its uvicorn
   config's host (a private attribute of kserve 0.21.0; ``tests/test_kserve_serve.py`` checks the bind)
   before it serves; gRPC is off. The server has no authentication of its own: loopback locally, the
-  gateway's or mesh's authentication in a cluster (README, "Serving with KServe").
+  gateway's or mesh's authentication in a cluster.
 
-The library never imports this module (``nsf/serving/__init__.py`` does not either): only this server and
-its tests import kserve.
+The library never imports this module; importing it imports kserve (which reads ``sys.argv`` on import).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
+import contextlib
+import contextvars
 import json
 import logging
 import math
 import os
-import queue
+import signal
+import subprocess
 import sys
 import threading
+import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import InferOutput, InferRequest, InferResponse
 
-from .errors import RequestError
-from .kserve_protocol import (
+from ..serving.errors import RequestError
+from ..serving.kserve_protocol import (
     error_body,
     reshape_error,
     schema_error,
@@ -55,21 +57,39 @@ from .kserve_protocol import (
     v2_outputs,
     v2_request,
 )
-from .limits import ServingLimits
-from .request import wants_stream
-from .stream import PARTIAL_HEADER
-from .worker import Outcome, Worker
+from ..serving.limits import ServingLimits
+from ..serving.request import field_kinds, wants_stream
+from ..serving.runner import QUEUE_SIZE, Runner, Unavailable
+from ..serving.stream import PARTIAL_HEADER
+from ..serving.worker import Outcome, Worker
+from .common import (
+    MODEL_CONFIG,
+    MODEL_NAME,
+    check_free,
+    client_host,
+    how_to_call,
+    is_loopback,
+    load_model_config,
+    poll_ready,
+    project_root,
+    resolve_device,
+    signal_group,
+    start_group,
+    stop_group,
+)
 
 logger = logging.getLogger(__name__)
-MODEL_NAME = "style_fusion"
 DEFAULT_PORT = 8080
-# Requests a worker process holds beyond the one it runs, before it answers 503 (TorchServe's
-# job_queue_size in deploy/config.properties). In a cluster Knative's queue proxy holds them instead.
-QUEUE_SIZE = 8
+# QUEUE_SIZE: requests a worker process holds beyond the one it runs before it answers 503 (nsf.serving.runner;
+# in a cluster Knative's queue proxy holds them instead).
 QUEUE_ENV = "NSF_KSERVE_QUEUE_SIZE"
 # Seconds kserve lets in-flight requests finish after SIGTERM/Ctrl-C before it cancels them.
 GRACE_SECONDS = 30
 JSON_TYPE = "application/json"
+STOP_GRACE = 45.0  # seconds after SIGTERM before SIGKILL: kserve's own grace (30 s) and its shutdown
+RESTART_PAUSE = 1.0
+# The request's "client has gone" event, set by ErrorShape when the server sees the disconnect
+_GONE: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("nsf_gone", default=None)
 
 
 class ServingError(Exception):
@@ -80,67 +100,6 @@ class ServingError(Exception):
         super().__init__(body.get("error"))
         self.status = status
         self.body = dict(body)
-
-
-# ---------------------------------------------------------------------------------------------
-# One run at a time, off the event loop
-# ---------------------------------------------------------------------------------------------
-
-
-class _Runner:
-    """One daemon thread running submitted calls in order: the optimization blocks for seconds to minutes,
-    the event loop must not. A call cancelled while it waits (the server shutting down) never runs.
-
-    A daemon thread, not an executor: interpreter exit does not wait for a run in progress, so SIGTERM
-    stops the server after kserve's grace period however long the run would have taken.
-    """
-
-    def __init__(self) -> None:
-        self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]]
-        self._calls = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name="nsf-runner", daemon=True).start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._calls.put((future, fn, args))
-        return future
-
-    def _loop(self) -> None:
-        while True:
-            future, fn, args = self._calls.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting request
-                future.set_exception(e)
-
-
-def answer_within_budget(worker: Worker, requests: Sequence[Mapping[str, Any] | RequestError],
-                         **kw: Any) -> list[Outcome]:
-    """``worker.answer(requests)``, the requests (a v1 request's instances) admitted together.
-
-    The worker admits each request on its own against its time budget; the instances of one HTTP request
-    run inside that one request, so their estimated seconds are added up first: over the budget, every
-    instance is refused with one 422 (``field: "instances"``) before anything runs.
-    """
-    cost = worker.cost
-    if cost is not None and len(requests) > 1:
-        total = 0.0
-        for request in requests:
-            if isinstance(request, RequestError):
-                continue
-            try:
-                job = worker.check(request)
-            except Exception:  # noqa: BLE001 - refused (or failed) on its own by worker.answer below
-                continue
-            total += cost.seconds(job.config, job.content.height, job.content.width)
-        if total > cost.budget:
-            error = RequestError(f"the {len(requests)} instances would take about {total:.0f} s together on this "
-                                 f"worker, over its {cost.budget:.0f} s limit per request; send fewer per request",
-                                 field="instances", status=422, allowed={"seconds_limit": round(cost.budget)})
-            return [Outcome.refused(error) for _ in requests]
-    return worker.answer(requests, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,22 +120,21 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
         self.response_timeout = response_timeout
         self.queue_size = int(queue_size)
         self.worker: Worker | None = None
-        self._runner: _Runner | None = None
-        self._pending = 0  # requests of this process waiting for or in a run (touched on the event loop only)
+        self._runner: Runner | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def load(self) -> bool:
         """Build, warm up and calibrate the worker; ``ready`` once it can answer."""
         worker = Worker.start(self.model_config, device=self.device, response_timeout=self.response_timeout)
-        self.worker, self._runner = worker, _Runner()
+        self.worker, self._runner = worker, Runner(worker, queue_size=self.queue_size, name=self.name)
         self.ready = worker.ready
         return bool(self.ready)
 
     def __getstate__(self) -> dict[str, Any]:
         """kserve's ``--workers N`` pickles the model into N spawned processes: each builds its own worker."""
         state = dict(self.__dict__)
-        state.update(worker=None, _runner=None, _pending=0, ready=False)
+        state.update(worker=None, _runner=None, ready=False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -240,7 +198,8 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
         error status. When the client disconnects, Starlette cancels the response and the worker's ``gone``
         event stops the run before its next step.
         """
-        worker, runner = self._admit()
+        slot = contextlib.ExitStack()
+        worker, runner = slot.enter_context(self._slot())
         loop = asyncio.get_running_loop()
         messages: asyncio.Queue[bytes | None] = asyncio.Queue()
         gone = threading.Event()
@@ -248,8 +207,7 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
         def progress(_idx: int, message: bytes) -> None:  # on the runner thread
             loop.call_soon_threadsafe(messages.put_nowait, message)
 
-        self._pending += 1
-        done = asyncio.wrap_future(runner.submit(partial(worker.answer, [fields], progress=progress, gone=[gone])))
+        done = asyncio.wrap_future(runner.call(worker.answer, [fields], progress=progress, gone=[gone]))
         done.add_done_callback(lambda _: messages.put_nowait(None))  # after the last preview (FIFO)
         try:
             first = await messages.get()
@@ -259,7 +217,7 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
                     raise ServingError(outcome.status, error_body(outcome))
         except BaseException:
             gone.set()
-            self._pending -= 1
+            slot.close()
             raise
 
         async def stream() -> AsyncIterator[bytes]:
@@ -273,7 +231,7 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
                     yield outcome.body  # the result (or error) line
             finally:
                 gone.set()  # the client went away (cancelled here) or the stream ended: stop either way
-                self._pending -= 1
+                slot.close()
 
         return stream()
 
@@ -296,36 +254,32 @@ class StyleFusionModel(kserve.Model):  # kserve has no type hints: an Any base c
 
     async def answer(self, requests: Sequence[Mapping[str, Any] | RequestError], **kw: Any) -> list[Outcome]:
         """Run ``Worker.answer`` (``kw``: its options) on this process's runner thread (one run at a time);
-        503 when not ready or when ``queue_size`` requests already wait."""
-        worker, runner = self._admit()
-        self._pending += 1
-        try:
-            return list(await asyncio.wrap_future(runner.submit(partial(answer_within_budget, worker, list(requests),
-                                                                        **kw))))
-        finally:
-            self._pending -= 1
+        503 when not ready or when ``queue_size`` requests already wait. The run stops when the client
+        disconnects (the ``gone`` event :class:`ErrorShape` sets)."""
+        gone = _GONE.get()
+        if gone is not None:
+            kw.setdefault("gone", [gone] * len(requests))
+        with self._slot() as (worker, runner):
+            return list(await asyncio.wrap_future(runner.submit(worker, requests, **kw)))
 
-    def _admit(self) -> tuple[Worker, _Runner]:
-        """This process's worker and runner; 503 when not ready or when ``queue_size`` requests already wait."""
-        worker, runner = self.worker, self._runner
-        if worker is None or runner is None or not self.ready:
-            raise ServingError(503, {"error": f"{self.name} is not ready: the worker is loading", "field": None,
-                                     "allowed": None})
-        if self._pending > self.queue_size:
-            raise ServingError(503, {"error": f"this worker is busy: {self._pending} requests are running or "
-                                              "waiting; retry later", "field": None,
-                                     "allowed": {"queue": self.queue_size}})
-        return worker, runner
+    @contextlib.contextmanager
+    def _slot(self) -> Any:
+        """This process's worker and runner, holding a place in its queue; 503 when not ready or full."""
+        runner = self._runner
+        try:
+            if runner is None or not self.ready:
+                raise Unavailable(f"{self.name} is not ready: the worker is loading")
+            with runner.slot() as worker:
+                yield worker, runner
+        except Unavailable as e:
+            raise ServingError(e.status, e.body) from None
 
     # -- metadata (GET /v2/models/style_fusion) ---------------------------------------------
 
     def get_input_types(self) -> list[dict[str, Any]]:
-        kinds = {"integer": "INT64", "number": "FP32", "boolean": "BOOL"}
-        from .schema import request_schema
-
-        props = request_schema(self.limits)["properties"]
-        return [{"name": name, "datatype": kinds.get(p.get("type"), "FP32" if p.get("type") == "array" else "BYTES"),
-                 "shape": [-1] if p.get("type") == "array" else [1]} for name, p in props.items()]
+        kinds = {"integer": "INT64", "number": "FP32", "boolean": "BOOL", "numbers": "FP32"}
+        return [{"name": name, "datatype": kinds.get(kind, "BYTES"), "shape": [-1] if kind == "numbers" else [1]}
+                for name, kind in field_kinds(self.limits).items()]
 
     def get_output_types(self) -> list[dict[str, Any]]:
         return [{"name": "image", "datatype": "BYTES", "shape": [1]}]
@@ -366,6 +320,8 @@ class ErrorShape:
     * an error response kserve or FastAPI wrote (status >= 400 without nsf's ``field`` key) is reshaped by
       :func:`~nsf.serving.kserve_protocol.reshape_error`;
     * any other exception is a 500 ``{error, field: null, allowed: null}`` (and logged);
+    * the client's disconnect, read once the body is in, sets the request's ``gone`` event (:data:`_GONE`): the
+      worker stops its run before the next step, streamed or not;
     * a body over ``max_body`` bytes (by its Content-Length, or counted as it arrives) is a 413 before the
       server holds it (uvicorn and kserve set no limit of their own).
     """
@@ -391,14 +347,34 @@ class ErrorShape:
         started = False
         held: dict[str, Any] | None = None  # an error response being rewritten
         chunks: list[bytes] = []
+        gone = threading.Event()
+        after_body: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        watcher: asyncio.Task[None] | None = None
+
+        async def watch() -> None:
+            """Once the body is in, the next message the server has for this request is the client's disconnect:
+            set ``gone`` (the run stops) and hand the message on to whoever asks next."""
+            while True:
+                message = await receive()
+                if message.get("type") == "http.disconnect":
+                    gone.set()
+                await after_body.put(message)
+                if message.get("type") == "http.disconnect":
+                    return
 
         async def counting_receive() -> Any:
-            nonlocal received
+            nonlocal received, watcher
+            if watcher is not None:
+                return await after_body.get()
             message = await receive()
             if message.get("type") == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
                     raise _BodyTooLarge
+                if not message.get("more_body", False):
+                    watcher = asyncio.create_task(watch())
+            elif message.get("type") == "http.disconnect":
+                gone.set()
             return message
 
         async def reshaping_send(message: dict[str, Any]) -> None:
@@ -418,6 +394,7 @@ class ErrorShape:
                 return
             await send(message)
 
+        token = _GONE.set(gone)
         try:
             await self.app(scope, counting_receive, reshaping_send)
         except ServingError as e:
@@ -434,6 +411,10 @@ class ErrorShape:
                 raise
             await _send_json(send, 500, {"error": f"internal error: {type(e).__name__}: {e}", "field": None,
                                          "allowed": None})
+        finally:
+            _GONE.reset(token)
+            if watcher is not None:
+                watcher.cancel()
 
 
 class _OnStartup:
@@ -509,15 +490,6 @@ class _ModelServer(kserve.ModelServer):  # kserve has no type hints: an Any base
         super().setup_event_loop()
 
 
-def resolve_device(device: str | None) -> str:
-    """``None``/``"auto"``: the first CUDA device if there is one, else the CPU."""
-    if device in (None, "auto"):
-        import torch
-
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
 def serve(model_config: Mapping[str, Any], *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1,
           device: str | None = None, response_timeout: float | None = None, queue_size: int = QUEUE_SIZE) -> None:
     """Serve ``style_fusion`` in the foreground until SIGINT/SIGTERM.
@@ -557,7 +529,7 @@ def log_to_stderr() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     # Names chosen not to collide with the flags kserve.model_server parses from sys.argv at import.
-    p = argparse.ArgumentParser(prog="python -m nsf.serving.kserve_runtime",
+    p = argparse.ArgumentParser(prog="python -m nsf.runtimes.kserve",
                                 description="Serve style_fusion with KServe's model server (v1 and v2 REST).")
     p.add_argument("--model-config", required=True, help="model-config.yaml (its nsf section holds the limits)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; the server has no "
@@ -576,13 +548,120 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import yaml
-
-    config = yaml.safe_load(Path(args.model_config).read_text())
+    config = load_model_config(args.model_config)
     log_to_stderr()
     serve(config, host=args.host, port=args.port, workers=args.workers, device=args.device,
           response_timeout=args.response_timeout, queue_size=args.queue_size)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher: `nsf serve --runtime kserve` (nsf/runtimes/__init__.py's table points here)
+# ---------------------------------------------------------------------------------------------
+
+
+def launch(*, host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1,
+           model_config: str | os.PathLike[str] | None = None, device: str | None = None,
+           root: str | os.PathLike[str] | None = None) -> int:
+    """Run the KServe server in the foreground until Ctrl-C (or SIGTERM); 0 when stopped that way, else its exit
+    code. Ctrl-C reaches this process only (the server runs in a session of its own), which then stops the server
+    and its worker processes (SIGTERM, kserve's grace period, SIGKILL for what is left); the server is started
+    again when it dies after it was ready (with ``workers`` > 1 kserve's parent restarts a worker process)."""
+    if workers < 1:
+        raise ValueError(f"--workers {workers}; allowed: 1 or more")
+    config = Path(model_config) if model_config is not None else project_root(root) / MODEL_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} does not exist: pass --model-config PATH (deploy/model-config.yaml)")
+    check_free(host, port)
+    cmd = [sys.executable, "-m", "nsf.runtimes.kserve", "--model-config", str(config.resolve()),
+           "--host", host, "--port", str(port), "--workers", str(workers)]
+    if device is not None:
+        cmd += ["--device", device]
+    url = f"http://{client_host(host)}:{port}"
+    print(f"nsf serve: {' '.join(cmd)}", flush=True)
+    print(_how_to_call(url, host), flush=True)
+    state: dict[str, Any] = {"signal": None, "proc": None}
+
+    def stop(signum: int, _frame: Any) -> None:
+        first = state["signal"] is None
+        state["signal"] = signum
+        proc = state["proc"]
+        if proc is not None:  # a second Ctrl-C does not wait for the grace period
+            signal_group(proc.pid, signal.SIGTERM if first else signal.SIGKILL)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            proc = start_group(cmd)
+            state["proc"] = proc
+            ready = threading.Event()
+            threading.Thread(target=_report_ready, args=(url, proc, ready), daemon=True).start()
+            code = proc.wait()
+            stop_group(proc, STOP_GRACE, settle=5.0)
+            if state["signal"] is not None:
+                return 0
+            if not ready.is_set():
+                print(f"nsf serve: the KServe server exited with {code} before it was ready", flush=True)
+                return code or 1
+            print(f"nsf serve: the KServe server exited with {code} after it was ready; starting it again",
+                  flush=True)
+            time.sleep(RESTART_PAUSE)
+            if state["signal"] is not None:
+                return 0
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        proc = state["proc"]
+        if proc is not None:
+            stop_group(proc, STOP_GRACE, settle=5.0)
+
+
+def _how_to_call(url: str, host: str) -> str:
+    exposed = "" if is_loopback(host) else (
+        f"\n  WARNING: bound to {host}: the KServe server has no authentication of its own; anyone who reaches "
+        "this port can use it. Put an authenticating proxy or gateway in front (docs, serving).\n")
+    body = ("python -c \"import base64, json; b = lambda p: base64.b64encode(open(p, 'rb').read()).decode(); "
+            "print(json.dumps({'instances': [{'content': b('nsf/assets/astronaut.jpg'), "
+            "'style': b('nsf/assets/starry_night.jpg'), 'size': 256, 'steps': 100, 'seed': 0}]}))\" > v1.json")
+    example = f"""  {body}
+  curl -s -H "Content-Type: application/json" {url}/v1/models/{MODEL_NAME}:predict --data-binary @v1.json \\
+    | python -c "import base64, json, sys; open('out.png', 'wb').write(base64.b64decode(json.load(sys.stdin)\\
+['predictions'][0]))\""""
+    return how_to_call("KServe's model server", {
+        "KServe v1": f"{url}/v1/models/{MODEL_NAME}:predict   (readiness: GET {url}/v1/models/{MODEL_NAME})",
+        "KServe v2": f"{url}/v2/models/{MODEL_NAME}/infer"}, example, exposed)
+
+
+def wait_ready(url: str, *, timeout: float = 900.0, proc: subprocess.Popen[Any] | None = None) -> float:
+    """Wait until ``GET /v1/models/style_fusion`` says ready (after the warm-up); return the seconds waited."""
+
+    def probe() -> tuple[bool, str]:
+        with urllib.request.urlopen(f"{url}/v1/models/{MODEL_NAME}", timeout=5) as r:
+            last = r.read().decode()
+        return json.loads(last).get("ready") is True, last
+
+    # every 1 s: kserve logs each not-ready answer with its traceback
+    return poll_ready(probe, url=url, timeout=timeout, proc=proc, interval=1.0)
+
+
+def _report_ready(url: str, proc: subprocess.Popen[Any], ready: threading.Event) -> None:
+    try:
+        seconds = wait_ready(url, proc=proc)
+    except (RuntimeError, TimeoutError) as e:
+        if proc.poll() is None:
+            print(f"nsf serve: {e}; see the server's log above", flush=True)
+        return
+    ready.set()
+    print(f"nsf serve: {MODEL_NAME} is ready on {url} ({seconds:.0f} s after the server started)", flush=True)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """``nsf serve --runtime kserve``."""
+    if getattr(args, "workdir", None) is not None:
+        raise ValueError("--workdir is TorchServe's; the KServe server keeps no files (its log is this output)")
+    return launch(host=args.host or "127.0.0.1", port=DEFAULT_PORT if args.port is None else args.port,
+                  workers=1 if args.workers is None else args.workers, model_config=args.model_config,
+                  device=args.device, root=args.root)
 
 
 if __name__ == "__main__":
