@@ -406,3 +406,127 @@ def running_kserve(workdir: Path, model_config: Path, *, workers: int = 1, env: 
     finally:
         server.stop()
         log.close()
+
+
+# --- built once per test run: the test model config and its .mar --------------------------------
+
+RESPONSE_TIMEOUT = 30  # s: admission refuses what would run over 0.8 x 30 s (the shipped config says 900)
+_ONCE: dict[str, Any] = {}
+
+
+def server_model_config(folder: Path) -> Path:
+    """deploy/model-config.yaml with the servers' test limits: responseTimeout 30 s, calibrated at 64 px / 3 steps
+    (a second at start-up)."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "deploy" / "model-config.yaml").read_text())
+    cfg["responseTimeout"] = RESPONSE_TIMEOUT
+    cfg["nsf"]["devices"]["cpu"]["calibrate"] = [64, 3]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model-config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def shared_store(tmp_path_factory: Any) -> Path:
+    """A model store with style_fusion.mar built from :func:`test_model_config`, ONCE per test process (building
+    packs 550 MB of weights: about half a minute), whichever test module asks first. Session-scoped fixtures in
+    several modules call this; the folder lives under pytest's base temp and goes with it."""
+    if "store" not in _ONCE:
+        from nsf.runtimes.common import build_archive
+
+        store = Path(tmp_path_factory.getbasetemp()) / "shared_model_store"
+        config = server_model_config(store)
+        _ONCE["archive"] = build_archive(store, model_config=config, quiet=True)
+        _ONCE["store"] = store
+    return _ONCE["store"]
+
+
+def shared_archive(tmp_path_factory: Any) -> Any:
+    """The :class:`nsf.runtimes.common.Archive` of :func:`shared_store`."""
+    shared_store(tmp_path_factory)
+    return _ONCE["archive"]
+
+
+# --- `mlflow models serve` ------------------------------------------------------------------------
+
+
+@dataclass
+class MLflowServer:
+    url: str
+    proc: subprocess.Popen
+    workdir: Path
+
+    def invocations(self, body: dict, timeout: float = 300) -> Reply:
+        req = urllib.request.Request(self.url + "/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return Reply(r.status, r.headers.get("Content-Type"), r.read(), r.headers)
+        except urllib.error.HTTPError as e:
+            return Reply(e.code, e.headers.get("Content-Type"), e.read(), e.headers)
+
+    def log_text(self) -> str:
+        path = self.workdir / "serve.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+
+@contextmanager
+def running_mlflow(model_uri: str, tracking_uri: str, workdir: Path, *, timeout: int = RESPONSE_TIMEOUT
+                   ) -> Iterator[MLflowServer]:
+    """`mlflow models serve -m MODEL_URI --timeout TIMEOUT` on a free loopback port, ready (``/ping`` answers)."""
+    port = free_port_block(1)
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri,
+           "OMP_NUM_THREADS": "1", "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
+    log = open(workdir / "serve.log", "wb")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port), "-t", str(timeout)], cwd=workdir, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = MLflowServer(f"http://127.0.0.1:{port}", proc, workdir)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(server.url + "/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, server.log_text()[-4000:]
+            time.sleep(0.5)
+        yield server
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def shared_registry(tmp_path_factory: Any) -> tuple[Path, Any, list[Path]]:
+    """An MLflow registry with style_fusion v1 (@champion) exported from an unrelated working directory, with the
+    shared .mar attached and its model config packed, ONCE per test process: ``(folder, Registered, what the
+    export left in that working directory)``."""
+    if "registry" not in _ONCE:
+        from nsf.runtimes import mlflow as registry
+
+        archive = shared_archive(tmp_path_factory)
+        base = Path(tmp_path_factory.getbasetemp())
+        folder, caller = base / "shared_registry", base / "shared_registry_caller"
+        folder.mkdir()
+        caller.mkdir()
+        cwd = os.getcwd()
+        os.chdir(caller)
+        try:
+            done = registry.log_model(tracking_uri=registry.default_tracking_uri(folder), alias="champion",
+                                      archive=archive, model_config=_ONCE["store"] / "model-config.yaml", quiet=True)
+        finally:
+            os.chdir(cwd)
+        _ONCE["registry"] = (folder, done, list(caller.iterdir()))
+    return _ONCE["registry"]

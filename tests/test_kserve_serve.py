@@ -197,6 +197,36 @@ def test_a_client_that_goes_away_stops_the_work(kserver):
     assert kserver.v1(SMALL).status == 200  # and the worker serves on
 
 
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_a_plain_request_whose_client_goes_away_stops_the_work(kserver, protocol):
+    """Not streamed: the client hangs up while its request runs (curl's --max-time, a closed tab); the worker
+    stops before the next step instead of running to the end (found with curl: a v2 request ran 77 s after its
+    60 s client had gone)."""
+    import http.client
+
+    fields = _long(kserver, share=0.8)
+    if protocol == "v1":
+        path = V1
+        body = {"instances": [{k: b64(v) if isinstance(v, bytes) else v for k, v in fields.items()}]}
+    else:
+        path, body = V2, {"inputs": v2_inputs(fields)}
+    before = kserver.log_text().count("the client(s) went away")
+    host, port = kserver.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    _busy(kserver.workers()[0])
+    start = time.monotonic()
+    conn.close()  # the client goes away mid-run
+    deadline = time.monotonic() + 60
+    while kserver.log_text().count("the client(s) went away") == before and time.monotonic() < deadline:
+        time.sleep(0.25)
+    stopped = time.monotonic() - start
+    line = [x for x in kserver.log_text().splitlines() if "the client(s) went away" in x][-1]
+    assert int(line.split("stopped at step ")[1].split(" ")[0]) < fields["steps"], line
+    assert stopped < 30, stopped  # well before the run's own end (about 0.8 of the 24 s limit, and more here)
+    assert kserver.v1(SMALL).status == 200  # and the worker serves on
+
+
 def test_a_deadline_answers_the_best_image_so_far_marked_partial(kserver):
     r = kserver.v1({**SMALL, "size": 96, "steps": 6, "deadline": 0.001})
     assert r.status == 200 and r.headers["X-NSF-Partial"] == "true"

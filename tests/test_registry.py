@@ -31,7 +31,7 @@ from nsf.weights import CAFFE_FILENAME, VGG19Weights, sha256_file
 
 mlflow = pytest.importorskip("mlflow", reason="the 'mlflow' extra is not installed")
 psutil = pytest.importorskip("psutil")
-from serving import net_connections  # noqa: E402
+from serving import net_connections, shared_registry  # noqa: E402
 
 from nsf.runtimes import mlflow as registry  # noqa: E402
 
@@ -47,21 +47,22 @@ def use(uri: str) -> None:
     mlflow.set_registry_uri(uri)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Iterator[tuple[Path, registry.Registered]]:
-    """A registry with style_fusion v1 (@champion, .mar attached), exported from an unrelated cwd."""
-    folder = tmp_path_factory.mktemp("registry")
-    caller = tmp_path_factory.mktemp("caller")
-    cwd = os.getcwd()
-    os.chdir(caller)
-    try:
-        done = registry.log_model(tracking_uri=registry.default_tracking_uri(folder), alias="champion",
-                                  with_mar=True, quiet=True)
-    finally:
-        os.chdir(cwd)
-    assert list(caller.iterdir()) == []  # nothing (no ./mlruns) in the caller's working directory
+    """A registry with style_fusion v1 (@champion, .mar attached), exported from an unrelated cwd (once per run:
+    tests/serving.py, shared with the contract test)."""
+    folder, done, left_in_caller = shared_registry(tmp_path_factory)
+    assert left_in_caller == []  # nothing (no ./mlruns) in the caller's working directory
     assert (folder / registry.STORE_FILE).is_file() and (folder / registry.ARTIFACTS_DIR).is_dir()
     yield folder, done
+
+
+@pytest.fixture(scope="module")
+def loaded(store):
+    """The version loaded by alias, once: loading starts its worker (warm-up, calibration)."""
+    _, done = store
+    use(done.tracking_uri)
+    return mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +70,8 @@ def limits() -> serving.ServingLimits:
     return serving.ServingLimits.from_model_config(load_model_config(REPO / "deploy" / "model-config.yaml"), "cpu")
 
 
-def test_load_by_alias_gives_the_library_bytes(store, limits):
-    _, done = store
-    use(done.tracking_uri)
-    m = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+def test_load_by_alias_gives_the_library_bytes(loaded, limits):
+    m = loaded
     out = m.predict({"content": [CONTENT, CONTENT], "style": [STYLE, STYLE]}, params=SMALL)
     hub = torch.hub.load(str(REPO), "style_fusion", source="local", device="cpu")
     result = hub.run(CONTENT, STYLE, **SMALL, max_pixels=limits.max_pixels)
@@ -83,16 +82,14 @@ def test_load_by_alias_gives_the_library_bytes(store, limits):
     assert jpeg == [encode(img, "jpeg")]
 
 
-def test_mask_columns_pass_through_to_the_run(store, limits):
+def test_mask_columns_pass_through_to_the_run(loaded, limits):
     """Optional columns mask (and style_mask): the same bytes as the library's masked run; a mask the run
     would refuse is the server's 400 naming its column."""
     import io
 
     from PIL import Image
 
-    _, done = store
-    use(done.tracking_uri)
-    m = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    m = loaded
     def left_half(w: int, h: int) -> bytes:
         img = Image.new("L", (w, h), 0)
         img.paste(255, (0, 0, w // 2, h))
@@ -121,10 +118,8 @@ def test_mask_columns_pass_through_to_the_run(store, limits):
     {"content": b"not an image", "style": STYLE},
     {"style": STYLE},
 ])
-def test_bad_input_gets_the_servers_error(store, limits, fields):
-    _, done = store
-    use(done.tracking_uri)
-    m = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+def test_bad_input_gets_the_servers_error(loaded, limits, fields):
+    m = loaded
     with pytest.raises(serving.RequestError) as server:
         serving.parse_request(fields, limits)
     images = {k: [v] for k, v in fields.items() if k in ("content", "style")}
@@ -301,3 +296,23 @@ def test_cli_export_defaults_to_a_sqlite_store_in_the_cwd(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [registry.ARTIFACTS_DIR, registry.STORE_FILE]
     client = mlflow.MlflowClient(registry.default_tracking_uri(tmp_path), registry.default_tracking_uri(tmp_path))
     assert client.get_model_version_by_alias(NAME, "candidate").tags["nsf.version"] == __version__
+
+
+def test_a_request_over_the_time_limit_is_a_422_before_any_work(loaded):
+    """The pyfunc answers through the serving core's worker: time admission (calibrated at load) refuses what
+    would outrun the limit with the servers' 422 naming what fits; deadline and stream are request fields."""
+    with pytest.raises(serving.RequestError) as got:
+        loaded.predict({"content": [CONTENT], "style": [STYLE]}, params={"size": 2048, "steps": 300})
+    err = got.value
+    assert err.status == 422 and err.field in ("size", "steps") and err.allowed["max"] >= 1, err.to_dict()
+    assert "seconds_limit" in err.allowed
+    with pytest.raises(serving.RequestError) as got:  # MLflow's server streams nothing for a pyfunc
+        loaded.predict({"content": [CONTENT], "style": [STYLE]}, params={**SMALL, "stream": True})
+    assert (got.value.status, got.value.field) == (400, "stream")
+    with pytest.raises(serving.RequestError) as got:
+        loaded.predict({"content": [CONTENT], "style": [STYLE]}, params={**SMALL, "deadline": -1.0})
+    assert (got.value.status, got.value.field) == (400, "deadline")
+    (out,) = loaded.predict({"content": [CONTENT], "style": [STYLE]}, params={**SMALL, "deadline": 1e-3})
+    from nsf.image import read_metadata
+
+    assert read_metadata(out)["partial"]["step"] < SMALL["steps"]

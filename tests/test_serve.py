@@ -22,10 +22,21 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from serving import BIN, CONTENT, NAME, REPO, STYLE, STYLE2, Server, free_port_block, running_server
+from serving import (
+    BIN,
+    CONTENT,
+    NAME,
+    REPO,
+    STYLE,
+    STYLE2,
+    Server,
+    free_port_block,
+    running_server,
+    shared_store,
+)
 
 from nsf.image import read_metadata
-from nsf.runtimes.torchserve import build_archive, effective_properties, wait_ready
+from nsf.runtimes.torchserve import effective_properties, wait_ready
 from nsf.weights import VGG19Weights
 
 pytest.importorskip("ts", reason="TorchServe (the 'serve' extra) is not installed")
@@ -35,11 +46,9 @@ if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("model_store")
-    build_archive(d, quiet=True)
-    return d
+    return shared_store(tmp_path_factory)  # built once per test run
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,21 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 from PIL import Image
-from serving import CONTENT, NAME, REPO, STYLE, Reply, Server, multipart_body, png, running_server
+from serving import (
+    CONTENT,
+    NAME,
+    REPO,
+    STYLE,
+    Reply,
+    Server,
+    multipart_body,
+    png,
+    running_server,
+    shared_store,
+)
+from serving import RESPONSE_TIMEOUT as SHARED_TIMEOUT
 
-from nsf.runtimes.common import build_archive
 from nsf.weights import CAFFE_FILENAME, sha256_file
 
 pytest.importorskip("ts", reason="TorchServe (the 'serve' extra) is not installed")
@@ -45,15 +55,11 @@ QUEUE = 2
 SMALL = {"content": CONTENT, "style": STYLE, "size": "64", "steps": "2"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def guarded_store(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("guarded_store")
-    cfg = yaml.safe_load((REPO / "deploy" / "model-config.yaml").read_text())
-    cfg["responseTimeout"] = RESPONSE_TIMEOUT
-    cfg["nsf"]["devices"]["cpu"]["calibrate"] = [64, 3]
-    (d / "model-config.yaml").write_text(yaml.safe_dump(cfg))
-    build_archive(d, model_config=d / "model-config.yaml", quiet=True)
-    return d
+    """The test run's one .mar (responseTimeout 30 s, calibrated at 64 px / 3 steps: tests/serving.py)."""
+    assert SHARED_TIMEOUT == RESPONSE_TIMEOUT
+    return shared_store(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
