@@ -37,7 +37,7 @@ from nsf.weights import VGG19Weights
 
 pytest.importorskip("kserve", reason="the 'kserve' extra is not installed")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 RESPONSE_TIMEOUT = 30
 QUEUE = 2

@@ -35,6 +35,8 @@ from serving import net_connections, shared_registry  # noqa: E402
 
 from nsf.runtimes import mlflow as registry  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the registry (its .mar, a logged model) and loaded workers
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NAME = "style_fusion"
@@ -217,6 +219,7 @@ def request(params: dict, content: bytes = CONTENT) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_mlflow_models_serve(store, tmp_path, limits):
     _, done = store
     port = free_port()

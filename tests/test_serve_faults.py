@@ -48,7 +48,7 @@ pytest.importorskip("ts", reason="TorchServe (the 'serve' extra) is not installe
 if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
     pytest.skip("TorchServe needs Java 17 and there is no java here", allow_module_level=True)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 RESPONSE_TIMEOUT = 30
 QUEUE = 2
