@@ -79,7 +79,16 @@ def test_load_by_alias_gives_the_library_bytes(loaded, limits):
     result = hub.run(CONTENT, STYLE, **SMALL, max_pixels=limits.max_pixels)
     img = result.pil()
     expected = encode(img, "png", result.metadata)
-    assert out == [expected, expected]  # one image per row, the same bytes as the library's
+    # one image per row; the two rows of one size and config run as one batched optimization in the worker (as on
+    # the other servers): the same picture up to float rounding, and a single row the library's exact bytes
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    assert len(out) == 2 and all(np.abs(np.asarray(Image.open(io.BytesIO(o)), dtype=float) -
+                                        np.asarray(img, dtype=float)).mean() < 1.0 for o in out)
+    assert m.predict({"content": [CONTENT], "style": [STYLE]}, params=SMALL) == [expected]
     jpeg = m.predict({"content": [CONTENT], "style": [STYLE]}, params={**SMALL, "format": "jpeg"})
     assert jpeg == [encode(img, "jpeg")]
 
