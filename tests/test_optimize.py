@@ -10,8 +10,8 @@ from conftest import random_image, smooth_image
 from torch.testing import assert_close
 
 from nsf import optimize as O
-from nsf.optimize import loop
 from nsf.config import make_config
+from nsf.optimize import loop
 from nsf.vgg import VGG19_LAYERS
 
 STYLE = ("relu1_1", "relu2_1", "relu3_1")
