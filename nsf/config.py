@@ -1,21 +1,23 @@
 """Every option of a style transfer run, with its one default, and the named presets.
 
-The CLI builds its flags from these fields and the TorchServe handler reads the same
-class: a default is written here and nowhere else.
+The CLI builds its flags from these fields and the servers read the same class: a default is written here and
+nowhere else, and so is each choice field's set of values (its ``choices`` metadata: validation, the CLI's help
+and the request schema read it). Importing this module imports no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
 from .geometry import MIN_SIDE
-from .losses import GRAM_NORMS, STYLE_LOSSES
-from .vgg import validate_layers
+from .layers import validate_layers
+from .style_losses import GRAM_NORMS, Names
+from .style_losses import help_text as style_loss_help
 
 OPTIMIZERS = ("lbfgs", "adam")
 INITS = ("content", "noise")
@@ -54,16 +56,16 @@ class StyleConfig:
     normalize_losses: bool = _opt(True, "divide each layer's loss by its value at the content image, so every layer "
                                   "counts alike and the weights mean the same for any image")
     gram_norm: str = _opt("chw", f"Gram normalization: {' or '.join(GRAM_NORMS)} (F F^T / (C*H*W), or plain); "
-                          "style_loss=gram only")
-    style_loss: str = _opt("gram", f"style loss per layer: {', '.join(STYLE_LOSSES)} (MSE of Gram matrices; "
-                           "Wasserstein-2 distance between the features' Gaussians, mean and covariance; sliced "
-                           "Wasserstein distance with fresh random projections each step)", choices=STYLE_LOSSES)
-    optimizer: str = _opt("lbfgs", f"optimizer: {' or '.join(OPTIMIZERS)}")
+                          "style_loss=gram only", choices=GRAM_NORMS)
+    # the registered style losses (nsf.style_losses), read when used: a loss registered later is a choice too
+    style_loss: str = _opt("gram", style_loss_help(), choices=Names())
+    optimizer: str = _opt("lbfgs", f"optimizer: {' or '.join(OPTIMIZERS)}", choices=OPTIMIZERS)
     lr: float = _opt(1.0, "learning rate (L-BFGS step length, or Adam's lr on [0, 1] pixels)")
     iterate_average: float = _opt(0.0, "decay of an exponential moving average of the iterates at each scale "
                                   "(e.g. 0.9; 0: off); the average is returned where it scores better than the "
                                   "best iterate")
-    init: str = _opt("content", f"start image: {' or '.join(INITS)} (a start image of your own: init_image)")
+    init: str = _opt("content", f"start image: {' or '.join(INITS)} (a start image of your own: init_image)",
+                     choices=INITS)
     style_blend_weights: tuple[float, ...] | None = _opt(None, "blend weights of several styles (default: equal)")
     style_scale: float = _opt(1.0, "style image size relative to the output size")
     preserve_color: str = _opt("off", f"colour control: {', '.join(COLOR_MODES)} (luminance: transfer luminance "
@@ -92,12 +94,13 @@ class StyleConfig:
         "style's larger forms in a print")
     stroke_scale: str = _opt("pixels", f"{' or '.join(STROKE_SCALES)}: style strokes keep their size relative to "
                              "the picture (the style image is resized with the output, upscaled if need be) or "
-                             "to the style image's pixels (never upscaled: a print gets finer strokes)")
+                             "to the style image's pixels (never upscaled: a print gets finer strokes)",
+                             choices=STROKE_SCALES)
     tol: float = _opt(1e-4, "stop a scale early when the loss improved by less than this fraction "
                       "over the last `patience` steps (0 disables)")
     patience: int = _opt(20, "window, in steps, of the early-stop test")
     resize: str = _opt("long_side", f"how the content is resized: {' or '.join(RESIZES)} "
-                       "(square squashes to size x size)")
+                       "(square squashes to size x size)", choices=RESIZES)
     max_pixels: int = _opt(50_000_000, "refuse input images with more pixels than this before decoding them")
 
     @property
@@ -114,6 +117,11 @@ class StyleConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(StyleConfig))
+CHOICE_FIELDS: dict[str, Sequence[str]] = {f.name: f.metadata["choices"] for f in fields(StyleConfig)
+                                           if "choices" in f.metadata}
+"""Each choice field and its values (its ``choices`` metadata; the style losses' is the live registry)."""
+# what validate() adds to a choice field's message: how to give what the choices do not name
+_CHOICE_HINTS = {"init": " (a start image is stylize(init_image=...), --init-image on the command line)"}
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -203,16 +211,12 @@ def validate(cfg: StyleConfig) -> StyleConfig:
             raise ConfigError("style_blend_weights sum to 0; allowed: non-negative values with a positive sum",
                               field="style_blend_weights", value=cfg.style_blend_weights,
                               allowed="non-negative values with a positive sum")
-    for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("gram_norm", cfg.gram_norm, GRAM_NORMS),
-                                 ("resize", cfg.resize, RESIZES), ("stroke_scale", cfg.stroke_scale, STROKE_SCALES),
-                                 ("style_loss", cfg.style_loss, STYLE_LOSSES),
-                                 ("preserve_color", cfg.preserve_color, COLOR_MODES)):
-        if value not in allowed:
-            raise ConfigError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}", field=name, value=value,
-                              allowed=list(allowed))
-    if cfg.init not in INITS:
-        raise ConfigError(f"init={cfg.init!r}; allowed: {', '.join(INITS)} (a start image is stylize(init_image=...), "
-                          "--init-image on the command line)", field="init", value=cfg.init, allowed=list(INITS))
+    for name, allowed in CHOICE_FIELDS.items():
+        value = getattr(cfg, name)
+        if not isinstance(value, str) or value not in allowed:
+            what = f"{name}={value!r}" if name in _CHOICE_HINTS else f"unknown {name} {value!r}"
+            raise ConfigError(f"{what}; allowed: {', '.join(allowed)}{_CHOICE_HINTS.get(name, '')}", field=name,
+                              value=value, allowed=list(allowed))
     if not cfg.scales or list(cfg.scales) != sorted(cfg.scales) or cfg.scales[-1] != 1.0 or cfg.scales[0] <= 0:
         rule = "ascending fractions in (0, 1] ending with 1.0"
         raise ConfigError(f"scales={cfg.scales!r}; allowed: {rule}", field="scales", value=cfg.scales, allowed=rule)

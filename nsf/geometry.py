@@ -1,12 +1,15 @@
 """Image geometry on tensors: output sizes and resizing. Core code (no PIL, no files).
 
-The coarse-to-fine loop and the PIL edge (:mod:`nsf.image`) both use these, so they live in neither.
+The coarse-to-fine loop and the PIL edge (:mod:`nsf.image`) both use these, so they live in neither. The size
+arithmetic is on ints: importing this module imports no torch (:mod:`nsf.config` reads ``MIN_SIDE``).
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 MIN_SIDE = 16  # below this VGG-19's deeper pooled layers have no pixels left; smaller inputs say so
 
@@ -24,4 +27,6 @@ def resize(t: Tensor, hw: tuple[int, int]) -> Tensor:
     """Antialiased bilinear resize of ``(B, 3, H, W)`` to ``hw``; a no-op when the size already matches."""
     if tuple(t.shape[-2:]) == tuple(hw):
         return t
+    import torch.nn.functional as F  # noqa: N812 - here, not at the top: the size arithmetic needs no torch
+
     return F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)

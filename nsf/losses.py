@@ -3,7 +3,8 @@
 
 Everything here is batched over the leading dimension, returns per-image losses of
 shape ``(B,)``, does no IO and never chooses a device or dtype: tensors come in on the
-caller's device and the results stay there. Nothing in this module imports nsf.
+caller's device and the results stay there. Of nsf it imports only the names of the Gram normalizations; which
+loss uses which function, and how, is :mod:`nsf.style_losses`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .style_losses import GRAM_NORMS
+
 GramNorm = Literal["chw", "none"]  # what GRAM_NORMS holds; gram() takes any str and checks it
-GRAM_NORMS: tuple[str, ...] = ("chw", "none")
-# "gram": MSE of Gram matrices (Gatys et al.); "mean_cov": squared Wasserstein-2 distance between the Gaussians
-# with each layer's feature mean and covariance (as crowsonkb/style-transfer-pytorch matches them); "sliced":
-# sliced Wasserstein distance between the feature distributions (Heitz et al. 2021)
-STYLE_LOSSES: tuple[str, ...] = ("gram", "mean_cov", "sliced")
 
 
 def wide(t: Tensor) -> Tensor:

@@ -22,8 +22,6 @@ step costs a forward plus a forward+backward over its windows (halos included).
 from __future__ import annotations
 
 import math
-import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +31,17 @@ import torch
 from .config import StyleConfig
 from .errors import ConfigError, PlanError
 from .geometry import MIN_SIDE, target_size
-from .optimize import LBFGS_HISTORY, Layout, Objective, schedule, sliced_refusal, style_targets
+
+# the memory helpers' home is nsf.memory; imported from here as before
+from .memory import AUTO_SHARE as AUTO_SHARE
+from .memory import auto_budget as auto_budget
+from .memory import format_bytes
+from .memory import memory_now as memory_now
+from .memory import parse_memory as parse_memory
+from .optimize.objective import Objective
+from .optimize.scales import LBFGS_HISTORY, Layout, schedule
+from .optimize.targets import style_targets
+from .style_losses import style_loss
 from .tiling import Geometry, geometry, tiles
 from .vgg import FeatureExtractor
 
@@ -53,94 +61,15 @@ TILED_WORK = 1.25
 # A content mask's image-sized float32 copies per pixel: at the scale's size, and at each style layer's
 # resolution (relu1_1's full size, then a quarter, a sixteenth...: 4/3 of the pixels).
 MASK_BYTES = 10
-# A step's cost relative to a gram-loss step without masks, for admission control's estimate. Measured on the
-# 2-core CPU (bench/RESULTS.md): "style losses step time" (one thread, 256-512 px: mean_cov 1.01-1.19x, sliced
-# 1.83-1.98x) and "masks step" (two soft masks: 0.94-1.13x at 256-512 px, noisy on the shared machine; the
-# upper end is taken).
-LOSS_WORK = {"gram": 1.0, "mean_cov": 1.2, "sliced": 2.0}
+# A content mask's share of a step's time, for admission control's estimate. Measured on the 2-core CPU
+# (bench/RESULTS.md "masks step": two soft masks, 0.94-1.13x at 256-512 px, noisy on the shared machine; the upper
+# end is taken). Each style loss's own factor is its ``cost`` (nsf.style_losses, measured there).
 MASK_WORK = 0.07  # per content mask
 
 
 def step_cost(cfg: StyleConfig, masks: int = 0) -> float:
     """A step of ``cfg`` with ``masks`` content masks, in gram-loss steps without masks."""
-    return LOSS_WORK.get(cfg.style_loss, 1.0) * (1.0 + MASK_WORK * masks)
-
-
-AUTO_SHARE = {"cpu": 0.8, "cuda": 0.9}  # of the free memory that max_memory="auto" plans with
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_memory(value: str | int | float | None) -> int | None:
-    """``"auto"``/``None`` -> ``None``; ``"6GB"`` (10^9), ``"6GiB"`` (2^30), ``"512MB"`` or a byte count -> bytes."""
-    allowed = "'auto', a byte count, or a size such as '6GB', '1.5GiB', '512MB'"
-    if value is None or value == "auto":
-        return None
-    if isinstance(value, bool):
-        raise ConfigError(f"max_memory={value!r}; allowed: {allowed}", field="max_memory", value=value,
-                          allowed=allowed)
-    if isinstance(value, (int, float)):
-        n = value
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ConfigError(f"max_memory={value!r}; allowed: {allowed}", field="max_memory", value=value,
-                              allowed=allowed)
-        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if not (isinstance(n, (int, float)) and math.isfinite(n) and 2**20 <= n <= 2**50):
-        raise ConfigError(f"max_memory={value!r} is out of range; allowed: 1 MiB .. 1 PiB ({allowed})",
-                          field="max_memory", value=value, allowed=allowed)
-    return int(n)
-
-
-def format_bytes(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
-
-
-def _rss() -> int:
-    """This process's resident set (Linux /proc; psutil elsewhere; 0 if neither)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        try:
-            import psutil
-
-            return int(psutil.Process().memory_info().rss)
-        except ImportError:
-            return 0
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return None
-
-
-def memory_now(device: torch.device) -> tuple[int, int | None]:
-    """``(in use, free)`` bytes: CUDA's allocated tensors and free device memory, or this process's
-    resident set and the machine's available RAM; free is ``None`` where it cannot be read."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return torch.cuda.memory_allocated(device), int(free)
-    return _rss(), _available_ram()
-
-
-def auto_budget(device: torch.device) -> int | None:
-    """What ``max_memory="auto"`` plans with: in use now plus a safe share of the free memory."""
-    used, free = memory_now(device)
-    return None if free is None else used + int(AUTO_SHARE.get(device.type, 0.8) * free)
+    return style_loss(cfg.style_loss).cost * (1.0 + MASK_WORK * masks)
 
 
 @dataclass(frozen=True)
@@ -367,11 +296,13 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
     Each scale runs untiled where it fits; else tiled, with the largest tile that fits next to the
     full L-BFGS history, or, where that tile would be under ``GOOD_TILE`` px, next to fewer pairs.
     Raises :class:`PlanError` naming the largest ``size`` that fits when no tile fits at all.
-    ``style_loss="sliced"`` cannot run tiled: its scales run untiled with fewer pairs if need be, and a
-    :class:`~nsf.errors.ConfigError` on ``style_loss`` (naming the losses that tile) when even one pair does not fit.
+    A style loss that cannot tile (:attr:`nsf.style_losses.StyleLoss.tiles`) runs its scales untiled with fewer
+    pairs if need be, and raises a :class:`~nsf.errors.ConfigError` on ``style_loss`` (naming the losses that tile)
+    when even one pair does not fit.
     ``masks``: the run's content masks (regional styles), whose image-sized copies count (``MASK_BYTES``).
     """
     runs = schedule(*content, cfg)
+    loss = style_loss(cfg.style_loss)
     if min(runs[-1][1]) < MIN_SIDE:
         raise too_small(cfg, content)
     scales = []
@@ -385,9 +316,9 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
 
         choice: tuple[tuple[int, int] | None, int] | None = (None, want) if fits(None, want) else None
         m = want
-        while choice is None and cfg.style_loss == "sliced":
+        while choice is None and not loss.tiles:
             if m == 1:
-                raise sliced_refusal(f"does not fit max_memory={format_bytes(budget or 0)} at {hw[1]}x{hw[0]} "
+                raise loss.tiling_refusal(f"does not fit max_memory={format_bytes(budget or 0)} at {hw[1]}x{hw[0]} "
                                      "untiled (a step would run tile by tile)")
             m = max(1, m // 2)
             choice = (None, m) if fits(None, m) else None

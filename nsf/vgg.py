@@ -1,9 +1,9 @@
 """VGG-19 feature extraction by layer name (``conv4_2``, ``relu4_2``, ``pool3``...).
 
 The network is torchvision's ``vgg19().features`` layout; the names are computed
-from its configuration list (``cfgs["E"]``) or from the modules themselves, so no index is
-written by hand anywhere. torchvision is imported only when a stack is built: importing it
-costs more than a second (it loads ``torch._dynamo``), which ``import nsf`` should not pay.
+from its configuration list (``cfgs["E"]``, :mod:`nsf.layers`) or from the modules themselves, so no index is
+written by hand anywhere. torchvision is never imported here: importing it costs more than a second (it loads
+``torch._dynamo``), which neither ``import nsf`` nor building a model should pay.
 """
 
 from __future__ import annotations
@@ -14,28 +14,28 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
-
-VGG19_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-                                    512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
-"""torchvision's ``cfgs["E"]`` (VGG-19): a convolution's output channels, or ``"M"`` for a max-pool.
-A test checks it against torchvision's own list; it is written here so that the layer names need
-neither torchvision nor a network."""
+from .layers import CONV_LAYERS, VGG19_CFG, VGG19_LAYERS, cfg_layer_names, validate_layers
 
 
-def vgg19_features() -> nn.Sequential:
-    """An untrained VGG-19 ``features`` stack, in torchvision's layout and key names.
+def vgg19_features(*, device: torch.device | str | None = None) -> nn.Sequential:
+    """An untrained VGG-19 ``features`` stack, module for module torchvision's ``vgg19().features`` (the same
+    layer types, shapes and key names: a test compares them), built from :data:`VGG19_CFG` without importing
+    torchvision (about 1.5-3 s of a run's start-up).
 
-    ReLUs are made out-of-place: with torchvision's in-place ReLU a stored ``convX_Y``
-    output would be overwritten by the following ReLU (the seed notebook's bug).
+    ReLUs are out-of-place: with torchvision's in-place ReLU a stored ``convX_Y`` output would be overwritten by
+    the following ReLU (the seed notebook's bug). ``device="meta"``: no memory and no random initialization, for
+    a stack whose weights are loaded next (``load_state_dict(..., assign=True)``).
     """
-    from torchvision.models.vgg import cfgs, make_layers
-
-    features = make_layers(cfgs["E"], batch_norm=False)
-    for module in features:
-        if isinstance(module, nn.ReLU):
-            module.inplace = False
-    return features
+    layers: list[nn.Module] = []
+    channels = 3
+    for v in VGG19_CFG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            out = int(v)
+            layers += [nn.Conv2d(channels, out, kernel_size=3, padding=1, device=device), nn.ReLU(inplace=False)]
+            channels = out
+    return nn.Sequential(*layers)
 
 
 def layer_names(features: nn.Sequential) -> list[str]:
@@ -54,42 +54,6 @@ def layer_names(features: nn.Sequential) -> list[str]:
         else:
             raise ValueError(f"unexpected module in VGG features: {module!r}")
     return names
-
-
-def cfg_layer_names(cfg: Sequence[int | str]) -> list[str]:
-    """The names :func:`layer_names` gives the stack torchvision's ``make_layers(cfg)`` builds, without building it:
-    each number is a convolution followed by a ReLU, each ``"M"`` a pool."""
-    names: list[str] = []
-    block, conv = 1, 0
-    for v in cfg:
-        if v == "M":
-            names.append(f"pool{block}")
-            block, conv = block + 1, 0
-        else:
-            conv += 1
-            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
-    return names
-
-
-VGG19_LAYERS: tuple[str, ...] = tuple(cfg_layer_names(VGG19_CFG))
-"""Every layer name of VGG-19's feature stack, in network order."""
-
-CONV_LAYERS: tuple[str, ...] = tuple(n for n in VGG19_LAYERS if n.startswith("conv"))
-
-
-def validate_layers(names: Sequence[str], what: str = "layer", *, field: str = "layers") -> None:
-    """Raise :class:`~nsf.errors.ConfigError` naming any unknown layer and listing the valid ones.
-
-    ``field`` is the option the names came from (``style_layers``...), for the error's ``field``.
-    """
-    unknown = [n for n in names if n not in VGG19_LAYERS]
-    if unknown:
-        raise ConfigError(
-            f"unknown VGG-19 {what} name(s) {', '.join(map(repr, unknown))}; "
-            f"valid names: {', '.join(VGG19_LAYERS)}", field=field, value=tuple(names), allowed=list(VGG19_LAYERS))
-    if not names:
-        raise ConfigError(f"at least one {what} name is needed; valid names: {', '.join(VGG19_LAYERS)}",
-                          field=field, value=tuple(names), allowed=list(VGG19_LAYERS))
 
 
 class FeatureExtractor(nn.Module):

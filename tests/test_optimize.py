@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from nsf import optimize as O
 from nsf.config import make_config
+from nsf.optimize import loop
 from nsf.vgg import VGG19_LAYERS
 
 STYLE = ("relu1_1", "relu2_1", "relu3_1")
@@ -524,9 +525,9 @@ def test_lbfgs_history_is_sized_to_the_steps_without_changing_the_result(model, 
         def __init__(self, x, lr, history_size):
             super().__init__(x, lr, O.LBFGS_HISTORY)
 
-    monkeypatch.setattr(O, "LBFGS", Recording)
+    monkeypatch.setattr(loop, "LBFGS", Recording)
     trimmed = O.run(ex, content, [style], cfg)
-    monkeypatch.setattr(O, "LBFGS", Full)
+    monkeypatch.setattr(loop, "LBFGS", Full)
     full = O.run(ex, content, [style], cfg)
     assert sizes == [5]
     assert_close(trimmed, full, rtol=1e-10, atol=1e-12)

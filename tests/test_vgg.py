@@ -48,6 +48,35 @@ def test_layer_names_need_no_network_and_match_the_real_stack():
         assert vgg.cfg_layer_names(cfgs[name]) == vgg.layer_names(make_layers(cfgs[name]))
 
 
+def test_the_stack_is_torchvisions_vgg19_features_module_for_module():
+    """Built from the layer table without torchvision: the same module types and settings, conv shapes and state
+    dict keys as torchvision's vgg19().features, and the same outputs with the same weights (ReLUs out of place)."""
+    from torchvision.models import vgg19
+
+    ours, theirs = vgg.vgg19_features(), vgg19(weights=None).features
+    assert len(ours) == len(theirs) == 37
+    for a, b in zip(ours, theirs, strict=True):
+        assert type(a) is type(b)
+        if isinstance(a, nn.Conv2d):
+            for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                         "padding_mode"):
+                assert getattr(a, attr) == getattr(b, attr), attr
+            assert a.weight.shape == b.weight.shape and (a.bias is None) == (b.bias is None)
+        elif isinstance(a, nn.MaxPool2d):
+            for attr in ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"):
+                assert getattr(a, attr) == getattr(b, attr), attr
+        else:
+            assert b.inplace and not a.inplace
+    state = theirs.state_dict()
+    assert list(ours.state_dict()) == list(state)
+    ours.load_state_dict(state)
+    x = smooth_image(64, 48, seed=3)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x.clone()))
+    meta = vgg.vgg19_features(device="meta")  # for weights loaded next: no memory, no initialization
+    assert all(p.is_meta for p in meta.parameters()) and list(meta.state_dict()) == list(state)
+
+
 def test_import_builds_no_network_and_skips_torchvision():
     # `import nsf` must not build a VGG-19 (nor import torchvision, >1 s) to learn the layer names
     import subprocess

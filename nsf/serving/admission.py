@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ..config import StyleConfig
 from ..errors import ConfigError, PlanError
 from ..geometry import MIN_SIDE
-from ..optimize import schedule
+from ..optimize.scales import schedule
 from ..plan import Plan, largest, step_cost
 from .errors import RequestError
 

@@ -17,7 +17,7 @@ from typing import Any
 from ..config import FIELD_NAMES, MAX_SIZE, PRESETS, StyleConfig, make_config
 from ..errors import ConfigError
 from ..geometry import MIN_SIDE
-from ..plan import parse_memory
+from ..memory import parse_memory
 
 # StyleConfig fields a client may never set: ``init`` names a file on the server, ``max_pixels`` is
 # the server's own decompression-bomb guard.

@@ -25,7 +25,8 @@ from PIL import Image
 from ..config import MAX_WEIGHT, PRESETS, StyleConfig, make_config
 from ..errors import ConfigError, ImageError
 from ..image import load_image, load_mask
-from ..optimize import check_mask, masks_refusal
+from ..optimize.masks import check_mask
+from ..style_losses import style_loss
 from .errors import RequestError
 from .limits import BOOL_CHOICES, CHOICES, HINTS, RANGED, ServingLimits
 
@@ -201,8 +202,8 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
     deadline = _deadline(fields[DEADLINE]) if DEADLINE in fields else None
 
     cfg = resolve(preset, options, limits)
-    if any(mask_names) and cfg.style_loss == "sliced":  # the run's own refusal, before decoding anything
-        raise from_config_error(masks_refusal(), limits)
+    if any(mask_names) and not style_loss(cfg.style_loss).masks:  # the run's own refusal, before decoding
+        raise from_config_error(style_loss(cfg.style_loss).masks_refusal(), limits)
     content = decode_image(fields[CONTENT], CONTENT, limits)
     styles = [decode_image(fields[name], name, limits) for name in style_names]
     masks = [_checked_mask(decode_mask(fields[name], name, limits), name, content)

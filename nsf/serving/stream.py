@@ -24,7 +24,7 @@ from typing import Any
 
 from ..geometry import target_size
 from ..image import encode, resize, tensor_to_pil
-from ..optimize import ScaleDone
+from ..optimize.events import ScaleDone
 
 MEDIA_TYPE = "application/x-ndjson"
 PREVIEW_SIDE = 256  # px, longer side of a preview: a few KB of JPEG, enough to judge the picture

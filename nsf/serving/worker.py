@@ -27,7 +27,7 @@ from ..config import StyleConfig, make_config
 from ..errors import ConfigError, OutOfMemory, PlanError
 from ..image import encode, pil_to_tensor
 from ..model import StyleFusion, style_fusion
-from ..optimize import ScaleDone
+from ..optimize.events import ScaleDone
 from ..version import __version__
 from ..weights import LoadedWeights
 from .admission import CostModel, admit_memory, pixel_steps
