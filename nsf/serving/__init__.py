@@ -37,9 +37,9 @@ from .request import (
     wants_stream,
 )
 from .schema import request_schema
-from .worker import Outcome, Worker
+from .worker import Outcome, RunHooks, Worker
 
 __all__ = ["CONTENT", "FORMATS", "MASK", "STYLE", "STYLE_MASK", "STYLE_WEIGHTS", "CostModel", "Job", "Outcome",
-           "RequestError", "ServingLimits", "Worker", "admit_memory", "allowed_fields", "decode_image", "decode_mask",
-           "from_config_error", "from_kserve_v2", "parse_request", "phrase", "pixel_steps", "request_fields",
-           "request_schema", "resolve", "wants_stream"]
+           "RequestError", "RunHooks", "ServingLimits", "Worker", "admit_memory", "allowed_fields", "decode_image",
+           "decode_mask", "from_config_error", "from_kserve_v2", "parse_request", "phrase", "pixel_steps",
+           "request_fields", "request_schema", "resolve", "wants_stream"]
