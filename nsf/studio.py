@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 DOWNLOADS = ("PNG 8-bit", "PNG 16-bit", "JPEG")
 GALLERY = 8  # results kept in a session's gallery
 EDITOR_SIDE = 768  # px, longer side of the content shown in the mask editor (the masks are scaled to the content)
+BRUSH = 8  # the brush's radius: the editor image's longer side / BRUSH (the brush size tool changes it)
 FEATHER = 0.015  # soft mask edges: Gaussian blur radius as a share of the mask's longer side
 STEP_EVERY = 0.25  # s between progress updates of the page while a run goes on (previews are never held back)
 LAYER_COLOURS = ("#e0402a", "#2a7be0", "#2ab04a", "#b02ad0")  # brush colour of style 1, 2, ... (one per layer)
@@ -437,30 +438,29 @@ class Studio:
 # ------------------------------------------------------------------------------------------------
 
 
-def _upload_component() -> Any:
-    """``gr.Image`` that hands the function the uploaded file as it is (a path), unopened: the worker's own
-    checks (type, size, pixel cap) then judge it, with their messages, instead of Gradio's decoder."""
-    import gradio as gr
+def _raw_upload(image: Any) -> Any:
+    """``image`` (a ``gr.Image`` of ``type="filepath"``) made to hand the function the uploaded file as it is (a
+    path), unopened: the worker's own checks (type, size, pixel cap) then judge it, with their messages, instead of
+    Gradio's decoder. (An instance attribute: a subclass of a Gradio component would write a ``.pyi`` file next to
+    this module.)"""
+    preprocess = image.preprocess
 
-    class Upload(gr.Image):
-        def get_block_name(self) -> str:
-            return "image"  # the frontend's Image
+    def raw(payload: Any) -> Any:
+        if payload is None or getattr(payload, "path", None) is None:  # none, or an image sent inline
+            return preprocess(payload)
+        return str(payload.path)
 
-        def preprocess(self, payload: Any) -> str | None:
-            if payload is None:
-                return None
-            if getattr(payload, "path", None) is None:  # a webcam or pasted image sent inline
-                return super().preprocess(payload)  # type: ignore[return-value]
-            return str(payload.path)
-
-    return Upload
+    image.preprocess = raw
+    return image
 
 
 def build_app(studio: Studio) -> gr.Blocks:
     """The page (``gradio.Blocks``) over ``studio``."""
     import gradio as gr
 
-    Upload = _upload_component()
+    def Upload(**kw: Any) -> Any:  # noqa: N802 - stands for the component class
+        return _raw_upload(gr.Image(type="filepath", image_mode=None, sources=sources, height=260, **kw))
+
     limits = studio.limits
     base = limits.base
     n_styles = limits.max_styles
@@ -472,11 +472,8 @@ def build_app(studio: Studio) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Row():
-                    content = Upload(label="Content", type="filepath", image_mode=None, sources=sources,
-                                     elem_id="content", height=260)
-                    style_images = [Upload(label=f"Style {k + 1}", type="filepath", image_mode=None,
-                                           sources=sources, elem_id=f"style-{k + 1}", height=260,
-                                           visible=k < 2)
+                    content = Upload(label="Content", elem_id="content")
+                    style_images = [Upload(label=f"Style {k + 1}", elem_id=f"style-{k + 1}", visible=k < 2)
                                     for k in range(n_styles)]
                 more = gr.Button("+ another style", size="sm", visible=n_styles > 2, elem_id="more-styles")
                 with gr.Row():
@@ -522,7 +519,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                                      allow_preview=True)
         last = gr.State(None)  # the last Update with a result (for re-encoding downloads)
         shown = gr.State([])  # the gallery's (path, caption) pairs
-        n_shown = gr.State(2)
+        n_shown = gr.State(2)  # style slots shown
+        runs = gr.State(0)  # runs so far in this session
 
         option_inputs = [content, *style_images, *weights, preset, size, steps, seed, colour, loss, editor]
 
@@ -538,43 +536,51 @@ def build_app(studio: Studio) -> gr.Blocks:
             except RequestError as e:
                 return e
 
-        def on_plan(*values: Any, request: gr.Request) -> str:
+        def on_plan(values: Sequence[Any], request: Any) -> str:
             return studio.plan_line(fields_of(values, _session(request)))
 
         def on_content(path: str | None, request: gr.Request) -> tuple[Any, str]:
             background, why = studio.editor_background(path, _session(request))
-            value = None if background is None else {"background": str(background), "layers": [],
-                                                     "composite": str(background)}
-            return value, why or ""
+            if background is None:
+                return gr.update(value=None), why or ""
+            with Image.open(background) as img:
+                radius = max(2, round(max(img.size) / BRUSH))
+            return gr.update(value={"background": str(background), "layers": [], "composite": str(background)},
+                             brush=gr.Brush(default_size=radius, colors=list(LAYER_COLOURS[:n_styles]),
+                                            color_mode="fixed")), why or ""
 
         def on_more(n: int) -> tuple[Any, ...]:
             n = min(n + 1, n_styles)
             return (n, *[gr.update(visible=k < n) for k in range(n_styles)],
                     *[gr.update(visible=k < n) for k in range(n_styles)], gr.update(visible=n < n_styles))
 
-        def on_run(*values: Any, request: gr.Request) -> Iterator[dict[Any, Any]]:
-            *values_, fmt_value, shown_value = values
+        def on_run(values: Sequence[Any], request: Any) -> Iterator[dict[Any, Any]]:
+            *values_, fmt_value, shown_value, n = values
+            n = int(n or 0) + 1  # the session's run number: each status line names its run
+
+            def say(line: str) -> str:
+                return f"**Run {n}** · {line}"
+
             session = _session(request)
             fields = fields_of(values_, session)
             if isinstance(fields, RequestError):
-                yield {status: studio.plan_line(fields)}
+                yield {status: say(studio.plan_line(fields)), runs: n}
                 return
             stop_event = studio.stop_event(session)
-            yield {status: "Checking the request…", preview: None, download: gr.update(interactive=False)}
+            yield {status: say("Checking the request…"), preview: None, download: gr.update(interactive=False),
+                   runs: n}
             for update in studio.run(fields, stop_event):
                 if update.kind == "preview":
-                    yield {status: update.text, preview: update.preview}
-                elif update.kind in ("progress", "queued"):
-                    yield {status: update.text}
-                elif update.kind == "error":
-                    yield {status: update.text}
+                    yield {status: say(update.text), preview: update.preview}
+                elif update.kind != "result":
+                    yield {status: say(update.text)}
                 else:
                     path = studio.save(update, fmt_value, session=session)
                     png = studio.save(update, "PNG 8-bit", session=session) if fmt_value != "PNG 8-bit" else path
                     meta = read_metadata(update.png or b"")
-                    caption = f"{'partial, ' if update.partial else ''}seed {meta.get('seed', '')}"
+                    caption = f"run {n}{', partial' if update.partial else ''}, seed {meta.get('seed', '')}"
                     shown_value = [(str(png), caption), *shown_value][:GALLERY]
-                    yield {status: update.text, result_image: str(png), provenance: meta,
+                    yield {status: say(update.text), result_image: str(png), provenance: meta,
                            download: gr.update(value=str(path), interactive=True), last: update,
                            gallery: shown_value, shown: shown_value}
 
@@ -590,23 +596,48 @@ def build_app(studio: Studio) -> gr.Blocks:
         def on_unload(request: gr.Request) -> None:
             studio.forget(_session(request))
 
+        for fn in (on_content, on_format, on_stop, on_unload):
+            # Gradio finds its Request argument by the annotation, resolved at run time: these handlers' string
+            # annotations name a module gradio is not imported into (it is imported only here)
+            fn.__annotations__ = {"request": gr.Request}
+        plan_fn = _with_request(gr, on_plan, len(option_inputs))
+        run_fn = _with_request(gr, on_run, len(option_inputs) + 3, generator=True)
         for component in option_inputs:
             trigger = component.upload if isinstance(component, gr.Image) else component.change
-            trigger(on_plan, option_inputs, plan, concurrency_limit=4, show_progress="hidden",
+            trigger(plan_fn, option_inputs, plan, concurrency_limit=4, show_progress="hidden",
                     trigger_mode="always_last")
         for image in (content, *style_images):
-            image.clear(on_plan, option_inputs, plan, concurrency_limit=4, show_progress="hidden")
+            image.clear(plan_fn, option_inputs, plan, concurrency_limit=4, show_progress="hidden")
         content.upload(on_content, content, [editor, status], concurrency_limit=4)
         content.clear(on_content, content, [editor, status], concurrency_limit=4)
         more.click(on_more, n_shown, [n_shown, *style_images, *weights, more], queue=False)
-        run.click(on_run, [*option_inputs, fmt, shown],
-                  [status, preview, result_image, provenance, download, last, gallery, shown],
+        run.click(run_fn, [*option_inputs, fmt, shown, runs],
+                  [status, preview, result_image, provenance, download, last, gallery, shown, runs],
                   concurrency_limit=1, concurrency_id="device", show_progress="minimal")
         fmt.change(on_format, [fmt, last], download, concurrency_limit=4)
         stop.click(on_stop, None, status, queue=False)
         app.unload(on_unload)
     app.nsf_css = css  # Gradio 6 takes css at launch()
     return app
+
+
+def _with_request(gr: Any, fn: Any, n: int, *, generator: bool = False) -> Any:
+    """``fn(values, request)`` as a Gradio handler of ``n`` inputs that also gets the ``gr.Request`` (Gradio finds
+    it by a parameter's annotation, so the handler's signature is spelled out)."""
+    import inspect
+
+    if generator:
+        def call(*args: Any) -> Any:
+            yield from fn(list(args[:-1]), args[-1])
+    else:
+        def call(*args: Any) -> Any:
+            return fn(list(args[:-1]), args[-1])
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(f"value_{i}", kind) for i in range(n)]
+    call.__signature__ = inspect.Signature([*params, inspect.Parameter("request", kind, annotation=gr.Request)])  # type: ignore[attr-defined]
+    call.__annotations__ = {"request": gr.Request}
+    return call
 
 
 def _session(request: Any) -> str:
@@ -633,36 +664,47 @@ def parse_auth(auth: str | None, auth_file: str | os.PathLike[str] | None) -> li
 
 def launch(model_config: Mapping[str, Any], *, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu",
            weights: str = "caffe", auth: list[tuple[str, str]] | None = None, block: bool = True) -> Any:
-    """Start the worker and serve the page on ``host:port`` (Gradio's ``share`` off). All temporary files go
-    under one ``nsf-studio-*`` folder, removed when the app stops. ``block=False`` returns ``(app, studio)``
-    with the server running in a thread (tests)."""
+    """Start the worker and serve the page on ``host:port`` (Gradio's ``share`` off) until Ctrl-C or SIGTERM.
+
+    All temporary files go under one ``nsf-studio-*`` folder in the system temp dir, removed when the app stops.
+    ``block=False`` returns ``(app, studio)`` with the server running in a thread (the caller closes both).
+    """
+    import signal
+
     tmp = Path(tempfile.mkdtemp(prefix="nsf-studio-"))
     # Gradio reads its upload folder from the environment when its app is made: set before it is built.
     os.environ["GRADIO_TEMP_DIR"] = str(tmp / "gradio")
-    import atexit
-
-    atexit.register(shutil.rmtree, tmp, True)
     print(f"nsf studio: starting the worker on {device} (weights, warm-up, timing)...", flush=True)
-    studio = Studio.start(model_config, device=device, weights=weights, tmp=tmp)
-    app = build_app(studio)
-    app.queue(default_concurrency_limit=1)
-    where = (f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}")
-    loopback = host in ("127.0.0.1", "localhost", "::1")
-    print(f"nsf studio: serving on {where}" + (" (loopback only: this machine alone can reach it)" if loopback else
-          f" (bound to {host}: reachable from other machines{'' if auth else ', WITHOUT a password: use --auth'})"),
-          flush=True)
-    print(f"nsf studio: temporary files in {tmp} (removed when the app stops)", flush=True)
     try:
+        studio = Studio.start(model_config, device=device, weights=weights, tmp=tmp)
+        app = build_app(studio)
+        app.queue(default_concurrency_limit=1)
         app.launch(server_name=host, server_port=port, share=False, auth=auth, inbrowser=False, show_error=True,
-                   prevent_thread_lock=not block, quiet=True, max_file_size=studio.limits.max_request_bytes,
+                   prevent_thread_lock=True, quiet=True, max_file_size=studio.limits.max_request_bytes,
                    css=getattr(app, "nsf_css", None), footer_links=[])
     except BaseException:
-        studio.close()
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if block:
+    where = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    guard = "" if auth else ", WITHOUT a login: pass --auth USER:PASSWORD"
+    print(f"nsf studio: serving on {where}" + (" (loopback only: no other machine can reach it)" if loopback
+          else f" (bound to {host}: other machines can reach it{guard})"), flush=True)
+    print(f"nsf studio: temporary files in {tmp} (removed when the app stops); Ctrl-C stops it", flush=True)
+    if not block:
+        return app, studio
+    stopped = threading.Event()
+    old = {s: signal.signal(s, lambda *_: stopped.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopped.wait(0.5):
+            pass
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        print("nsf studio: stopping", flush=True)
+        app.close()
         studio.close()
-        return None
-    return app, studio
+    return None
 
 
 __all__ = ["DOWNLOADS", "Studio", "Update", "build_app", "launch", "masks_from_layers", "parse_auth",
