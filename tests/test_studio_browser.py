@@ -221,9 +221,9 @@ def test_painted_region_takes_the_second_style(page, images, tmp_path):
     left = box["x"] + (box["width"] - img_w) / 2
     top = box["y"] + (box["height"] - img_h) / 2
     for fx in (0.625, 0.875):
-        page.mouse.move(left + fx * img_w, top - 20)
+        page.mouse.move(left + fx * img_w, top + 3)  # a stroke starts on the image
         page.mouse.down()
-        page.mouse.move(left + fx * img_w, top + img_h + 20, steps=3)
+        page.mouse.move(left + fx * img_w, top + img_h - 3, steps=3)
         page.mouse.up()
     t = wait_text(page, "plan", "painted regions", timeout=60)
     assert "2 painted regions" in t
