@@ -40,6 +40,7 @@ from PIL import Image, ImageFilter
 from .config import PRESETS
 from .image import encode, encode_png16, read_metadata
 from .plan import format_bytes
+from .serving.admission import admit_memory
 from .serving.errors import RequestError
 from .serving.limits import CHOICES
 from .serving.request import STYLE_WEIGHTS, decode_image, numbered
@@ -233,8 +234,11 @@ class Studio:
             return refusal(e)
         h, w = job.content.height, job.content.width
         masks = len(job.masks) if job.masks is not None else 0
-        plan = self.worker.model.plan_config(job.config, (h, w), style_sizes=[(s.height, s.width) for s in job.styles],
-                                             masks=masks)
+        try:  # the memory in use may have grown since check() planned it
+            plan = admit_memory(lambda: self.worker.model.plan_config(
+                job.config, (h, w), style_sizes=[(s.height, s.width) for s in job.styles], masks=masks))
+        except RequestError as e:
+            return refusal(e)
         out_h, out_w = plan.scales[-1].size
         seconds = self.worker.cost.seconds(job.config, h, w, masks) if self.worker.cost is not None else plan.seconds
         scales = " → ".join(f"{s.size[1]}×{s.size[0]}" + (f" in {s.tiles} tiles" if s.tile else "")
