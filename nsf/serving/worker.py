@@ -26,8 +26,8 @@ import torch
 from ..config import StyleConfig, make_config
 from ..errors import ConfigError, OutOfMemory, PlanError
 from ..image import encode, pil_to_tensor
-from ..model import StyleFusion, style_fusion
-from ..optimize.events import ScaleDone
+from ..model import Result, StyleFusion, style_fusion
+from ..optimize.events import Progress, ScaleDone
 from ..version import __version__
 from ..weights import LoadedWeights
 from .admission import CostModel, admit_memory, pixel_steps
@@ -89,6 +89,17 @@ class Outcome:
         """500: anything else; the worker carries on."""
         return cls(500, {"error": f"internal error: {type(error).__name__}: {error}", "field": None,
                          "allowed": None}, JSON)
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """A front end's view into one request that runs alone (``stream`` or ``deadline``): each step's
+    :class:`nsf.Progress`, each tile of a tiled step ``(done, total)``, and the finished :class:`nsf.Result`
+    (the float image and its provenance, before the worker encodes it; e.g. for a 16-bit download)."""
+
+    on_step: Callable[[Progress], None] | None = None
+    on_tile: Callable[[int, int], None] | None = None
+    on_result: Callable[[Result], None] | None = None
 
 
 class Worker:
@@ -207,7 +218,8 @@ class Worker:
 
     def answer(self, requests: Sequence[Mapping[str, Any] | RequestError], *,
                progress: Callable[[int, bytes], None] | None = None,
-               gone: Sequence[threading.Event | None] = (), streams: bool = True) -> list[Outcome]:
+               gone: Sequence[threading.Event | None] = (), streams: bool = True,
+               hooks: Sequence[RunHooks | None] = ()) -> list[Outcome]:
         """One :class:`Outcome` per request, in order (a :class:`RequestError` stands for a request the
         server could not even read: it is answered as it is).
 
@@ -225,6 +237,7 @@ class Worker:
         the server when that request's client has disconnected, stops its run (a batch's run once all its
         clients have gone). ``streams=False``: the
         endpoint cannot stream (a KServe v2 one); ``stream=true`` is then a 400 naming the field.
+        ``hooks[index]`` (:class:`RunHooks`) follows that request's steps, tiles and result when it runs alone.
         """
         start, arrived = time.perf_counter(), time.monotonic()
         outcomes: dict[int, Outcome] = {}
@@ -251,7 +264,8 @@ class Worker:
             if job.stream or job.deadline is not None:
                 stop = StopWhen(None if job.deadline is None else arrived + job.deadline,
                                 gone[idx] if idx < len(gone) else None)
-                outcomes[idx] = self._run_alone(idx, job, stop, progress if job.stream else None)
+                outcomes[idx] = self._run_alone(idx, job, stop, progress if job.stream else None,
+                                                hooks[idx] if idx < len(hooks) else None)
             else:
                 groups.setdefault((job.config, job.content.size, idx if job.masked else None), []).append(idx)
         for idxs in groups.values():
@@ -261,7 +275,7 @@ class Worker:
         return [outcomes[i] for i in range(len(requests))]
 
     def _run_alone(self, idx: int, job: Job, stop: StopWhen,
-                   progress: Callable[[int, bytes], None] | None) -> Outcome:
+                   progress: Callable[[int, bytes], None] | None, hooks: RunHooks | None = None) -> Outcome:
         """One request with a deadline or a stream: previews to ``progress``, ``stop`` polled every step."""
         start, previews = time.perf_counter(), 0
 
@@ -272,7 +286,7 @@ class Worker:
                 previews += 1
 
         try:
-            (data,), partial = self.run([job], stop=stop, on_scale=on_scale)
+            (data,), partial = self.run([job], stop=stop, on_scale=on_scale, hooks=hooks)
         except Exception as e:  # noqa: BLE001 - one failing request must not take the worker down
             outcome = self._failure(idx, e)
             return Outcome(200, line(error_message(outcome.status, dict(outcome.body))), MEDIA_TYPE) \
@@ -319,12 +333,14 @@ class Worker:
             self._run_group([i], jobs, outcomes, start, stop)
 
     def run(self, jobs: list[Job], *, stop: Callable[[], bool] | None = None,
-            on_scale: Callable[[ScaleDone], None] | None = None) -> tuple[list[bytes], Mapping[str, int] | None]:
+            on_scale: Callable[[ScaleDone], None] | None = None,
+            hooks: RunHooks | None = None) -> tuple[list[bytes], Mapping[str, int] | None]:
         """Jobs with one config and one content size -> their encoded images (one batched optimization;
         a job with masks runs alone, its masks passed as ``(1, 1, H, W)`` tensors), and where ``stop`` cut the
         run short (``None``: it ran to its end; the metadata of a partial PNG says so too).
 
-        ``stop`` and ``on_scale`` are :meth:`nsf.StyleFusion.transfer`'s."""
+        ``stop`` and ``on_scale`` are :meth:`nsf.StyleFusion.transfer`'s; ``hooks`` its ``callback`` and ``on_tile``,
+        and ``on_result`` receives the :class:`nsf.Result` before it is encoded."""
         cfg = jobs[0].config
         if len(jobs) > 1 and any(job.masked for job in jobs):
             raise ValueError(f"a batch of {len(jobs)} jobs holds a masked one; allowed: a masked job alone")
@@ -332,8 +348,11 @@ class Worker:
         # one entry per style slot: a batch of one, or each request's own image (any size)
         styles = [pil_to_tensor(jobs[0].styles[k]) if len(jobs) == 1 else [pil_to_tensor(j.styles[k]) for j in jobs]
                   for k in range(len(jobs[0].styles))]
+        hooks = hooks or RunHooks()
         result = self.model.transfer(content, styles, cfg, stop=stop, on_scale=on_scale, masks=jobs[0].masks,
-                                     style_masks=jobs[0].style_masks)
+                                     style_masks=jobs[0].style_masks, callback=hooks.on_step, on_tile=hooks.on_tile)
+        if hooks.on_result is not None:
+            hooks.on_result(result)
         return [encode(result.pil(i), job.format, result.metadata) for i, job in enumerate(jobs)], result.partial
 
     def _failure(self, idx: int, e: Exception) -> Outcome:
