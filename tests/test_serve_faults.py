@@ -168,7 +168,12 @@ def test_a_burst_over_the_queue_gets_503_not_a_hang(guarded):
 def test_a_worker_killed_mid_request_fails_that_request_and_comes_back(guarded):
     pid = _worker_pid(guarded)
     results: list[tuple[Reply, float]] = []
-    long = {"content": CONTENT, "style": STYLE, "size": "128", "steps": "100"}  # several seconds, admitted
+    # The shared archive's responseTimeout is 30 s: ask admission how many steps fit (300 steps at 512 px are far
+    # over it on any CPU here, so this is refused at once) and run that many: several seconds, admitted.
+    long = {"content": CONTENT, "style": STYLE, "size": "512", "steps": "300"}
+    probe = guarded.multipart(long)
+    assert probe.status == 422 and probe.json()["field"] == "steps", probe.body
+    long["steps"] = str(probe.json()["allowed"]["max"])
     t = threading.Thread(target=_fire, args=(guarded, long, results))
     t.start()
     worker = psutil.Process(pid)
