@@ -330,22 +330,22 @@ def load_registered(uri: str, *, tracking_uri: str | None = None, preset: str | 
         name, _, number = name.partition("/")
         version = client.get_model_version(name, number)
     expected = version.tags.get("nsf.weights.sha256")
-    dst = Path(tempfile.mkdtemp(prefix="nsf-batch-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
-                                                     dst_path=str(dst)))
-    spec = mlflow.models.Model.load(str(local / "MLmodel")).flavors["python_function"].get("artifacts", {})
-    paths = {key: local / value["path"] for key, value in spec.items()}
-    if "weights" not in paths or "model_config" not in paths:
-        raise RuntimeError(f"{uri} (version {version.version}) has no weights/model_config artifacts: "
-                           "not a version logged by `nsf export mlflow`")
-    digest = sha256_file(paths["weights"])
-    if expected and digest != expected:
-        from .weights import WeightsError
+    with tempfile.TemporaryDirectory(prefix="nsf-batch-model-") as dst:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
+                                                         dst_path=dst))
+        spec = mlflow.models.Model.load(str(local / "MLmodel")).flavors["python_function"].get("artifacts", {})
+        paths = {key: local / value["path"] for key, value in spec.items()}
+        if "weights" not in paths or "model_config" not in paths:
+            raise RuntimeError(f"{uri} (version {version.version}) has no weights/model_config artifacts: "
+                               "not a version logged by `nsf export mlflow`")
+        digest = sha256_file(paths["weights"])
+        if expected and digest != expected:
+            from .weights import WeightsError
 
-        raise WeightsError(f"the weights of {uri} have sha256 {digest}; the version's tag says {expected}")
-    weights = load_caffe(paths["weights"])  # checked against the Caffe release's sha256 too; nothing unpickled
-    with open(paths["model_config"]) as f:
-        model_config = yaml.safe_load(f)
+            raise WeightsError(f"the weights of {uri} have sha256 {digest}; the version's tag says {expected}")
+        weights = load_caffe(paths["weights"])  # checked against the Caffe release's sha256 too; nothing unpickled
+        with open(paths["model_config"]) as f:
+            model_config = yaml.safe_load(f)
     import torch
 
     device = builder.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
