@@ -72,9 +72,9 @@ def main(args: argparse.Namespace) -> int:
                   tracking_uri=args.tracking_uri, preset=args.preset, progress=not args.no_progress, **options)
     start = time.perf_counter()
     if args.engine == "ray":
-        from . import batch_ray
+        from .batch_ray import run as run_on_ray
 
-        rows = batch_ray.run(args.inputs, args.style, args.output_dir, address=args.address, workers=args.workers,
+        rows = run_on_ray(args.inputs, args.style, args.output_dir, address=args.address, workers=args.workers,
                              cpus_per_worker=args.cpus_per_worker, **common)
     else:
         if args.address is not None or args.workers is not None or args.cpus_per_worker is not None:
