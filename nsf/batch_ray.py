@@ -275,6 +275,8 @@ def run(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ds: Any = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // batch_size)))
+        # max_restarts/max_task_retries as Ray 2.60 takes them (it warns that 2.64 will want them elsewhere; the
+        # extra pins 2.60.*); bounded, so an input that kills its actor every time ends the batch, not loops
         ds = ds.map_batches(worker_class, fn_constructor_kwargs={"spec": spec}, batch_size=batch_size,
                             concurrency=n, num_cpus=per, num_gpus=1 if gpus else None, batch_format="pyarrow",
                             max_restarts=max_retries, max_task_retries=max_retries)
