@@ -23,6 +23,7 @@ The Ray Data engine (:mod:`nsf.batch_ray`) shares :class:`Stylizer`: the same gr
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import errno
@@ -638,12 +639,12 @@ def run(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         if on_row is not None:
             on_row(row)
 
-    todo = list(items)
+    todo = collections.deque(items)  # not yet recorded; images put back (Ctrl-C, a full disk) go to its front
     stop = StopFlag(quiet=not progress)
 
     def loaded() -> Iterator[Loaded]:
         while todo and not stop.requested:
-            item = todo.pop(0)
+            item = todo.popleft()
             got = stylizer.prepare(item, manifest.rows.get(item.output))
             if isinstance(got, Loaded):
                 yield got
@@ -660,7 +661,7 @@ def run(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         with stop:
             for group in _groups(loaded(), batch_size, window or 4 * batch_size):
                 if stop.requested:  # the window's held images are not run after Ctrl-C
-                    todo[:0] = [g.item for g in group]
+                    todo.extendleft(reversed([g.item for g in group]))
                     continue
                 in_flight = {g.item.output: g for g in group}
                 try:
@@ -670,11 +671,11 @@ def run(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                     del in_flight[failed.item.output]
                     record(stylizer.error_row(failed.item, e, input_sha256=failed.sha256))
                     stop.requested, stop.reason = True, "disk full" if isinstance(e, DiskFull) else "write failed"
-                    todo[:0] = [g.item for g in in_flight.values()]
+                    todo.extendleft(reversed([g.item for g in in_flight.values()]))
                 in_flight = {}
     except KeyboardInterrupt:  # the second Ctrl-C: the group being optimized is dropped, nothing of it written
         stop.requested, stop.reason = True, "interrupted"
-        todo[:0] = [g.item for g in in_flight.values()]
+        todo.extendleft(reversed([g.item for g in in_flight.values()]))
     finally:
         manifest.close()
         bar.close()
