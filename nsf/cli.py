@@ -28,6 +28,7 @@ from .version import __version__
 # heavy at import time) and ``main(args) -> int``. A new face is one module and one row here.
 FACES: dict[str, str] = {
     "studio": "nsf.studio_cli",
+    "batch": "nsf.batch_cli",
 }
 
 DEMO_CONTENT = "astronaut.jpg"
@@ -302,12 +303,19 @@ def _run(args: argparse.Namespace, content: Any, styles: Sequence[Any], init_ima
     return 0
 
 
-def model_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    from .model import style_fusion
-
+def options_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(builder keywords, StyleConfig options)`` from a command line made with :func:`add_run_flags`: every
+    builder argument (its signature's default where not given) and the config fields that were given."""
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)
                if getattr(args, f.name) is not None}
     builder = {name: _builder_arg(name, getattr(args, name)) for name in _BUILDER_HELP}
+    return builder, options
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from .model import style_fusion
+
+    builder, options = options_from_args(args)
     model = style_fusion(**builder, preset=args.preset)
     return model, options
 
