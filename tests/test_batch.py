@@ -275,7 +275,7 @@ def test_cli_batch_exit_codes_and_summary(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_registered_version_batches_as_it_serves(tmp_path, model):
     pytest.importorskip("mlflow", reason="the 'mlflow' extra is not installed")
-    from nsf import registry
+    from nsf.runtimes import mlflow as registry
 
     folder = tmp_path / "registry"
     folder.mkdir()
