@@ -8,6 +8,9 @@ the wall clock when the event happens:
 * ``stylize``: ``nsf.cli.main(["stylize", ...])`` (what the ``nsf`` command runs) until its first step's progress
   callback, and the second's (the step's own time, to subtract).
 
+Each child also reports its CPU time (``time.process_time()``, all threads) at those points: on a shared machine
+the wall clock follows the other jobs' load, the CPU time much less.
+
 Rows alternate between the kinds, ``--repeat`` times, and the medians are reported; ``--base DIR`` runs the
 stylize child with another checkout's nsf on ``PYTHONPATH`` too (e.g. the code before this change, exported with
 ``git archive``), in the same run. Prints a Markdown row for bench/RESULTS.md.
@@ -30,17 +33,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO.parent / "shared" / "images"
 
-TORCH = "import time, json; import torch; print(json.dumps({'done': time.time()}))"
-NSF = "import time, json; import nsf; print(json.dumps({'done': time.time()}))"
+TORCH = "import time, json; import torch; print(json.dumps({'done': time.time(), 'cpu_done': time.process_time()}))"
+NSF = "import time, json; import nsf; print(json.dumps({'done': time.time(), 'cpu_done': time.process_time()}))"
 STYLIZE = r"""
 import json, os, sys, time
 import nsf.cli as cli
 seen = []
 def bar(enabled):
     def callback(p):
-        seen.append(time.time())
+        seen.append((time.time(), time.process_time()))
         if len(seen) == 2:
-            print(json.dumps({"first": seen[0], "second": seen[1]}), flush=True)
+            print(json.dumps({"first": seen[0][0], "second": seen[1][0], "cpu_first": seen[0][1],
+                              "cpu_second": seen[1][1]}), flush=True)
             os._exit(0)
     return callback, None, lambda: None
 cli.progress_bar = bar
@@ -53,7 +57,7 @@ def child(code: str, args: list[str], pythonpath: str) -> dict[str, float]:
     start = time.time()
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    return {k: v - start for k, v in got.items()}
+    return {k: v if k.startswith("cpu_") else v - start for k, v in got.items()}
 
 
 def main() -> None:
@@ -83,6 +87,10 @@ def main() -> None:
         step = statistics.median(r["second"] - r["first"] for r in rows[kind])
         print(f"{kind}: first step done at {first:.2f} s, a step {step:.2f} s: start-up (first step's start) "
               f"{first - step:.2f} s, {first - step - torch_s:.2f} s after import torch")
+        cpu_step = statistics.median(r["cpu_second"] - r["cpu_first"] for r in rows[kind])
+        cpu = med(kind, "cpu_first") - cpu_step
+        print(f"  CPU time (all threads): start-up {cpu:.2f} s, {cpu - med('torch', 'cpu_done'):.2f} s after import "
+              f"torch's {med('torch', 'cpu_done'):.2f} s")
     print(json.dumps(rows))
 
 

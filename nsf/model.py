@@ -164,7 +164,8 @@ class StyleFusion(nn.Module):
         key = (layers, cfg.gram_norm, cfg.style_loss, extractor.autocast, extractor.channels_last)
         cached = self._costs.get(key)
         if cached is None or (timing and cached.fb_seconds is None):
-            cached = self._costs[key] = planner.measure(extractor, cfg, self.device, timing=timing)
+            # remembered across runs in the user's cache (the memory part: the same on every run)
+            cached = self._costs[key] = planner.measure(extractor, cfg, self.device, timing=timing, remember=True)
         return cached
 
     def plan(self, content_size: int | tuple[int, int] | None = None, *, batch: int = 1,

@@ -21,10 +21,16 @@ step costs a forward plus a forward+backward over its windows (halos included).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -85,8 +91,62 @@ class Costs:
     fixed_bytes: float = 0.0  # a step's saved tensors that do not grow with the image (bf16 weight copies, Grams)
 
 
+COSTS_FILE = "costs.json"  # in nsf.weights.cache_dir(): measured memory costs by _costs_key
+
+
+@functools.cache
+def _code_fingerprint() -> str:
+    """sha256 of the nsf sources a step's saved tensors follow from: a checkout whose objective, losses, network or
+    tiling changed (the version string does not move between commits) measures its costs anew."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("optimize/*.py"), *(root / n for n in ("losses.py", "style_losses.py", "vgg.py",
+                                                                          "tiling.py", "plan.py", "lbfgs.py"))]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _costs_key(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device, memory_size: int) -> str:
+    """What the memory measurement depends on: the saved tensors' sizes follow from the code (versions and the
+    sources' fingerprint), the device type, the dtypes, the layers and the loss (not from the weights' values, nor
+    from the machine's load)."""
+    from .version import __version__
+
+    dtype = next(extractor.parameters()).dtype
+    return json.dumps([__version__, _code_fingerprint(), torch.__version__, device.type, str(dtype),
+                       str(extractor.autocast), extractor.channels_last, list(cfg.layers), cfg.gram_norm,
+                       cfg.style_loss, memory_size])
+
+
+def _remembered(key: str, costs: Costs | None = None) -> tuple[float, float, float] | None:
+    """``(act_bytes, target_bytes, fixed_bytes)`` remembered under ``key``; with ``costs``, remember them."""
+    from .weights import cache_dir
+
+    store = cache_dir() / COSTS_FILE
+    try:
+        known = json.loads(store.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    if costs is None:
+        hit = known.get(key)
+        if isinstance(hit, list) and len(hit) == 3 and all(isinstance(v, (int, float)) for v in hit):
+            return float(hit[0]), float(hit[1]), float(hit[2])
+        return None
+    known[key] = [costs.act_bytes, costs.target_bytes, costs.fixed_bytes]
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=store.parent, prefix=".costs.", delete=False) as f:
+            json.dump(known, f)
+        os.replace(f.name, store)
+    except OSError:
+        pass
+    return None
+
+
 def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device, *, timing: bool,
-            memory_size: int = 128, timing_size: int | None = None) -> Costs:
+            memory_size: int = 128, timing_size: int | None = None, remember: bool = False) -> Costs:
     """Measure :class:`Costs` on ``device``: small forwards+backwards with autograd's saved tensors counted
     (plus three of the largest for the backward's own buffers), and (``timing``) a timed forward+backward and
     forward at ``timing_size`` px.
@@ -95,9 +155,18 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     pixel costs: tensors that do not grow with the image (autocast's bf16 copies of the weights, saved for the
     backward, 26 MB to relu5_1; the Gram matrices) would otherwise count as 1.6 KB per pixel at 128 px (a 512 px
     bf16 run's peak was predicted 0.4 GB too high); they are ``fixed_bytes``, counted once.
+
+    ``remember`` (without ``timing``): the memory costs are read from, or written to, ``costs.json`` in
+    :func:`nsf.weights.cache_dir`, keyed by everything they depend on (:func:`_costs_key`): they are sizes of
+    saved tensors, the same on every run, and measuring them is most of a run's start-up on a CPU (two
+    forwards+backwards, 8.8 s of 10.4 s at 256 px on the shared 2-core machine, bench/RESULTS.md "start-up").
     """
     layers = cfg.layers
     geo = geometry(extractor.body, extractor.module_names, layers)
+    key = _costs_key(extractor, cfg, device, memory_size) if remember and not timing else None
+    hit = _remembered(key) if key is not None else None
+    if hit is not None:
+        return Costs(hit[0], hit[1], geo, fixed_bytes=hit[2])
     params = {p.untyped_storage().data_ptr() for p in extractor.parameters()}
 
     def step_at(side: int) -> tuple[Objective, torch.Tensor]:
@@ -132,6 +201,8 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     # RSS against 3.58 GB predicted, bench/RESULTS.md); the largest is relu1's output, image-sized
     act = per_pixel + 3 * largest / (2 * memory_size) ** 2
     costs = Costs(act, targets, geo, fixed_bytes=fixed)
+    if key is not None:
+        _remembered(key, costs)
     if not timing:
         return costs
     side = timing_size or (512 if device.type == "cuda" else 256)

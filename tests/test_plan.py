@@ -212,3 +212,19 @@ def test_a_size_too_small_for_the_aspect_ratio_is_refused_naming_the_least(model
     assert f"allowed: size >= {least}" in str(e.value)
     assert min(target_size(*hw, least)) == MIN_SIDE > min(target_size(*hw, least - 1))
     model.plan(hw, size=least, timing=False)
+
+
+def test_measured_memory_costs_are_remembered_across_runs(model, tmp_path, monkeypatch):
+    """The memory measurement (sizes of saved tensors: the same every run) is most of a CPU run's start-up: it is
+    remembered in the user's cache, keyed by what it depends on, and a remembered one equals a fresh one."""
+    monkeypatch.setenv("NSF_CACHE_DIR", str(tmp_path))
+    cfg = make_config(style_layers=("relu1_1", "relu2_1"), content_layers=("relu2_2",))
+    ext = model.extractor(cfg.layers)
+    fresh = P.measure(ext, cfg, torch.device("cpu"), timing=False, remember=True)
+    assert (tmp_path / P.COSTS_FILE).is_file()
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: pytest.fail("measured again"))
+    again = P.measure(ext, cfg, torch.device("cpu"), timing=False, remember=True)
+    assert again == fresh
+    other = cfg.replace(style_loss="mean_cov")  # another key: measured, not read
+    with pytest.raises(pytest.fail.Exception):
+        P.measure(ext, other, torch.device("cpu"), timing=False, remember=True)
