@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -46,6 +47,19 @@ MARKED: dict[str, tuple[str, ...]] = {
     "test_kserve_adapter.py::test_the_library_and_the_torchserve_path_never_import_kserve": ("slow",),
     "test_serving_limits.py::test_the_serving_core_imports_no_server": ("slow",),
     "test_vgg.py::test_import_builds_no_network_and_skips_torchvision": ("slow",),
+    # exact tiling in float64 and float32 over whole steps and runs: 5-40 CPU s each, about 4/5 of the in-process
+    # tests' time. The fast loop keeps one float64 step (f64-default), the bf16 step and the tile callbacks;
+    # the full run keeps every case (the tests themselves are unchanged).
+    "test_tiling.py::test_tiled_step_equals_untiled[f64-deep]": ("slow",),
+    "test_tiling.py::test_tiled_step_equals_untiled[f32-default]": ("slow",),
+    "test_tiling.py::test_tiled_step_equals_untiled[f32-deep]": ("slow",),
+    "test_tiling.py::test_tiled_step_equals_untiled[f64-mean-cov]": ("slow",),
+    "test_tiling.py::test_tiled_step_equals_untiled[f64-deep-mean-cov]": ("slow",),
+    "test_tiling.py::test_tiled_style_targets_equal_untiled": ("slow",),
+    "test_tiling.py::test_tiled_style_grams_equal_untiled": ("slow",),
+    "test_tiling.py::test_tiled_run_equals_untiled_run_in_float64": ("slow",),
+    "test_tiling.py::test_tiled_step_with_masks_equals_untiled": ("slow",),
+    "test_tiling.py::test_tiled_run_with_masks_equals_untiled_run_in_float64": ("slow",),
 }
 
 # Hypothesis: the fast loop draws few examples, a full run (and CI) the full count. `--hypothesis-profile NAME`
@@ -63,22 +77,23 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    dev_examples = settings.get_profile("dev").max_examples
+    used, files = set(), set()
     for item in items:
         file = item.path.name
-        name = f"{file}::{item.originalname if isinstance(item, pytest.Function) else item.name}"
-        marks: set[str] = set(MARKED.get(name, ()))
+        files.add(file)
+        base = f"{file}::{item.originalname if isinstance(item, pytest.Function) else item.name}"
+        used |= {base, f"{file}::{item.name}"}
+        marks: set[str] = set(MARKED.get(base, ())) | set(MARKED.get(f"{file}::{item.name}", ()))
         if file in SERVER_FILES:
             marks |= {"slow", "server"}
         if SLOW_FIXTURES.get(file, set()) & set(getattr(item, "fixturenames", ())):
             marks.add("slow")
-        # A hypothesis test that pins more examples than the dev profile draws (a 600-example fuzz) ignores the
-        # profiles: it is slow. Drop the pin (keep deadline/health checks) and the profile decides instead.
-        pinned = getattr(getattr(item, "obj", None), "_hypothesis_internal_use_settings", None)
-        if pinned is not None and pinned.max_examples > dev_examples:
-            marks.add("slow")
         for mark in sorted(marks):
             item.add_marker(mark)
+    # a renamed test would silently drop its marks (and slip into the fast loop): say so
+    stale = sorted(k for k in MARKED if k.split("::")[0] in files and k not in used)
+    if stale:
+        warnings.warn(f"tests/conftest.py MARKED names tests that were not collected: {stale}", stacklevel=1)
 
 
 # Options that make a whole stylize() run cost a fraction of a second: one scale, two steps,
