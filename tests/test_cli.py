@@ -1,4 +1,8 @@
-"""The command line, end to end in subprocesses: stylize, demo, python -m nsf, errors."""
+"""The command line: stylize, demo, plan, errors, every generated flag.
+
+Most tests call ``nsf.cli.main`` in-process (what a subprocess would add is the interpreter start); two run
+``python -m nsf`` in a real subprocess as a user would (marked slow): stylize with its progress bar and provenance,
+and the demo on the bundled images."""
 
 from __future__ import annotations
 
@@ -20,9 +24,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_nsf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m nsf ARGS` in a subprocess, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "nsf", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def call_nsf(*args: str, capsys) -> tuple[int, str, str]:
+    """`nsf ARGS` in this process: (exit code, stdout, stderr). argparse's own errors exit through SystemExit."""
+    from nsf.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture
@@ -90,6 +107,7 @@ def test_a_bad_choice_is_an_error_naming_the_choices(pair, tmp_path, capsys, sha
     assert code == 2 and "preserve_color 'sepia'" in err and "allowed: off, luminance, histogram" in err
 
 
+@pytest.mark.slow
 def test_stylize_writes_png_with_provenance(pair, tmp_path):
     content, style = pair
     out = tmp_path / "sub" / "out.png"
@@ -111,6 +129,7 @@ def test_stylize_writes_png_with_provenance(pair, tmp_path):
     assert set(FIELD_NAMES) == set(meta["params"])
 
 
+@pytest.mark.slow
 def test_demo_runs_on_bundled_images(tmp_path):
     r = run_nsf("demo", "--size", "48", "--steps", "3", "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -131,50 +150,56 @@ def test_demo_runs_on_bundled_images(tmp_path):
         (["--precision", "fp8"], "invalid choice: 'fp8'"),
     ],
 )
-def test_bad_options_exit_2_with_a_message(pair, tmp_path, extra, needle):
+def test_bad_options_exit_2_with_a_message(pair, tmp_path, extra, needle, capsys, shared_model):
     content, style = pair
-    r = run_nsf("stylize", str(content), str(style), "-o", str(tmp_path / "o.png"), "--no-progress", *extra,
-                cwd=tmp_path)
-    assert r.returncode == 2
-    assert needle in r.stderr
-    assert "Traceback" not in r.stderr
+    code, _, err = call_nsf("stylize", str(content), str(style), "-o", str(tmp_path / "o.png"), "--no-progress",
+                            *extra, capsys=capsys)
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
 
 
-def test_missing_and_non_image_files(pair, tmp_path):
+def test_missing_and_non_image_files(pair, tmp_path, capsys, shared_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     content, style = pair
-    r = run_nsf("stylize", str(tmp_path / "nope.jpg"), str(style), "-o", "o.png", "--no-progress", cwd=tmp_path)
-    assert r.returncode == 2 and "does not exist" in r.stderr and "nope.jpg" in r.stderr
+    code, _, err = call_nsf("stylize", str(tmp_path / "nope.jpg"), str(style), "-o", "o.png", "--no-progress",
+                            capsys=capsys)
+    assert code == 2 and "does not exist" in err and "nope.jpg" in err
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
-    r = run_nsf("stylize", str(content), str(text), "-o", "o.png", "--no-progress", cwd=tmp_path)
-    assert r.returncode == 2 and "not a readable image" in r.stderr
+    code, _, err = call_nsf("stylize", str(content), str(text), "-o", "o.png", "--no-progress", capsys=capsys)
+    assert code == 2 and "not a readable image" in err
+    assert not (tmp_path / "o.png").exists()
 
 
-def test_plan_prints_the_schedule_with_tiles_and_refuses_bad_budgets(tmp_path):
-    r = run_nsf("plan", "4000x3000", "--size", "4096", "--max-memory", "8GB", "--no-timing", "--device", "cpu",
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "budget 8.00 GB" in r.stdout and "4096x3072" in r.stdout and " of " in r.stdout  # tiled at 4096
-    assert "predicted peak" in r.stdout
-    r = run_nsf("plan", "--size", "8192", "--max-memory", "1.5GB", "--no-timing", "--device", "cpu", cwd=tmp_path)
-    assert r.returncode == 2 and "does not fit max_memory=1.50 GB" in r.stderr and "fits" in r.stderr
-    r = run_nsf("plan", "--max-memory", "8 gigs", "--no-timing", cwd=tmp_path)
-    assert r.returncode == 2 and "max_memory='8 gigs'; allowed" in r.stderr
+def test_plan_prints_the_schedule_with_tiles_and_refuses_bad_budgets(capsys):
+    code, out, err = call_nsf("plan", "4000x3000", "--size", "4096", "--max-memory", "8GB", "--no-timing",
+                              "--device", "cpu", capsys=capsys)
+    assert code == 0, err
+    assert "budget 8.00 GB" in out and "4096x3072" in out and " of " in out  # tiled at 4096
+    assert "predicted peak" in out
+    code, _, err = call_nsf("plan", "--size", "8192", "--max-memory", "1.5GB", "--no-timing", "--device", "cpu",
+                            capsys=capsys)
+    assert code == 2 and "does not fit max_memory=1.50 GB" in err and "fits" in err
+    code, _, err = call_nsf("plan", "--max-memory", "8 gigs", "--no-timing", capsys=capsys)
+    assert code == 2 and "max_memory='8 gigs'; allowed" in err
 
 
-def test_stylize_16_bit_png_with_the_plan_in_its_provenance(pair, tmp_path):
+def test_stylize_16_bit_png_with_the_plan_in_its_provenance(pair, tmp_path, capsys, shared_model):
     content, style = pair
     out = tmp_path / "o16.png"
-    r = run_nsf("stylize", str(content), str(style), "-o", str(out), "--size", "40", "--steps", "3",
-                "--bit-depth", "16", "--no-progress", "--device", "cpu", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "16-bit" in r.stdout
+    code, stdout, err = call_nsf("stylize", str(content), str(style), "-o", str(out), "--size", "40", "--steps", "3",
+                                 "--bit-depth", "16", "--no-progress", "--device", "cpu", capsys=capsys)
+    assert code == 0, err
+    assert "16-bit" in stdout
     data = out.read_bytes()
     assert data[24] == 16  # IHDR bit depth
     meta = read_metadata(out)
     assert meta["bit_depth"] == 16 and meta["plan"]["scales"][-1]["size"] == [30, 40]
-    r = run_nsf("stylize", str(content), str(style), "-o", str(tmp_path / "o.jpg"), "--bit-depth", "16", cwd=tmp_path)
-    assert r.returncode == 2 and "a .png output" in r.stderr
+    code, _, err = call_nsf("stylize", str(content), str(style), "-o", str(tmp_path / "o.jpg"), "--bit-depth", "16",
+                            capsys=capsys)
+    assert code == 2 and "a .png output" in err
 
 
 # --- every generated flag, run once -------------------------------------------------------------

@@ -37,8 +37,8 @@ def test_admit_passes_what_fits_and_names_the_largest_steps_that_fit():
 
 
 def test_other_style_losses_and_masks_count_as_more_work():
-    """Measured step costs (nsf.plan.LOSS_WORK, MASK_WORK): a sliced step is about two gram steps, a mask adds
-    a share; a request that fits as gram can be refused as sliced, naming fewer steps."""
+    """Measured step costs (each registered style loss's cost, MASK_WORK): a sliced step is about two gram steps,
+    a mask adds a share; a request that fits as gram can be refused as sliced, naming fewer steps."""
     cfg = make_config(size=256, steps=100)
     gram = pixel_steps(cfg, 256, 256)
     assert pixel_steps(cfg.replace(style_loss="sliced"), 256, 256) == pytest.approx(2.0 * gram)
