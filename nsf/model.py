@@ -15,7 +15,7 @@ from . import image as im
 from . import plan as planner
 from .config import StyleConfig, make_config
 from .errors import OutOfMemory, PlanError
-from .optimize import ProgressCallback, ScaleCallback, ScaleDone, StyleInput, checked_masks, run, style_parts
+from .optimize import PixelLoss, ProgressCallback, ScaleCallback, ScaleDone, StyleInput, checked_masks, run, style_parts
 from .tiling import release_host_memory
 from .version import __version__
 from .vgg import FeatureExtractor, freeze
@@ -209,7 +209,7 @@ class StyleFusion(nn.Module):
                  init_image: Tensor | None = None, callback: ProgressCallback | None = None,
                  on_tile: Callable[[int, int], None] | None = None, on_scale: ScaleCallback | None = None,
                  stop: Callable[[], bool] | None = None, masks: Sequence[Tensor] | None = None,
-                 style_masks: Sequence[Tensor | None] | None = None) -> Result:
+                 style_masks: Sequence[Tensor | None] | None = None, pixel_loss: PixelLoss | None = None) -> Result:
         """The tensor core of :meth:`stylize`: ``content`` ``(B, 3, H, W)`` in [0, 1] -> a :class:`Result` holding
         the stylized batch, the plan it ran, whether ``stop`` cut it short and its provenance.
 
@@ -225,6 +225,9 @@ class StyleFusion(nn.Module):
         ``masks``: one ``(1|B, 1, h, w)`` content mask in [0, 1] per style, the content's aspect ratio (regional
         styles, :func:`nsf.optimize.run`); ``style_masks``: one ``(1, 1, h, w)`` mask or ``None`` per style, the
         style image's aspect ratio (where its statistics come from).
+        ``pixel_loss(x) -> (B,)``: a differentiable term of the pixels alone added to each step's loss
+        (:func:`nsf.optimize.run`; video's temporal loss); ``x`` is the image being optimized (with
+        ``preserve_color="luminance"``, its grey luminance image).
 
         Raises:
             nsf.errors.PlanError: the run cannot fit the budget at any tile size (names the largest size).
@@ -277,7 +280,7 @@ class StyleFusion(nn.Module):
             out = run(self.extractor(layers), work, parts, cfg, init=init, callback=callback,
                       compile_fn=_compile_fn(self.compile, device), generator=generator, cuda_graph=graphs,
                       layout=plan.layout(), on_tile=on_tile, on_scale=scale_done, stop=stop, masks=masks,
-                      style_masks=style_masks)
+                      style_masks=style_masks, pixel_loss=pixel_loss)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise

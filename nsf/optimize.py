@@ -42,6 +42,8 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+# A loss term of the image's pixels alone: (B, 3, h, w) at the scale's size -> (B,), differentiable
+PixelLoss = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -132,12 +134,16 @@ class Objective(nn.Module):
     With ``tile`` (owned tile ``(th, tw)`` px), :meth:`value_and_grad` computes the same loss and
     gradient tile by tile (:mod:`nsf.tiling`), so only one tile's activations are alive at a time; the
     content targets and normalizers are computed tile by tile too (gram and mean_cov losses only).
+
+    ``pixel_loss(x) -> (B,)``: a term of the pixels alone (no VGG), added to each image's loss (e.g. video's temporal
+    loss). It is evaluated once on the whole image, also in tiled steps, so tiling stays exact.
     """
 
     def __init__(self, extractor: FeatureExtractor, cfg: StyleConfig, content: Tensor,
                  style: Mapping[str, Tensor] | StyleTargets | Sequence[Region], tile: tuple[int, int] | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, pixel_loss: PixelLoss | None = None):
         super().__init__()
+        self.pixel_loss = pixel_loss
         self.regions: list[Region] | None = None
         if not isinstance(style, (Mapping, StyleTargets)):
             self.regions = list(style)
@@ -290,7 +296,8 @@ class Objective(nn.Module):
         s = cast(Tensor, sum(w * style[n] * self.style_scale[n] for n, w in self.style_w.items()))
         tv = losses.tv_loss(x) if self.tvw > 0 else x.new_zeros(x.shape[0])
         c, s, tv = self.cw * c, self.sw * s, self.tvw * tv
-        return c + s + tv, torch.stack([c, s, tv], dim=1).detach()
+        total = c + s + tv if self.pixel_loss is None else c + s + tv + self.pixel_loss(x)
+        return total, torch.stack([c, s, tv], dim=1).detach()
 
     @torch.no_grad()
     def value(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -312,16 +319,17 @@ class Objective(nn.Module):
             leaves_c = {n: v.detach().requires_grad_(True) for n, v in sums.content.items()}
             leaves_g = {n: v.detach().requires_grad_(True) for n, v in sums.grams.items()}
             leaves_m = {n: v.detach().requires_grad_(True) for n, v in sums.means.items()}
-            xt = x.detach().requires_grad_(self.tvw > 0)
+            on_pixels = self.tvw > 0 or self.pixel_loss is not None  # terms of x itself: differentiated here
+            xt = x.detach().requires_grad_(on_pixels)
             loss, parts = self.combine(leaves_c, self.style_terms(leaves_g, leaves_m, {}), xt)
-            wrt = [*leaves_c.values(), *leaves_g.values(), *leaves_m.values(), *([xt] if self.tvw > 0 else [])]
+            wrt = [*leaves_c.values(), *leaves_g.values(), *leaves_m.values(), *([xt] if on_pixels else [])]
             d = torch.autograd.grad(loss.sum(), wrt)
         k, g = len(leaves_c), len(leaves_g)
         d_content, d_grams = dict(zip(leaves_c, d[:k])), dict(zip(leaves_g, d[k:k + g]))
         d_means = dict(zip(leaves_m, d[k + g:k + g + len(leaves_m)]))
         grad = self.tiled.backward(x, d_grams, d_content, self.content_targets, self.gram_norm, on_tile,
                                    d_means=d_means)
-        if self.tvw > 0:
+        if on_pixels:
             grad += d[-1]
         return loss.detach(), parts, grad
 
@@ -522,7 +530,7 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
         layout: Sequence[Layout] | None = None, on_tile: Callable[[int, int], None] | None = None,
         on_scale: ScaleCallback | None = None, stop: Callable[[], bool] | None = None,
         masks: Sequence[Tensor] | None = None, style_masks: Sequence[Tensor | None] | None = None,
-        resume: tuple[int, Tensor] | None = None) -> Tensor:
+        resume: tuple[int, Tensor] | None = None, pixel_loss: PixelLoss | None = None) -> Tensor:
     """Optimize pixels so their features match ``content`` and their Grams match ``styles``.
 
     Args:
@@ -556,6 +564,8 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
             the same steps, targets and options as the whole run's last scales (a benchmark of one scale). A
             :class:`ScaleDone` image is clamped to [0, 1] and the image run() hands on is not: where L-BFGS left
             pixels outside, the resumed scale starts from the clamped ones.
+        pixel_loss: ``f(x) -> (B,)``, a term of the pixels alone added to every step's loss at every scale (``x``
+            at that scale's size; video's temporal loss). Not part of ``Progress``'s content/style/tv.
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1] at the last scale's size: the best iterate of the last scale.
@@ -602,7 +612,8 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
         else:
             targets = style_targets(extractor, sized, blend, cfg, tile=lay.tile, masks=sized_masks)
         scale_cfg = refined(cfg) if scale_index >= len(cfg.scales) else cfg
-        objective = Objective(extractor, scale_cfg, c, targets, tile=lay.tile, generator=generator)
+        objective = Objective(extractor, scale_cfg, c, targets, tile=lay.tile, generator=generator,
+                              pixel_loss=pixel_loss)
         tiled = objective.tiles > 1
         loss_fn = compile_fn(objective) if compile_fn is not None and not tiled else objective
         if x is None:
