@@ -25,7 +25,7 @@ from .version import __version__
 
 # Commands that live in modules of their own, by name: each module has ``add_parser(subparsers)`` (imports nothing
 # heavy at import time) and ``main(args) -> int``. A new face is one module and one row here.
-FACES: dict[str, str] = {}
+FACES: dict[str, str] = {"video": "nsf.video_cli"}
 
 DEMO_CONTENT = "astronaut.jpg"
 DEMO_STYLE = "starry_night.jpg"

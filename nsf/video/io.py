@@ -283,7 +283,8 @@ class VideoWriter:
 def read_video_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The provenance record a :class:`VideoWriter` stored in ``path`` (``{}`` if there is none)."""
     with av.open(str(path), "r") as container:
-        text = container.metadata.get(METADATA_KEY)
+        tags = {k.lower(): v for k, v in container.metadata.items()}  # Matroska upper-cases its tag names
+        text = tags.get(METADATA_KEY)
     try:
         return json.loads(text) if text else {}
     except ValueError:
