@@ -95,7 +95,9 @@ def main() -> None:
     ap.add_argument("--no-score", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--docs", default=None, help="write the side-by-side GIF and the plot here")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)  # 1: on a shared 2-core CPU two threads wait on each other at every op
     model = nsf.style_fusion(device="cpu")
     scorer = None if args.no_score else Scorer()
     clip_set = clips(args.size, args.frames)

@@ -24,10 +24,10 @@ from nsf import optimize as O  # noqa: E402
 from nsf.config import make_config  # noqa: E402
 from nsf.errors import ConfigError, ImageError, VideoError  # noqa: E402
 from nsf.image import load_image, pil_to_tensor, read_metadata  # noqa: E402
+from nsf.vgg import FeatureExtractor  # noqa: E402
 from nsf.video import flow as fl  # noqa: E402
 from nsf.video import io as vio  # noqa: E402
 from nsf.video import synthetic as syn  # noqa: E402
-from nsf.vgg import FeatureExtractor  # noqa: E402
 
 ASSETS = nsf.__path__[0] + "/assets"
 STYLE = f"{ASSETS}/starry_night.jpg"

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 # Chosen by bench/video.py (bench/RESULTS.md "video"): the temporal loss's weight against the normalized
 # content/style losses, and the steps of a later frame's one full-size scale.
-TEMPORAL_WEIGHT = 200.0
-LATER_STEPS = 30
+TEMPORAL_WEIGHT = 500.0
+LATER_STEPS = 20
 MANIFEST = "nsf-video.json"
 FRAME_NAME = "frame_{:06d}.png"
 
@@ -190,7 +190,7 @@ def frames(model: StyleFusion, src: FrameSource, style: im.ImageLike | Sequence[
            stop: Callable[[], bool] | None = None, callback: ProgressCallback | None = None,
            on_tile: Callable[[int, int], None] | None = None, preset: str | None = None,
            masks: Sequence[im.ImageLike] | None = None, style_masks: Sequence[im.ImageLike | None] | None = None,
-           **options: Any) -> Iterator[VideoFrame]:
+           **options: Any) -> Generator[VideoFrame, None, VideoResult]:
     """Stylize a clip frame by frame; yield each :class:`VideoFrame` as it is done (returns a :class:`VideoResult`
     as the generator's value; :func:`render` collects it).
 
@@ -247,10 +247,11 @@ def frames(model: StyleFusion, src: FrameSource, style: im.ImageLike | Sequence[
     if png_path is not None:
         vio.writable_dir(png_path, field="png_dir")
 
-    is_file = isinstance(src, (str, os.PathLike))
+    src_path = Path(src) if isinstance(src, (str, os.PathLike)) else None
+    is_file = src_path is not None
     info: vio.VideoInfo | None = None
-    if is_file:
-        info = vio.probe(src, max_frames=max_frames if frames is None else vio.DEFAULT_MAX_FRAMES * 100,
+    if src_path is not None:
+        info = vio.probe(src_path, max_frames=max_frames if frames is None else vio.DEFAULT_MAX_FRAMES * 100,
                          max_pixels=cfg.max_pixels)
         start, stop_at = _range(frames, info.frames)
         end = stop_at if stop_at is not None else info.frames
@@ -260,14 +261,16 @@ def frames(model: StyleFusion, src: FrameSource, style: im.ImageLike | Sequence[
                              allowed=f"at most {max_frames} frames (max_frames)")
         total = end - start
         rate = info.fps
-        source: Iterator[Any] = vio.read_frames(src, start=start, stop=end)
+        source: Iterator[Any] = vio.read_frames(src_path, start=start, stop=end)
     else:
+        assert not isinstance(src, (str, os.PathLike))
         start, stop_at = _range(frames, None)
         total = 0
         rate = Fraction(fps if fps is not None else 25).limit_denominator(1001)
         source = (item for i, item in enumerate(src) if i >= start and (stop_at is None or i < stop_at))
-    video_meta = {"source": Path(src).name if is_file else "frames", "frames": [start, start + total] if total
-                  else [start, stop_at], "fps": str(rate), "temporal_weight": float(temporal_weight),
+    video_meta = {"source": src_path.name if src_path is not None else "frames",
+                  "frames": [start, start + total] if total else [start, stop_at], "fps": str(rate),
+                  "temporal_weight": float(temporal_weight),
                   "later_steps": later_steps, "flow": f"DIS {flow.preset}", "later_params": {
                       k: v for k, v in later_cfg.to_dict().items() if v != cfg.to_dict()[k]}}
     metadata = {**model.metadata(cfg), "video": video_meta}
@@ -277,7 +280,7 @@ def frames(model: StyleFusion, src: FrameSource, style: im.ImageLike | Sequence[
     if work is not None:
         key_src = {"video": video_meta, "params": cfg.to_dict(), "weights": model.weights_sha256,
                    "styles": [hashlib.sha256(s.numpy().tobytes()).hexdigest() for s in styles],
-                   "source_sha256": _sha256_file(Path(src)) if is_file else None,
+                   "source_sha256": _sha256_file(src_path) if src_path is not None else None,
                    "masks": [hashlib.sha256(m.numpy().tobytes()).hexdigest() for m in mask_t or []]}
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()
         folder = _Folder(work, key, total, resume=resume, can_resume=is_file)
@@ -347,8 +350,9 @@ def frames(model: StyleFusion, src: FrameSource, style: im.ImageLike | Sequence[
     metadata = {**metadata, "video": {**video_meta, "frames": [start, start + index]}}
     if out_path is not None and folder is not None and not stopped:
         whole = start == 0 and stop_at is None  # the whole clip keeps all of its audio, tail included
-        _encode(folder, index, out_path, rate, metadata, audio_from=src if is_file and info and info.audio else None,
-                window=(float(start / rate), None if whole else float((start + index) / rate)))
+        audio = src_path if info is not None and info.audio else None
+        window = (float(start / rate), None if whole else float((start + index) / rate))
+        _encode(folder, index, out_path, rate, metadata, audio_from=audio, window=window)
         if png_path is None:
             folder.remove()
     return VideoResult(out_path if not stopped else None, png_path, index, total or index, stopped, metadata)

@@ -43,7 +43,7 @@ class Flow:
             raise ConfigError(f"flow_preset={preset!r}; allowed: {', '.join(PRESETS)}", field="flow_preset",
                               value=preset, allowed=list(PRESETS))
         self.preset = preset
-        self.dis = cv2.DISOpticalFlow_create(PRESETS[preset])
+        self.dis = cv2.DISOpticalFlow_create(PRESETS[preset])  # type: ignore[attr-defined]
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """The flow from grey frame ``a`` to grey frame ``b``: ``a(x) ~ b(x + flow(x))``, ``(H, W, 2)`` float32."""

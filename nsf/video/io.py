@@ -195,7 +195,7 @@ class VideoWriter:
                  audio_window: tuple[float, float | None] = (0.0, None)):
         self.path = Path(path)
         self.fps = Fraction(fps).limit_denominator(1001)
-        self.container = av.open(str(self.path), "w")
+        self.container: Any = av.open(str(self.path), "w")
         self.container.metadata[METADATA_KEY] = json.dumps(dict(metadata or {}), sort_keys=True, default=str)
         self.stream: Any = None
         self.crf = crf
@@ -232,7 +232,7 @@ class VideoWriter:
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:h, :w]), format="rgb24")
         frame.pts = self.frames  # in the encoder's time base, 1 / fps (the muxer rescales)
         self.frames += 1
-        self._mux_audio(self.frames / self.fps)
+        self._mux_audio(float(self.frames / self.fps))
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
 
