@@ -43,7 +43,7 @@ from .plan import format_bytes
 from .serving.admission import admit_memory
 from .serving.errors import RequestError
 from .serving.limits import CHOICES
-from .serving.request import STYLE_WEIGHTS, decode_image, numbered
+from .serving.request import STYLE_WEIGHTS, VideoJob, decode_image, numbered
 from .serving.stream import MEDIA_TYPE
 from .serving.worker import Outcome, RunHooks, Worker
 
@@ -232,6 +232,11 @@ class Studio:
             job = self.worker.check(fields)
         except RequestError as e:
             return refusal(e)
+        if isinstance(job, VideoJob):
+            seconds = self.worker.estimate(job) if self.worker.cost is not None else None
+            when = f", about {seconds:.0f} s" if seconds is not None else ""
+            return (f"**Plan:** {job.frames} frames of {job.size[1]}×{job.size[0]} at size {job.config.size}: the "
+                    f"first {job.config.steps} steps, each later one {job.later_steps} steps{when} on {self.device}.")
         h, w = job.content.height, job.content.width
         masks = len(job.masks) if job.masks is not None else 0
         try:  # the memory in use may have grown since check() planned it
