@@ -389,9 +389,10 @@ class Worker:
         except _Stopped:
             logger.info("style_fusion: request %d: video stopped after %d frame(s), %.2f s (the client went away)",
                         idx, done, time.perf_counter() - start)
+            # 499 (nginx's "client closed request"): nobody reads it on a server; the studio's Stop says it
             error = RequestError(f"stopped after {done} of {job.frames} frames: the client went away", field=None,
-                                 status=400)
-            return Outcome(200, line(error_message(400, error.to_dict())), MEDIA_TYPE) if job.stream \
+                                 status=499)
+            return Outcome(200, line(error_message(499, error.to_dict())), MEDIA_TYPE) if job.stream \
                 else Outcome.refused(error)
         except Exception as e:  # noqa: BLE001 - one failing request must not take the worker down
             outcome = self._failure(idx, e)
