@@ -387,8 +387,8 @@ class Worker:
                 with open(out, "rb") as r:
                     data = r.read()
         except _Stopped:
-            logger.info("style_fusion: request %d: video stopped after %d frame(s), %.2f s (the client went away)",
-                        idx, done, time.perf_counter() - start)
+            logger.info("style_fusion: request %d: video stopped after %d frame(s) of %d, %.2f s: its client left",
+                        idx, done, job.frames, time.perf_counter() - start)
             # 499 (nginx's "client closed request"): nobody reads it on a server; the studio's Stop says it
             error = RequestError(f"stopped after {done} of {job.frames} frames: the client went away", field=None,
                                  status=499)
