@@ -587,7 +587,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=3):
                         with gr.Row():
-                            v_clip = gr.Video(label="Clip", sources=["upload"], elem_id="video-clip", height=260)
+                            v_clip = gr.Video(label="Clip", sources=["upload"], include_audio=True,
+                                              elem_id="video-clip", height=260)
                             v_style = Upload(label="Style", elem_id="video-style")
                         with gr.Row():
                             v_size = gr.Number(value=min(base.size, limits.max_video_size, limits.max_size),

@@ -280,6 +280,10 @@ class Worker:
         clients have gone). ``streams=False``: the
         endpoint cannot stream (a KServe v2 one); ``stream=true`` is then a 400 naming the field.
         ``hooks[index]`` (:class:`RunHooks`) follows that request's steps, tiles and result when it runs alone.
+
+        A video request (a ``video`` field: :class:`~nsf.serving.request.VideoJob`) always runs alone through
+        :func:`nsf.video.frames`: its answer is the MP4 (``video/mp4``), streamed as one ``frame`` line per finished
+        frame and then the result line; ``gone`` stops it at the next step (no file: a 499 nobody reads).
         """
         start, arrived = time.perf_counter(), time.monotonic()
         outcomes: dict[int, Outcome] = {}
