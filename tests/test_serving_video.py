@@ -127,3 +127,14 @@ def test_a_client_that_goes_away_stops_the_video(worker, clip):
 def test_schema_describes_the_video_fields(worker):
     props = request_schema(worker.limits)["properties"]
     assert {"video", "temporal_weight", "later_steps"} <= set(props)
+
+
+def test_video_limits_are_read_from_the_model_config():
+    shipped = ServingLimits.from_model_config(model_config(), "cpu")
+    assert (shipped.max_video_bytes, shipped.max_video_frames, shipped.max_video_size, shipped.video_later_steps) == \
+        (16 * 2**20, 300, 512, 20)
+    assert shipped.bounds("size", video=True)["max"] == 512 < shipped.bounds("size")["max"]
+    with pytest.raises(ValueError, match="nsf.video"):
+        ServingLimits.from_model_config(model_config(video={"max_fps": 3}), "cpu")
+    with pytest.raises(ValueError, match="max_request_bytes"):
+        ServingLimits.from_model_config(model_config(video={"max_bytes": 2**40}), "cpu")

@@ -261,6 +261,11 @@ def _parse_video(fields: Mapping[str, Any], limits: ServingLimits) -> VideoJob:
     if fields.get(CONTENT) is not None:
         raise RequestError("the request has both content and video; allowed: one of them (an image or a clip)",
                            field=VIDEO, allowed=[CONTENT, VIDEO])
+    try:
+        import nsf.video  # noqa: F401 - the video extra (av, opencv-python-headless)
+    except ImportError as e:
+        raise RequestError(f"this server cannot read video ({e}: the 'video' extra is not installed); allowed: "
+                           "content images here", field=VIDEO, allowed=[CONTENT]) from None
     if fields.get(STYLE) is None:
         raise RequestError("the request has no style image", field=STYLE,
                            allowed="an image file (multipart) or base64 string (JSON)")
