@@ -29,6 +29,7 @@ from .version import __version__
 FACES: dict[str, str] = {
     "studio": "nsf.studio_cli",
     "batch": "nsf.batch_cli",
+    "video": "nsf.video_cli",
 }
 
 DEMO_CONTENT = "astronaut.jpg"

@@ -34,3 +34,9 @@ class ImageTooLargeError(ImageError):
 
 class OutOfMemory(RuntimeError):
     """The device ran out of memory during a run that the plan said would fit (another process took it)."""
+
+
+class VideoError(ConfigError):
+    """A video input or output that cannot be used: not a video, truncated, no video stream, no frames, a variable
+    frame rate, past the frame or size limit, an output that cannot be written. ``field`` names it (``"video"``,
+    ``"out"``, ``"frames"``...), ``allowed`` what would be accepted."""

@@ -384,6 +384,22 @@ class StyleFusion(nn.Module):
         return self.transfer(c, styles, cfg, init_image=init_t, callback=callback, on_tile=on_tile, on_scale=on_scale,
                              stop=stop, masks=mask_t, style_masks=style_mask_t)
 
+    def stylize_video(self, src: Any, style: im.ImageLike | Sequence[im.ImageLike], **kw: Any) -> Any:
+        """Stylize a clip without flicker (Ruder et al. 2016: each later frame warm-started from the previous output
+        warped by the optical flow, with a temporal loss); needs the ``video`` extra.
+
+        With ``out=`` (``.mp4``/``.mov``/``.mkv``) or ``png_dir=``: runs to the end and returns a
+        :class:`nsf.video.VideoResult` (the file written, the source's frame rate and audio kept). Without them:
+        an iterator of :class:`nsf.video.VideoFrame` as each frame is done (``.image``, ``.pil()``). Every keyword
+        of :func:`nsf.video.frames` (``frames=(a, b)``, ``temporal_weight``, ``later_steps``, ``stop``,
+        ``callback``...) and every :class:`nsf.StyleConfig` option applies.
+        """
+        from . import video
+
+        if kw.get("out") is not None or kw.get("png_dir") is not None:
+            return video.render(self, src, style, **kw)
+        return video.frames(self, src, style, **kw)
+
     def _as_tensor(self, src: im.ImageLike, what: str, cfg: StyleConfig) -> Tensor:
         if isinstance(src, Tensor):
             return im.check_tensor(src, what)

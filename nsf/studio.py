@@ -43,7 +43,7 @@ from .plan import format_bytes
 from .serving.admission import admit_memory
 from .serving.errors import RequestError
 from .serving.limits import CHOICES
-from .serving.request import STYLE_WEIGHTS, decode_image, numbered
+from .serving.request import STYLE_WEIGHTS, VideoJob, decode_image, numbered
 from .serving.stream import MEDIA_TYPE
 from .serving.worker import Outcome, RunHooks, Worker
 
@@ -88,7 +88,8 @@ class Update:
     """One step of a job as the page shows it.
 
     ``kind``: ``"queued"`` (waiting for the device), ``"progress"`` (a step or a tile), ``"preview"`` (a scale
-    ended: ``preview`` holds its image), ``"result"`` (``png`` holds the worker's encoded image, ``result`` the
+    ended, or a video's frame is done: ``preview`` holds its image), ``"result"`` (a video job: ``video`` holds the
+    MP4) (``png`` holds the worker's encoded image, ``result`` the
     :class:`nsf.Result`, ``partial`` whether Stop cut it short) or ``"error"`` (``error``: ``{error, field,
     allowed}`` and ``status``). ``text`` is the status line.
     """
@@ -102,6 +103,7 @@ class Update:
     status: int = 200
     error: Mapping[str, Any] | None = None
     seconds: float = 0.0
+    video: bytes | None = None  # a video job's result: the worker's MP4 (``png`` is then None)
 
 
 def refusal(error: RequestError) -> str:
@@ -215,6 +217,28 @@ class Studio:
                     fields[name] = encode(mask, "png")
         return fields
 
+    def video_request(self, video: str | None, style: str | None, *, size: float | None = None,
+                      steps: float | None = None, later_steps: float | None = None,
+                      temporal_weight: float | None = None, session: str | None = None) -> dict[str, Any]:
+        """The request fields of the Video tab's values: the clip's and the style's bytes as the user gave them and
+        the options as the servers take them (a video request: ``video`` instead of ``content``).
+
+        Raises:
+            RequestError: no clip or no style image (``field`` names it).
+        """
+        if not video:
+            raise RequestError("add a video clip (MP4, MOV, MKV, WebM...)", field="video", allowed="a video file")
+        if not style:
+            raise RequestError("add a style image (upload, drop or paste)", field="style", allowed="an image file")
+        for path in (video, style):
+            self._own(session, path)
+        fields: dict[str, Any] = {"video": Path(video).read_bytes(), "style": Path(style).read_bytes()}
+        for name, value in {"size": size, "steps": steps, "later_steps": later_steps,
+                            "temporal_weight": temporal_weight}.items():
+            if value is not None and (name in self.limits.fields or name in ("later_steps", "temporal_weight")):
+                fields[name] = int(value) if isinstance(value, float) and value.is_integer() else value
+        return fields
+
     def _content_image(self, data: bytes) -> Image.Image:
         """The content image decoded as the worker decodes it (:func:`nsf.serving.decode_image`: the same checks
         and messages)."""
@@ -226,12 +250,17 @@ class Studio:
         """What a run of these fields will do, before it runs (Markdown): its scales and tiles, predicted peak
         memory and time, from the worker's planner and its start-up timing; or why it would be refused."""
         if isinstance(fields, RequestError):
-            return f"*{fields.message}.*" if fields.field in ("content", "style") and "add a" in fields.message \
-                else refusal(fields)
+            asked = fields.field in ("content", "style", "video") and "add a" in fields.message
+            return f"*{fields.message}.*" if asked else refusal(fields)
         try:
             job = self.worker.check(fields)
         except RequestError as e:
             return refusal(e)
+        if isinstance(job, VideoJob):
+            seconds = self.worker.estimate(job) if self.worker.cost is not None else None
+            when = f", about {seconds:.0f} s" if seconds is not None else ""
+            return (f"**Plan:** {job.frames} frames of {job.size[1]}×{job.size[0]} at size {job.config.size}: the "
+                    f"first {job.config.steps} steps, each later one {job.later_steps} steps{when} on {self.device}.")
         h, w = job.content.height, job.content.width
         masks = len(job.masks) if job.masks is not None else 0
         try:  # the memory in use may have grown since check() planned it
@@ -333,7 +362,13 @@ class Studio:
                                              f"tile {done}/{total}.")
                 elif kind == "line":
                     message = json.loads(value)
-                    if message.get("event") == "preview":
+                    if message.get("event") == "frame":  # a video's frame is done
+                        image = Image.open(io.BytesIO(base64.b64decode(message["image"])))
+                        image.load()
+                        yield Update("preview", f"Frame {message['index'] + 1}/{message['total']} done "
+                                                f"({message['size'][1]}×{message['size'][0]}, "
+                                                f"{message['seconds']:.1f} s).", preview=image)
+                    elif message.get("event") == "preview":
                         image = Image.open(io.BytesIO(base64.b64decode(message["image"])))
                         image.load()
                         yield Update("preview", f"Preview: scale {message['scale']}/{message['scales']} "
@@ -360,8 +395,13 @@ class Studio:
             status = int(body.pop("status", None) or outcome.status)
             error = RequestError(str(body["error"]), field=body.get("field"), allowed=body.get("allowed"),
                                  status=status)
+            if status == 499:  # Stop ended a video job between frames: no file
+                return Update("error", f"**Stopped:** {error.message}.", status=status, error=body, seconds=seconds)
             return Update("error", refusal(error) if status < 500 else f"**Failed ({status}):** {error.message}",
                           status=status, error=body, seconds=seconds)
+        if isinstance(body, dict) and "video" in body:  # a video job: the MP4
+            return Update("result", f"**Done:** {body.get('frames')} frames in {seconds:.1f} s.",
+                          video=base64.b64decode(body["video"]), seconds=seconds)
         data = base64.b64decode(body["image"]) if isinstance(body, dict) else bytes(body)
         partial = bool(body.get("partial")) if isinstance(body, dict) else outcome.partial
         meta = read_metadata(data)
@@ -393,6 +433,17 @@ class Studio:
         else:
             path, data = folder / f"{stem}.jpg", encode(Image.open(io.BytesIO(update.png)).convert("RGB"), "jpeg")
         path.write_bytes(data)
+        self._own(session, path)
+        return path
+
+    def save_video(self, update: Update, *, session: str | None = None) -> Path:
+        """A video job's MP4 as a file to download (the worker's own bytes, provenance in the container)."""
+        if update.video is None:
+            raise ValueError("no video to save")
+        folder = self.tmp / "results" / (session or "local")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"nsf-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.mp4"
+        path.write_bytes(update.video)
         self._own(session, path)
         return path
 
@@ -469,58 +520,96 @@ def build_app(studio: Studio) -> gr.Blocks:
     base = limits.base
     n_styles = limits.max_styles
     sources: list[Any] = ["upload", "webcam", "clipboard"]
+    try:  # the video extra (nsf.video: av, opencv) gives the temporal weight's default
+        from .video import TEMPORAL_WEIGHT as TEMPORAL_WEIGHT_DEFAULT
+    except ImportError:
+        TEMPORAL_WEIGHT_DEFAULT = 500.0  # noqa: N806 - the same constant when the extra is not installed
     css = "#plan {min-height: 3em} #status {min-height: 2.5em}"
     with gr.Blocks(title="nsf studio", delete_cache=(600, 3600)) as app:
         gr.Markdown("## nsf studio: neural style transfer\nDrop a content image and one or more style images, "
                     "check the plan, press **Run**. Paint regions in *Regional styles* to place each style.")
-        with gr.Row():
-            with gr.Column(scale=3):
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Image", id="image", elem_id="image-tab"):
                 with gr.Row():
-                    content = Upload(label="Content", elem_id="content")
-                    style_images = [Upload(label=f"Style {k + 1}", elem_id=f"style-{k + 1}", visible=k < 2)
-                                    for k in range(n_styles)]
-                more = gr.Button("+ another style", size="sm", visible=n_styles > 2, elem_id="more-styles")
+                    with gr.Column(scale=3):
+                        with gr.Row():
+                            content = Upload(label="Content", elem_id="content")
+                            style_images = [Upload(label=f"Style {k + 1}", elem_id=f"style-{k + 1}", visible=k < 2)
+                                            for k in range(n_styles)]
+                        more = gr.Button("+ another style", size="sm", visible=n_styles > 2, elem_id="more-styles")
+                        with gr.Row():
+                            weights = [gr.Number(value=1.0, minimum=0, label=f"Weight of style {k + 1}", visible=k < 2,
+                                                 elem_id=f"weight-{k + 1}") for k in range(n_styles)]
+                        with gr.Row():
+                            preset = gr.Dropdown(list(PRESETS), value=limits.preset, label="Preset", elem_id="preset")
+                            size = gr.Number(value=min(base.size, limits.max_size), precision=0,
+                                             label="Size (px, longer side)", elem_id="size")
+                            steps = gr.Number(value=min(base.steps, limits.max_steps), precision=0, label="Steps",
+                                              elem_id="steps")
+                            seed = gr.Number(value=base.seed, precision=0, label="Seed", elem_id="seed")
+                        with gr.Row():
+                            colour = gr.Dropdown(list(CHOICES["preserve_color"]), value=base.preserve_color,
+                                                 label="Colour control", elem_id="preserve-color",
+                                                 visible="preserve_color" in limits.fields)
+                            loss = gr.Dropdown(list(CHOICES["style_loss"]), value=base.style_loss, label="Style loss",
+                                               elem_id="style-loss", visible="style_loss" in limits.fields)
+                        with gr.Accordion("Regional styles: paint where each style goes (one layer per style)",
+                                          open=False):
+                            editor = gr.ImageEditor(
+                                label="Regions", type="pil", image_mode="RGBA", sources=[], elem_id="editor",
+                                layers=gr.LayerOptions(allow_additional_layers=False,
+                                                       layers=[f"style {k + 1}" for k in range(n_styles)]),
+                                brush=gr.Brush(colors=list(LAYER_COLOURS[:n_styles]), color_mode="fixed"),
+                                transforms=(), height=420, canvas_size=(EDITOR_SIDE, EDITOR_SIDE))
+                            gr.Markdown("Layer *style k* is style k's region (soft edges). Styles with an empty "
+                                        "layer share what no layer covers; with no layer painted, the styles cover "
+                                        "the whole image.")
+                        plan = gr.Markdown("*Add a content image and a style image to see the plan.*", elem_id="plan")
+                        with gr.Row():
+                            run = gr.Button("Run", variant="primary", elem_id="run")
+                            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    with gr.Column(scale=2):
+                        status = gr.Markdown("", elem_id="status")
+                        preview = gr.Image(label="Preview (each scale as it ends)", type="pil", interactive=False,
+                                           elem_id="preview", height=300, format="png")
+                        result_image = gr.Image(label="Result", type="filepath", interactive=False, elem_id="result",
+                                                height=300, format="png")
+                        with gr.Row():
+                            fmt = gr.Radio(list(DOWNLOADS), value=DOWNLOADS[0], label="Download as", elem_id="format")
+                            download = gr.DownloadButton("Download", value=None, elem_id="download", interactive=False)
+                        provenance = gr.JSON(label="Provenance (the PNG's nsf chunk)", elem_id="provenance", open=False)
+                        gallery = gr.Gallery(label="Results so far", columns=4, height=200, elem_id="gallery",
+                                             allow_preview=True)
+            with gr.Tab("Video", id="video", elem_id="video-tab"):
+                gr.Markdown("Upload a clip and a style image, press **Run**: the first frame runs the whole schedule, "
+                            "each later one starts from the previous output warped along the optical flow (frames "
+                            "arrive below as they are done). **Stop** ends it between frames.")
                 with gr.Row():
-                    weights = [gr.Number(value=1.0, minimum=0, label=f"Weight of style {k + 1}", visible=k < 2,
-                                         elem_id=f"weight-{k + 1}") for k in range(n_styles)]
-                with gr.Row():
-                    preset = gr.Dropdown(list(PRESETS), value=limits.preset, label="Preset", elem_id="preset")
-                    size = gr.Number(value=min(base.size, limits.max_size), precision=0, label="Size (px, longer side)",
-                                     elem_id="size")
-                    steps = gr.Number(value=min(base.steps, limits.max_steps), precision=0, label="Steps",
-                                      elem_id="steps")
-                    seed = gr.Number(value=base.seed, precision=0, label="Seed", elem_id="seed")
-                with gr.Row():
-                    colour = gr.Dropdown(list(CHOICES["preserve_color"]), value=base.preserve_color,
-                                         label="Colour control", elem_id="preserve-color",
-                                         visible="preserve_color" in limits.fields)
-                    loss = gr.Dropdown(list(CHOICES["style_loss"]), value=base.style_loss, label="Style loss",
-                                       elem_id="style-loss", visible="style_loss" in limits.fields)
-                with gr.Accordion("Regional styles: paint where each style goes (one layer per style)", open=False):
-                    editor = gr.ImageEditor(
-                        label="Regions", type="pil", image_mode="RGBA", sources=[], elem_id="editor",
-                        layers=gr.LayerOptions(allow_additional_layers=False,
-                                               layers=[f"style {k + 1}" for k in range(n_styles)]),
-                        brush=gr.Brush(colors=list(LAYER_COLOURS[:n_styles]), color_mode="fixed"),
-                        transforms=(), height=420, canvas_size=(EDITOR_SIDE, EDITOR_SIDE))
-                    gr.Markdown("Layer *style k* is style k's region (soft edges). Styles with an empty layer share "
-                                "what no layer covers; with no layer painted, the styles cover the whole image.")
-                plan = gr.Markdown("*Add a content image and a style image to see the plan.*", elem_id="plan")
-                with gr.Row():
-                    run = gr.Button("Run", variant="primary", elem_id="run")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-            with gr.Column(scale=2):
-                status = gr.Markdown("", elem_id="status")
-                preview = gr.Image(label="Preview (each scale as it ends)", type="pil", interactive=False,
-                                   elem_id="preview", height=300, format="png")
-                result_image = gr.Image(label="Result", type="filepath", interactive=False, elem_id="result",
-                                        height=300, format="png")
-                with gr.Row():
-                    fmt = gr.Radio(list(DOWNLOADS), value=DOWNLOADS[0], label="Download as", elem_id="format")
-                    download = gr.DownloadButton("Download", value=None, elem_id="download", interactive=False)
-                provenance = gr.JSON(label="Provenance (the PNG's nsf chunk)", elem_id="provenance", open=False)
-                gallery = gr.Gallery(label="Results so far", columns=4, height=200, elem_id="gallery",
-                                     allow_preview=True)
+                    with gr.Column(scale=3):
+                        with gr.Row():
+                            v_clip = gr.Video(label="Clip", sources=["upload"], include_audio=True,
+                                              elem_id="video-clip", height=260)
+                            v_style = Upload(label="Style", elem_id="video-style")
+                        with gr.Row():
+                            v_size = gr.Number(value=min(base.size, limits.max_video_size, limits.max_size),
+                                               precision=0, label="Size (px, longer side)", elem_id="video-size")
+                            v_steps = gr.Number(value=min(base.steps, limits.max_steps), precision=0,
+                                                label="Steps (first frame)", elem_id="video-steps")
+                            v_later = gr.Number(value=limits.video_later_steps, precision=0,
+                                                label="Steps (each later frame)", elem_id="video-later-steps")
+                            v_weight = gr.Number(value=TEMPORAL_WEIGHT_DEFAULT, minimum=0, label="Temporal weight",
+                                                 elem_id="video-temporal-weight")
+                        v_plan = gr.Markdown("*Add a clip and a style image to see the plan.*", elem_id="video-plan")
+                        with gr.Row():
+                            v_run = gr.Button("Run", variant="primary", elem_id="video-run")
+                            v_stop = gr.Button("Stop", variant="stop", elem_id="video-stop")
+                    with gr.Column(scale=2):
+                        v_status = gr.Markdown("", elem_id="video-status")
+                        v_preview = gr.Image(label="Frames as they are done", type="pil", interactive=False,
+                                             elem_id="video-preview", height=300, format="png")
+                        v_result = gr.Video(label="Result", interactive=False, elem_id="video-result", height=300)
+                        v_download = gr.DownloadButton("Download MP4", value=None, elem_id="video-download",
+                                                       interactive=False)
         last = gr.State(None)  # the last Update with a result (for re-encoding downloads)
         shown = gr.State([])  # the gallery's (path, caption) pairs
         n_shown = gr.State(2)  # style slots shown
@@ -597,6 +686,37 @@ def build_app(studio: Studio) -> gr.Blocks:
             return ("Stopping at the next step…" if studio.stop(_session(request))
                     else "Nothing is running.")
 
+        video_inputs = [v_clip, v_style, v_size, v_steps, v_later, v_weight]
+
+        def video_fields(values: Sequence[Any], session: str | None) -> dict[str, Any] | RequestError:
+            clip, st, sz, stp, later, weight = values
+            try:
+                return studio.video_request(clip, st, size=sz, steps=stp, later_steps=later, temporal_weight=weight,
+                                            session=session)
+            except RequestError as e:
+                return e
+
+        def on_video_plan(values: Sequence[Any], request: Any) -> str:
+            return studio.plan_line(video_fields(values, _session(request)))
+
+        def on_video_run(values: Sequence[Any], request: Any) -> Iterator[dict[Any, Any]]:
+            session = _session(request)
+            fields = video_fields(values, session)
+            if isinstance(fields, RequestError):
+                yield {v_status: studio.plan_line(fields)}
+                return
+            stop_event = studio.stop_event(session)
+            yield {v_status: "Checking the request…", v_preview: None, v_result: None,
+                   v_download: gr.update(value=None, interactive=False)}
+            for update in studio.run(fields, stop_event):
+                if update.kind == "preview":
+                    yield {v_status: update.text, v_preview: update.preview}
+                elif update.kind == "result" and update.video is not None:
+                    path = str(studio.save_video(update, session=session))
+                    yield {v_status: update.text, v_result: path, v_download: gr.update(value=path, interactive=True)}
+                else:
+                    yield {v_status: update.text}
+
         def on_unload(request: gr.Request) -> None:
             studio.forget(_session(request))
 
@@ -620,6 +740,14 @@ def build_app(studio: Studio) -> gr.Blocks:
                   concurrency_limit=1, concurrency_id="device", show_progress="minimal")
         fmt.change(on_format, [fmt, last], download, concurrency_limit=4)
         stop.click(on_stop, None, status, queue=False)
+        video_plan_fn = _with_request(gr, on_video_plan, len(video_inputs))
+        for component in video_inputs:
+            component.change(video_plan_fn, video_inputs, v_plan, concurrency_limit=4, show_progress="hidden",
+                             trigger_mode="always_last")
+        v_run.click(_with_request(gr, on_video_run, len(video_inputs), generator=True), video_inputs,
+                    [v_status, v_preview, v_result, v_download], concurrency_limit=1, concurrency_id="device",
+                    show_progress="minimal")
+        v_stop.click(on_stop, None, v_status, queue=False)
         app.unload(on_unload)
     app.nsf_css = css  # Gradio 6 takes css at launch()
     return app

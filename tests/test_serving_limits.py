@@ -69,7 +69,8 @@ def test_model_config_max_memory_is_checked_at_load():
 
 def test_request_schema_matches_the_limits(limits):
     schema = request_schema(limits)
-    assert schema["required"] == ["content", "style"]
+    assert schema["required"] == ["style"]
+    assert schema["oneOf"] == [{"required": ["content"]}, {"required": ["video"]}]
     assert set(schema["properties"]) == set(allowed_fields(limits))
     assert schema["properties"]["size"]["maximum"] == limits.max_size
     assert schema["properties"]["steps"]["default"] == PRESETS[limits.preset].steps

@@ -212,4 +212,41 @@ def test_the_page_builds(studio):
     ids = {b.elem_id for b in app.blocks.values() if getattr(b, "elem_id", None)}
     assert {"content", "style-1", "style-2", "size", "steps", "seed", "preset", "preserve-color", "style-loss",
             "editor", "plan", "run", "stop", "status", "preview", "result", "download", "provenance",
-            "gallery"} <= ids
+            "gallery", "video-clip", "video-style", "video-size", "video-steps", "video-later-steps",
+            "video-temporal-weight", "video-plan", "video-run", "video-stop", "video-status", "video-preview",
+            "video-result", "video-download"} <= ids
+
+
+def test_video_tab_streams_frames_then_the_mp4_and_stop_ends_it(studio, files, tmp_path):
+    """The Video tab's job: the same worker path as a server's video request (frames arrive as previews, then the
+    MP4 to download); Stop after the first frame ends it between frames with no file."""
+    pytest.importorskip("av")
+    pytest.importorskip("cv2")
+    import av
+    from test_video import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", n=3, size=(36, 48))
+    with pytest.raises(RequestError) as e:
+        studio.video_request(None, str(files["style"]))
+    assert e.value.field == "video" and "add a" in studio.plan_line(e.value)
+    f = studio.video_request(str(clip), str(files["style"]), size=32.0, steps=2.0, later_steps=1.0,
+                             temporal_weight=100.0, session="v1")
+    assert f["video"] == clip.read_bytes() and (f["size"], f["later_steps"]) == (32, 1)
+    assert studio.plan_line(f).startswith("**Plan:** 3 frames of 48×36")
+    updates = list(studio.run(f, threading.Event()))
+    frames = [u for u in updates if u.kind == "preview"]
+    assert [u.text.split()[1] for u in frames] == ["1/3", "2/3", "3/3"] and frames[0].preview.size == (32, 24)
+    done = updates[-1]
+    assert done.kind == "result" and done.video is not None and "3 frames" in done.text
+    path = studio.save_video(done, session="v1")
+    with av.open(str(path)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 3
+
+    stop = threading.Event()
+    seen = []
+    for u in studio.run(f, stop):
+        seen.append(u)
+        if u.kind == "preview":
+            stop.set()  # Stop pressed once the first frame is shown
+    assert seen[-1].kind == "error" and seen[-1].status == 499 and "Stopped" in seen[-1].text
+    assert sum(u.kind == "preview" for u in seen) == 1

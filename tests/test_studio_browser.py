@@ -244,3 +244,31 @@ def test_painted_region_takes_the_second_style(page, images, tmp_path):
     with torch.no_grad():
         assert gram_distance(left_half, s1, net) < gram_distance(left_half, s2, net)
         assert gram_distance(right_half, s2, net) < gram_distance(right_half, s1, net)
+
+
+def test_video_tab_runs_a_clip_and_downloads_the_mp4(page, tmp_path):
+    """The Video tab: upload a clip and a style, Run: frames show as they are done, then the MP4 to download."""
+    pytest.importorskip("av")
+    import av
+    from test_video import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", n=3, size=(36, 48))
+    style = save(picture(64, 64, 1, "stripes"), tmp_path / "style.png")
+    page.get_by_role("tab", name="Video").click()
+    upload(page, "video-clip", clip)
+    upload(page, "video-style", style)
+    set_number(page, "video-size", 32)
+    set_number(page, "video-steps", 2)
+    set_number(page, "video-later-steps", 1)
+    plan = wait_text(page, "video-plan", "Plan:")
+    assert "3 frames of 48×36" in plan, plan
+    page.locator("#video-run").click()
+    status = wait_text(page, "video-status", "Done", "Refused", "Failed", timeout=180)
+    assert "3 frames" in status, status
+    assert page.locator("#video-preview img").count() == 1  # the last frame's preview stays
+    with page.expect_download() as info:
+        page.locator("#video-download").click()
+    path = tmp_path / info.value.suggested_filename
+    info.value.save_as(path)
+    with av.open(str(path)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 3

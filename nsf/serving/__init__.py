@@ -29,7 +29,9 @@ from .request import (
     STYLE,
     STYLE_MASK,
     STYLE_WEIGHTS,
+    VIDEO,
     Job,
+    VideoJob,
     allowed_fields,
     decode_image,
     decode_mask,
@@ -44,8 +46,8 @@ from .runner import Runner, Unavailable, answer_within_budget
 from .schema import request_schema
 from .worker import Outcome, RunHooks, Worker
 
-__all__ = ["CONTENT", "FORMATS", "MASK", "STYLE", "STYLE_MASK", "STYLE_WEIGHTS", "CostModel", "Job", "Outcome",
-           "RequestError", "RunHooks", "Runner", "ServingLimits", "Unavailable", "Worker", "admit_memory",
+__all__ = ["CONTENT", "FORMATS", "MASK", "STYLE", "STYLE_MASK", "STYLE_WEIGHTS", "VIDEO", "CostModel", "Job", "Outcome",
+           "RequestError", "RunHooks", "Runner", "ServingLimits", "Unavailable", "VideoJob", "Worker", "admit_memory",
            "allowed_fields", "answer_within_budget", "field_kinds", "decode_image", "decode_mask",
            "from_config_error", "from_kserve_v2", "parse_request", "phrase", "pixel_steps", "request_fields",
            "request_schema", "resolve", "wants_stream"]

@@ -33,7 +33,10 @@ BOOL_CHOICES = {f.name: tuple(f.metadata["bool_choices"]) for f in dataclasses.f
 DEFAULT_CALIBRATE = (128, 6)  # (size, steps) of the start-up timing run, where model-config.yaml names none
 _DEVICE_KEYS = {"max_size", "max_steps", "compile", "warmup_sizes", "warmup_steps", "calibrate", "max_memory"}
 _SECTION_KEYS = {"preset", "overrides", "fields", "max_styles", "max_pixels", "max_request_bytes", "devices",
-                 "time_budget"}
+                 "time_budget", "video"}
+_VIDEO_KEYS = {"max_bytes", "max_frames", "max_size", "later_steps"}
+# a video request's limits where model-config.yaml's nsf.video names none
+DEFAULT_VIDEO = {"max_bytes": 16 * 2**20, "max_frames": 300, "max_size": 512, "later_steps": 20}
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ class ServingLimits:
     time_budget: float = 0.0
     calibrate: tuple[int, int] = DEFAULT_CALIBRATE
     max_memory: str | int = "auto"  # the worker's memory budget (nsf.style_fusion(max_memory=...))
+    # video requests (the ``video`` field, nsf.video): the clip's bytes (413 past it), its frames (413), the
+    # output size (``size`` of a video request; its range), and a later frame's steps unless the request names them
+    max_video_bytes: int = DEFAULT_VIDEO["max_bytes"]
+    max_video_frames: int = DEFAULT_VIDEO["max_frames"]
+    max_video_size: int = DEFAULT_VIDEO["max_size"]
+    video_later_steps: int = DEFAULT_VIDEO["later_steps"]
     base: StyleConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -68,7 +77,9 @@ class ServingLimits:
         section = (model_config or {}).get("nsf")
         if not isinstance(section, Mapping):
             raise ValueError("model-config.yaml has no 'nsf' section; it holds the handler's serving limits")
-        _require_keys("nsf", section, _SECTION_KEYS, optional={"time_budget"})
+        _require_keys("nsf", section, _SECTION_KEYS, optional={"time_budget", "video"})
+        video = {**DEFAULT_VIDEO, **(section.get("video") or {})}
+        _require_keys("nsf.video", video, _VIDEO_KEYS)
         devices = section["devices"]
         if not isinstance(devices, Mapping) or device not in devices:
             raise ValueError(f"model-config.yaml has no nsf.devices.{device} section; "
@@ -96,6 +107,10 @@ class ServingLimits:
             time_budget=cls.time_budget if section.get("time_budget") is None else float(section["time_budget"]),
             calibrate=(int(calibrate[0]), int(calibrate[1])),
             max_memory=per_device.get("max_memory") or "auto",
+            max_video_bytes=int(video["max_bytes"]),
+            max_video_frames=int(video["max_frames"]),
+            max_video_size=int(video["max_size"]),
+            video_later_steps=int(video["later_steps"]),
         )
 
     @classmethod
@@ -103,10 +118,11 @@ class ServingLimits:
         """The limits of every device type the config names."""
         return {dev: cls.from_model_config(model_config, dev) for dev in model_config["nsf"]["devices"]}
 
-    def bounds(self, name: str) -> dict[str, int]:
-        """This server's range of a :data:`RANGED` option: ``{"min": ..., "max": ...}``."""
+    def bounds(self, name: str, *, video: bool = False) -> dict[str, int]:
+        """This server's range of a :data:`RANGED` option: ``{"min": ..., "max": ...}`` (``video``: a video
+        request's, whose size is at most ``max_video_size``)."""
         if name == "size":
-            return {"min": MIN_SIDE, "max": self.max_size}
+            return {"min": MIN_SIDE, "max": min(self.max_size, self.max_video_size) if video else self.max_size}
         if name == "steps":
             return {"min": 1, "max": self.max_steps}
         raise KeyError(f"{name!r} is not a ranged option; allowed: {', '.join(RANGED)}")
@@ -150,9 +166,16 @@ def _check_limits(limits: ServingLimits) -> StyleConfig:
                              f"options other than {', '.join(sorted(SERVER_ONLY))}")
     if not MIN_SIDE <= limits.max_size <= MAX_SIZE:
         raise ValueError(f"model-config.yaml: max_size={limits.max_size}; allowed: {MIN_SIDE}..{MAX_SIZE}")
-    for name in ("max_steps", "max_styles", "max_pixels", "max_request_bytes"):
+    for name in ("max_steps", "max_styles", "max_pixels", "max_request_bytes", "max_video_bytes", "max_video_frames",
+                 "video_later_steps"):
         if getattr(limits, name) < 1:
             raise ValueError(f"model-config.yaml: {name}={getattr(limits, name)}; allowed: >= 1")
+    if not MIN_SIDE <= limits.max_video_size <= MAX_SIZE:
+        raise ValueError(f"model-config.yaml: nsf.video.max_size={limits.max_video_size}; allowed: "
+                         f"{MIN_SIDE}..{MAX_SIZE}")
+    if limits.max_video_bytes > limits.max_request_bytes:
+        raise ValueError(f"model-config.yaml: nsf.video.max_bytes={limits.max_video_bytes}; allowed: at most "
+                         f"max_request_bytes ({limits.max_request_bytes})")
     if base.size > limits.max_size or base.steps > limits.max_steps:
         raise ValueError(f"model-config.yaml: the serving defaults (preset {limits.preset!r} with overrides: "
                          f"size={base.size}, steps={base.steps}) exceed the {limits.device} limits "

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 CONTENT = "content"
+VIDEO = "video"  # a video request: the clip's bytes instead of content (nsf.video); the answer is an MP4
+TEMPORAL_WEIGHT, LATER_STEPS = "temporal_weight", "later_steps"  # a video request's options (nsf.video.frames)
+VIDEO_TYPE = "video/mp4"
 STYLE = "style"
 MASK = "mask"  # regional styles: mask, mask_2... the content mask of style, style_2... (all styles or none)
 STYLE_MASK = "style_mask"  # style_mask, style_mask_2...: optional, the part of each style image it is taken from
@@ -45,7 +48,9 @@ IMAGE, INTEGER, NUMBER, BOOLEAN, TEXT, NUMBERS = "image", "integer", "number", "
 # Request-only fields (not StyleConfig options) and their kinds: with the images and the options the server lets
 # clients set, they make the one table of request fields (field_kinds) that parse_request, the JSON Schema, the
 # KServe v2 metadata and the MLflow signature all read.
-REQUEST_OPTIONS = {"preset": TEXT, "format": TEXT, STYLE_WEIGHTS: NUMBERS, STREAM: BOOLEAN, DEADLINE: NUMBER}
+REQUEST_OPTIONS = {"preset": TEXT, "format": TEXT, STYLE_WEIGHTS: NUMBERS, STREAM: BOOLEAN, DEADLINE: NUMBER,
+                   TEMPORAL_WEIGHT: NUMBER, LATER_STEPS: INTEGER}
+VIDEO_ONLY = (TEMPORAL_WEIGHT, LATER_STEPS)
 MAX_DEADLINE = 86400.0  # s; a deadline is the client's bound within the worker's own time admission
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg"}
 IMAGE_VALUE = "an image as a base64 string (JSON) or a file (multipart)"
@@ -76,6 +81,34 @@ class Job:
     def masked(self) -> bool:
         """Whether the request carries masks or style masks (it then runs on its own, never batched)."""
         return self.masks is not None or self.style_masks is not None
+
+
+@dataclass
+class VideoJob:
+    """A checked video request: the clip's bytes (probed: a video stream, a constant frame rate, at most
+    ``max_video_frames`` frames of at most ``max_pixels`` pixels), its :class:`nsf.video.VideoInfo`, the decoded
+    styles, the first frame's config, and the later frames' steps and temporal weight. It always runs alone."""
+
+    video: bytes
+    info: Any  # nsf.video.VideoInfo (the video extra is imported only for a video request)
+    styles: list[Image.Image]
+    config: StyleConfig
+    later_steps: int
+    temporal_weight: float
+    stream: bool = False
+
+    content_type = VIDEO_TYPE
+    masked = False
+    deadline = None
+
+    @property
+    def frames(self) -> int:
+        return int(self.info.frames)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The source frames' ``(height, width)``."""
+        return int(self.info.height), int(self.info.width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +176,8 @@ def field_kinds(limits: ServingLimits) -> dict[str, str]:
     :data:`NUMBERS`): the content and numbered style/mask images, the StyleConfig options ``limits.fields`` and the
     request-only :data:`REQUEST_OPTIONS`."""
     kinds = {int: INTEGER, float: NUMBER, bool: BOOLEAN}
-    images = [CONTENT, *(name for base in (STYLE, MASK, STYLE_MASK) for name in numbered(base, limits.max_styles))]
+    images = [CONTENT, VIDEO,
+              *(name for base in (STYLE, MASK, STYLE_MASK) for name in numbered(base, limits.max_styles))]
     options = {name: TEXT if name in CHOICES else kinds[HINTS[name]] for name in limits.fields}
     return {**dict.fromkeys(images, IMAGE), **options, **REQUEST_OPTIONS}
 
@@ -153,8 +187,9 @@ def allowed_fields(limits: ServingLimits) -> list[str]:
     return list(field_kinds(limits))
 
 
-def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
-    """Check a request's fields and decode its images; raise :class:`RequestError` on anything wrong."""
+def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job | VideoJob:
+    """Check a request's fields and decode its images; raise :class:`RequestError` on anything wrong. A request
+    with a ``video`` field (and no ``content``) is a video request: a :class:`VideoJob`."""
     total = sum(_size_of(v) for v in fields.values())
     if total > limits.max_request_bytes:
         raise RequestError(f"the request carries {total} bytes; allowed: at most {limits.max_request_bytes}",
@@ -168,6 +203,12 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
                f"{m.group(1)}_{limits.max_styles})" if m and int(m.group(2)) > limits.max_styles
                else "not a field of this model")
         raise RequestError(f"unknown field {_show(name)}: {why}", field=str(name), allowed=allowed)
+    if fields.get(VIDEO) is not None:
+        return _parse_video(fields, limits)
+    for name in VIDEO_ONLY:
+        if name in fields:
+            raise RequestError(f"{name} is an option of a video request (a video field); this one has none",
+                               field=name, allowed="a video request's option only")
     for name in (CONTENT, STYLE):
         if fields.get(name) is None:
             raise RequestError(f"the request has no {name} image", field=name,
@@ -213,6 +254,93 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job:
                    for name, style in zip(style_mask_names, styles)] \
         if any(style_mask_names) else None
     return Job(content, styles, cfg, "jpeg" if fmt == "jpg" else fmt, stream, deadline, masks, style_masks)
+
+
+def _parse_video(fields: Mapping[str, Any], limits: ServingLimits) -> VideoJob:
+    """A video request's fields -> a :class:`VideoJob` (the clip probed, nothing decoded past its headers)."""
+    if fields.get(CONTENT) is not None:
+        raise RequestError("the request has both content and video; allowed: one of them (an image or a clip)",
+                           field=VIDEO, allowed=[CONTENT, VIDEO])
+    try:
+        import nsf.video  # noqa: F401 - the video extra (av, opencv-python-headless)
+    except ImportError as e:
+        raise RequestError(f"this server cannot read video ({e}: the 'video' extra is not installed); allowed: "
+                           "content images here", field=VIDEO, allowed=[CONTENT]) from None
+    if fields.get(STYLE) is None:
+        raise RequestError("the request has no style image", field=STYLE,
+                           allowed="an image file (multipart) or base64 string (JSON)")
+    for name in fields:
+        m = _NUMBERED.fullmatch(str(name))
+        if name in (MASK, STYLE_MASK, DEADLINE) or (m and m.group(1) in (MASK, STYLE_MASK)):
+            raise RequestError(f"{name}: not with a video request", field=str(name),
+                               allowed=f"no {name} in a video request")
+    style_names = [STYLE] + [f"style_{i}" for i in range(2, limits.max_styles + 1) if f"style_{i}" in fields]
+    options = {name: _coerce(name, fields[name], HINTS[name], limits) for name in limits.fields if name in fields}
+    if STYLE_WEIGHTS in fields:
+        weights = _weights(fields[STYLE_WEIGHTS])
+        if len(weights) != len(style_names):
+            raise RequestError(f"style_weights has {len(weights)} values for {len(style_names)} style images",
+                               field=STYLE_WEIGHTS, allowed=f"{len(style_names)} non-negative numbers, one per style")
+        options["style_blend_weights"] = weights
+    preset = _text(fields["preset"], "preset") if "preset" in fields else limits.preset
+    if preset not in PRESETS:
+        raise RequestError(f"unknown preset {_show(preset)}", field="preset", allowed=list(PRESETS))
+    if "format" in fields and _text(fields["format"], "format").lower() != "mp4":
+        raise RequestError(f"format={_show(fields['format'])} for a video request", field="format", allowed=["mp4"])
+    stream = _coerce(STREAM, fields[STREAM], bool, limits) if STREAM in fields else False
+    later_steps = limits.video_later_steps
+    if LATER_STEPS in fields:
+        later_steps = _coerce(LATER_STEPS, fields[LATER_STEPS], int, limits)
+        if not 1 <= later_steps <= limits.max_steps:
+            raise RequestError(f"later_steps={later_steps}", field=LATER_STEPS,
+                               allowed={"min": 1, "max": limits.max_steps})
+    from ..video import TEMPORAL_WEIGHT as DEFAULT_TEMPORAL_WEIGHT  # the video extra, for a video request only
+
+    temporal_weight = DEFAULT_TEMPORAL_WEIGHT
+    if TEMPORAL_WEIGHT in fields:
+        temporal_weight = _coerce(TEMPORAL_WEIGHT, fields[TEMPORAL_WEIGHT], float, limits)
+        if not 0 <= temporal_weight <= MAX_WEIGHT:
+            raise RequestError(f"temporal_weight={temporal_weight}", field=TEMPORAL_WEIGHT,
+                               allowed={"min": 0, "max": MAX_WEIGHT})
+    cfg = resolve(preset, options, limits)
+    top = limits.bounds("size", video=True)
+    if cfg.size > top["max"]:
+        source = "" if "size" in options else f" (from preset {preset!r}; send size to lower it)"
+        raise RequestError(f"size={cfg.size}{source} is over this server's limit for a video request", field="size",
+                           allowed=top)
+    data = _image_bytes(fields[VIDEO], VIDEO, what="a video file (MP4, MOV, MKV, WebM...)")
+    if len(data) > limits.max_video_bytes:
+        raise RequestError(f"the video has {len(data)} bytes; allowed: at most {limits.max_video_bytes}",
+                           field=VIDEO, allowed=f"at most {limits.max_video_bytes} bytes", status=413)
+    info = probe_video(data, limits)
+    styles = [decode_image(fields[name], name, limits) for name in style_names]
+    return VideoJob(data, info, styles, cfg, later_steps, float(temporal_weight), stream)
+
+
+def probe_video(data: bytes, limits: ServingLimits) -> Any:
+    """A clip's bytes -> its :class:`nsf.video.VideoInfo` (headers and packets only), or the request error: not a
+    video, no video stream, no frames, a variable frame rate (400); more than ``max_video_frames`` frames or
+    frames over ``max_pixels`` (413)."""
+    import tempfile
+
+    from ..errors import VideoError
+    from ..video import probe
+
+    with tempfile.TemporaryDirectory(prefix="nsf-video-") as tmp:
+        path = f"{tmp}/clip"
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            info = probe(path, max_frames=limits.max_video_frames, max_pixels=2**62)
+        except VideoError as e:
+            if e.field == "frames":  # more frames than the limit: the probe stopped counting there
+                raise RequestError(f"the video has more than {limits.max_video_frames} frames", field=VIDEO,
+                                   allowed=f"at most {limits.max_video_frames} frames", status=413) from None
+            raise RequestError.from_error(e, field=VIDEO, message=f"video: {e}") from None
+    if info.width * info.height > limits.max_pixels:
+        raise RequestError(f"the video's frames have {info.width}x{info.height} = {info.width * info.height} pixels",
+                           field=VIDEO, allowed=f"at most {limits.max_pixels} pixels a frame", status=413)
+    return info
 
 
 def _checked_mask(mask: Tensor, name: str, image: Image.Image) -> Tensor:
@@ -318,8 +446,8 @@ def decode_mask(value: Any, name: str, limits: ServingLimits) -> Tensor:
         raise RequestError(f"{name}: {e}", field=name, allowed="a PNG, JPEG, WebP... image") from None
 
 
-def _image_bytes(value: Any, name: str) -> bytes:
-    """An image field's bytes: as sent (multipart) or decoded from base64 text (bare, ``data:`` URL,
+def _image_bytes(value: Any, name: str, what: str = IMAGE_VALUE) -> bytes:
+    """An image (or video) field's bytes: as sent (multipart) or decoded from base64 text (bare, ``data:`` URL,
     ``{"b64": ...}``)."""
     if isinstance(value, Mapping) and set(value) == {"b64"}:
         value = value["b64"]
@@ -330,13 +458,13 @@ def _image_bytes(value: Any, name: str) -> bytes:
         try:
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError):
-            raise RequestError(f"{name} is not valid base64", field=name, allowed=IMAGE_VALUE) from None
+            raise RequestError(f"{name} is not valid base64", field=name, allowed=what) from None
     elif isinstance(value, (bytes, bytearray)):
         data = bytes(value)
     else:
-        raise RequestError(f"{name} is a {type(value).__name__}", field=name, allowed=IMAGE_VALUE)
+        raise RequestError(f"{name} is a {type(value).__name__}", field=name, allowed=what)
     if not data:
-        raise RequestError(f"{name} is empty", field=name, allowed="an image file")
+        raise RequestError(f"{name} is empty", field=name, allowed="an image file" if what == IMAGE_VALUE else what)
     return data
 
 

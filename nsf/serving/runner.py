@@ -116,7 +116,7 @@ def answer_within_budget(worker: Worker, requests: Sequence[Mapping[str, Any] | 
                 job = worker.check(request)
             except Exception:  # noqa: BLE001 - refused (or failed) on its own by worker.answer below
                 continue
-            total += cost.seconds(job.config, job.content.height, job.content.width)
+            total += worker.estimate(job)
         if total > cost.budget:
             error = RequestError(f"the {len(requests)} instances would take about {total:.0f} s together on this "
                                  f"worker, over its {cost.budget:.0f} s limit per request; send fewer per request",

@@ -10,12 +10,15 @@ from .limits import BOOL_CHOICES, CHOICES, HINTS, RANGED, ServingLimits
 from .request import (
     CONTENT,
     DEADLINE,
+    LATER_STEPS,
     MASK,
     MAX_DEADLINE,
     STREAM,
     STYLE,
     STYLE_MASK,
     STYLE_WEIGHTS,
+    TEMPORAL_WEIGHT,
+    VIDEO,
     field_kinds,
     numbered,
 )
@@ -66,6 +69,17 @@ def request_schema(limits: ServingLimits) -> dict[str, Any]:
     props[STREAM] = {"type": "boolean", "default": False,
                      "description": "answer with newline-delimited JSON: a preview per coarse-to-fine scale, then "
                                     "the image (README, 'Progress while a request runs')"}
+    props[VIDEO] = {"type": "string", "contentEncoding": "base64",
+                     "description": f"a video request instead of content: the clip (MP4, MOV, MKV, WebM...), at most "
+                                    f"{limits.max_video_bytes} bytes and {limits.max_video_frames} frames of at most "
+                                    f"{limits.max_pixels} pixels; size at most {limits.max_video_size}; the answer "
+                                    "is an MP4 (video/mp4), streamed: a preview per frame, then the clip"}
+    props[TEMPORAL_WEIGHT] = {"type": "number", "minimum": 0, "maximum": MAX_WEIGHT,
+                              "description": "video: the weight of the temporal loss holding each frame to the "
+                                             "previous output warped along the optical flow (0: off)"}
+    props[LATER_STEPS] = {"type": "integer", "minimum": 1, "maximum": limits.max_steps,
+                          "default": limits.video_later_steps,
+                          "description": "video: the steps of each frame after the first (warm-started)"}
     props[DEADLINE] = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DEADLINE,
                        "description": "seconds; past it the best image so far is the answer, marked partial "
                                       f"(header {PARTIAL_HEADER}: true, PNG metadata 'partial')"}
@@ -75,4 +89,5 @@ def request_schema(limits: ServingLimits) -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": f"style_fusion request on {limits.device} (JSON body; multipart/form-data takes the same "
                      "fields, images as files)",
-            "type": "object", "required": [CONTENT, STYLE], "additionalProperties": False, "properties": props}
+            "type": "object", "required": [STYLE], "oneOf": [{"required": [CONTENT]}, {"required": [VIDEO]}],
+            "additionalProperties": False, "properties": props}

@@ -6,6 +6,9 @@ per line, flushed as the optimization proceeds:
 * ``{"event": "preview", "scale": 1, "scales": 3, "size": [h, w], "step": 50, "total": 150, "loss": ...,
   "content_type": "image/jpeg", "image": "<base64>"}`` as each scale ends (a JPEG at most
   :data:`PREVIEW_SIDE` px on its longer side);
+* a video request (a ``video`` field) sends ``{"event": "frame", "index": 0, "total": 48, "size": [h, w],
+  "seconds": ..., "content_type": "image/jpeg", "image": "<base64>"}`` as each frame is done, and its result line
+  is ``{"event": "result", "partial": false, "frames": 48, "content_type": "video/mp4", "video": "<base64>"}``;
 * then ``{"event": "result", "partial": false, "content_type": "image/png", "image": "<base64>"}`` (the
   same bytes a non-streamed request gets), or ``{"event": "error", "status": 4xx/5xx, "error", "field",
   "allowed"}``.
@@ -20,11 +23,14 @@ import base64
 import json
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..geometry import target_size
 from ..image import encode, resize, tensor_to_pil
 from ..optimize.events import ScaleDone
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 MEDIA_TYPE = "application/x-ndjson"
 PREVIEW_SIDE = 256  # px, longer side of a preview: a few KB of JPEG, enough to judge the picture
@@ -61,6 +67,23 @@ def preview(done: ScaleDone, index: int = 0) -> dict[str, Any]:
     return {"event": "preview", "scale": done.number, "scales": done.scales, "size": [h, w], "step": done.step,
             "total": done.total, "loss": done.loss, "content_type": "image/jpeg",
             "image": base64.b64encode(jpeg).decode("ascii")}
+
+
+def frame_preview(image: Tensor, index: int, total: int, seconds: float) -> dict[str, Any]:
+    """A video request's message for a finished frame: its index (0-based) of ``total``, its seconds and the
+    frame as a small JPEG (at most :data:`PREVIEW_SIDE` px on its longer side)."""
+    h, w = image.shape[-2:]
+    if max(h, w) > PREVIEW_SIDE:
+        image = resize(image, target_size(h, w, PREVIEW_SIDE))
+    jpeg = encode(tensor_to_pil(image[:1]), "jpeg", quality=80)
+    return {"event": "frame", "index": index, "total": total, "size": [h, w], "seconds": round(seconds, 3),
+            "content_type": "image/jpeg", "image": base64.b64encode(jpeg).decode("ascii")}
+
+
+def video_result(data: bytes, frames: int) -> dict[str, Any]:
+    """The last message of a video request's stream: the MP4 (the bytes a non-streamed request gets)."""
+    return {"event": "result", "partial": False, "frames": frames, "content_type": "video/mp4",
+            "video": base64.b64encode(data).decode("ascii")}
 
 
 def result(image: bytes, content_type: str, partial: bool) -> dict[str, Any]:

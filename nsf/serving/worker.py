@@ -11,10 +11,12 @@ encoded image or its error. A server adapter only maps its own request and respo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,8 +35,8 @@ from ..weights import LoadedWeights
 from .admission import CostModel, admit_memory, pixel_steps
 from .errors import RequestError, phrase
 from .limits import ServingLimits
-from .request import Job, from_config_error, parse_request, resolve
-from .stream import MEDIA_TYPE, PARTIAL_HEADER, StopWhen, line, preview, result
+from .request import VIDEO_TYPE, Job, VideoJob, from_config_error, parse_request, resolve
+from .stream import MEDIA_TYPE, PARTIAL_HEADER, StopWhen, frame_preview, line, preview, result, video_result
 from .stream import error as error_message
 
 logger = logging.getLogger(__name__)
@@ -203,10 +205,12 @@ class Worker:
 
     # -- requests --------------------------------------------------------------------------
 
-    def check(self, fields: Mapping[str, Any]) -> Job:
+    def check(self, fields: Mapping[str, Any]) -> Job | VideoJob:
         """A request's fields -> a job admitted to run; :class:`RequestError` for a bad request or one
         over the worker's memory (422) or time (422) limit."""
         job = parse_request(fields, self.limits)
+        if isinstance(job, VideoJob):
+            return self._check_video(job)
         hw = (job.content.height, job.content.width)
         masks = len(job.masks) if job.masks is not None else 0
         admit_memory(lambda: self.model.plan_config(job.config, hw,
@@ -215,6 +219,44 @@ class Worker:
         if self.cost is not None:
             self.cost.admit(job.config, *hw, masks=masks)
         return job
+
+    def _check_video(self, job: VideoJob) -> VideoJob:
+        """Admit a video request: its first frame must fit the memory budget (a later frame's one full-size scale is
+        the first's last), and the whole clip the time budget: the first frame's schedule plus each later frame's
+        short one, with the cost model measured at start-up. Over it: a 422 naming the most frames that fit (or,
+        when not even the first frame fits, the steps or size that would)."""
+        from ..video import later_config
+
+        hw = job.size
+        admit_memory(lambda: self.model.plan_config(job.config, hw,
+                                                    style_sizes=[(s.height, s.width) for s in job.styles]))
+        if self.cost is None:
+            return job
+        first = self.cost.seconds(job.config, *hw)
+        if first > self.cost.budget:
+            self.cost.admit(job.config, *hw)  # names the steps (or size) that would fit one frame
+        later = self.cost.seconds(later_config(job.config, job.later_steps), *hw)
+        estimate = first + (job.frames - 1) * later
+        if estimate > self.cost.budget:
+            fits = 1 + int((self.cost.budget - first) // later) if later > 0 else job.frames
+            raise RequestError(f"the video's {job.frames} frames at size={job.config.size} would take about "
+                               f"{estimate:.0f} s on this worker (first frame {first:.1f} s with steps="
+                               f"{job.config.steps}, each later one {later:.1f} s with later_steps={job.later_steps}),"
+                               f" over its {self.cost.budget:.0f} s limit per request; at most {fits} frames fit",
+                               field="video", status=422,
+                               allowed={"max_frames": fits, "seconds_limit": round(self.cost.budget)})
+        return job
+
+    def estimate(self, job: Job | VideoJob) -> float:
+        """A checked job's estimated seconds on this worker (0 without a cost model)."""
+        if self.cost is None:
+            return 0.0
+        if isinstance(job, VideoJob):
+            from ..video import later_config
+
+            return self.cost.seconds(job.config, *job.size) + (job.frames - 1) * self.cost.seconds(
+                later_config(job.config, job.later_steps), *job.size)
+        return self.cost.seconds(job.config, job.content.height, job.content.width)
 
     def answer(self, requests: Sequence[Mapping[str, Any] | RequestError], *,
                progress: Callable[[int, bytes], None] | None = None,
@@ -238,10 +280,15 @@ class Worker:
         clients have gone). ``streams=False``: the
         endpoint cannot stream (a KServe v2 one); ``stream=true`` is then a 400 naming the field.
         ``hooks[index]`` (:class:`RunHooks`) follows that request's steps, tiles and result when it runs alone.
+
+        A video request (a ``video`` field: :class:`~nsf.serving.request.VideoJob`) always runs alone through
+        :func:`nsf.video.frames`: its answer is the MP4 (``video/mp4``), streamed as one ``frame`` line per finished
+        frame and then the result line; ``gone`` stops it at the next step (no file: a 499 nobody reads).
         """
         start, arrived = time.perf_counter(), time.monotonic()
         outcomes: dict[int, Outcome] = {}
         jobs: dict[int, Job] = {}
+        videos: dict[int, VideoJob] = {}
         for idx, request in enumerate(requests):
             try:
                 if isinstance(request, RequestError):
@@ -251,7 +298,10 @@ class Worker:
                     raise RequestError("stream=true: this endpoint answers in one piece; allowed: false here, or "
                                        "stream from an endpoint that streams (README, 'Progress while a request "
                                        "runs')", field="stream", allowed=[False])
-                jobs[idx] = job
+                if isinstance(job, VideoJob):
+                    videos[idx] = job
+                else:
+                    jobs[idx] = job
             except RequestError as e:
                 logger.info("style_fusion: request %d refused (%d): %s", idx, e.status, e.message)
                 outcomes[idx] = Outcome.refused(e)
@@ -260,6 +310,10 @@ class Worker:
                 outcomes[idx] = Outcome.failed(e)
         # a masked request is a group of its own: its masks are its run's, not a batch's
         groups: dict[tuple[StyleConfig, tuple[int, int], int | None], list[int]] = {}
+        for idx, video in videos.items():  # a video request always runs alone
+            outcomes[idx] = self._run_video(idx, video, StopWhen(None, gone[idx] if idx < len(gone) else None),
+                                            progress if video.stream else None,
+                                            hooks[idx] if idx < len(hooks) else None)
         for idx, job in jobs.items():
             if job.stream or job.deadline is not None:
                 stop = StopWhen(None if job.deadline is None else arrived + job.deadline,
@@ -305,6 +359,55 @@ class Worker:
             return Outcome(200, line(result(data, job.content_type, partial is not None)), MEDIA_TYPE,
                            partial is not None)
         return Outcome.image(data, job.content_type, partial is not None)
+
+    def _run_video(self, idx: int, job: VideoJob, stop: StopWhen, progress: Callable[[int, bytes], None] | None,
+                   hooks: RunHooks | None = None) -> Outcome:
+        """A video request: :func:`nsf.video.frames` over the clip (written to a temporary file), a preview line per
+        frame to ``progress`` (streamed), ``stop`` polled every step; the MP4 as the answer."""
+        from ..video import frames
+
+        start, done = time.perf_counter(), 0
+        hooks = hooks or RunHooks()
+        options = {f.name: getattr(job.config, f.name) for f in dataclasses.fields(job.config)}
+        try:
+            with tempfile.TemporaryDirectory(prefix="nsf-video-") as tmp:
+                src, out = os.path.join(tmp, "clip"), os.path.join(tmp, "out.mp4")
+                with open(src, "wb") as f:
+                    f.write(job.video)
+                run = frames(self.model, src, job.styles, out=out, temporal_weight=job.temporal_weight,
+                             later_steps=job.later_steps, max_frames=self.limits.max_video_frames, resume=False,
+                             stop=stop, callback=hooks.on_step, on_tile=hooks.on_tile, **options)
+                while True:
+                    try:
+                        frame = next(run)
+                    except StopIteration as end:
+                        finished = end.value
+                        break
+                    done += 1
+                    if progress is not None and not stop.client_gone:
+                        progress(idx, line(frame_preview(frame.image, frame.index, frame.total, frame.seconds)))
+                if finished.stopped or finished.out is None:
+                    raise _Stopped()
+                with open(out, "rb") as r:
+                    data = r.read()
+        except _Stopped:
+            logger.info("style_fusion: request %d: video stopped after %d frame(s) of %d, %.2f s: its client left",
+                        idx, done, job.frames, time.perf_counter() - start)
+            # 499 (nginx's "client closed request"): nobody reads it on a server; the studio's Stop says it
+            error = RequestError(f"stopped after {done} of {job.frames} frames: the client went away", field=None,
+                                 status=499)
+            return Outcome(200, line(error_message(499, error.to_dict())), MEDIA_TYPE) if job.stream \
+                else Outcome.refused(error)
+        except Exception as e:  # noqa: BLE001 - one failing request must not take the worker down
+            outcome = self._failure(idx, e)
+            return Outcome(200, line(error_message(outcome.status, dict(outcome.body))), MEDIA_TYPE) \
+                if job.stream and done and isinstance(outcome.body, dict) else outcome
+        logger.info("style_fusion: request %d: video %dx%d, %d frames -> %d px, steps %d then %d, %s, %.2f s", idx,
+                    job.size[1], job.size[0], done, job.config.size, job.config.steps, job.later_steps,
+                    "streamed" if job.stream else "alone", time.perf_counter() - start)
+        if job.stream:
+            return Outcome(200, line(video_result(data, done)), MEDIA_TYPE)
+        return Outcome.image(data, VIDEO_TYPE)
 
     def _run_group(self, idxs: list[int], jobs: dict[int, Job], outcomes: dict[int, Outcome], start: float,
                    stop: Callable[[], bool] | None = None) -> None:
@@ -363,6 +466,10 @@ class Worker:
             logger.info("style_fusion: request %d refused by its run (%d): %s", idx, error.status, error.message)
             return Outcome.refused(error)
         return _failure(idx, e)
+
+
+class _Stopped(Exception):
+    """A video run that its ``stop`` ended before the last frame (no file)."""
 
 
 def _all_set(events: Sequence[threading.Event]) -> Callable[[], bool]:
