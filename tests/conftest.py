@@ -6,8 +6,11 @@ to stay quick on a 2-core CPU.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 import warnings
 
 import numpy as np
@@ -23,6 +26,13 @@ import nsf
 # which dwarfs the work on 32 px images (one thread is 10-50x faster here). This only sets
 # how the tests run; nothing under test depends on it.
 torch.set_num_threads(1)
+
+# The weights' sha256 and the planner's measured memory costs are remembered in a cache folder (nsf.weights.cache_dir);
+# the tests use one of their own per run (servers started by the tests inherit it), so nothing a developer's earlier
+# runs left there decides a test, and the tests leave nothing in the user's cache.
+if "NSF_CACHE_DIR" not in os.environ:
+    os.environ["NSF_CACHE_DIR"] = tempfile.mkdtemp(prefix="nsf-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["NSF_CACHE_DIR"], ignore_errors=True)
 
 # --- the fast loop and the full run --------------------------------------------------------------
 # `python -m pytest` runs everything (what .ci/run runs); `python -m pytest -m "not slow and not server"` is the
