@@ -25,8 +25,6 @@ import functools
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -120,28 +118,16 @@ def _costs_key(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.devi
 
 def _remembered(key: str, costs: Costs | None = None) -> tuple[float, float, float] | None:
     """``(act_bytes, target_bytes, fixed_bytes)`` remembered under ``key``; with ``costs``, remember them."""
-    from .weights import cache_dir
+    from .weights import read_store, write_store
 
-    store = cache_dir() / COSTS_FILE
-    try:
-        known = json.loads(store.read_text())
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
+    known = read_store(COSTS_FILE)
     if costs is None:
         hit = known.get(key)
         if isinstance(hit, list) and len(hit) == 3 and all(isinstance(v, (int, float)) for v in hit):
             return float(hit[0]), float(hit[1]), float(hit[2])
         return None
     known[key] = [costs.act_bytes, costs.target_bytes, costs.fixed_bytes]
-    try:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=store.parent, prefix=".costs.", delete=False) as f:
-            json.dump(known, f)
-        os.replace(f.name, store)
-    except OSError:
-        pass
+    write_store(COSTS_FILE, known)
     return None
 
 

@@ -22,8 +22,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -138,6 +140,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nsf"
 
 
+def read_store(name: str) -> dict[str, Any]:
+    """The JSON object kept as ``cache_dir()/name``; ``{}`` when there is none or it cannot be read."""
+    try:
+        known = json.loads((cache_dir() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def write_store(name: str, known: Mapping[str, Any]) -> None:
+    """Replace ``cache_dir()/name`` with ``known`` atomically (a concurrent reader sees the old or the new file,
+    never half of one); a cache that cannot be written is no cache."""
+    store = cache_dir() / name
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=store.parent, prefix=f".{name}.", delete=False) as f:
+            json.dump(known, f)
+        os.replace(f.name, store)
+    except OSError:
+        pass
+
+
 DIGESTS = "sha256.json"  # in cache_dir(): {resolved path: [the stat key below, sha256]}
 
 
@@ -155,26 +179,14 @@ def cached_sha256(path: str | os.PathLike[str]) -> str:
     no cache (the file is hashed)."""
     p = Path(path).resolve()
     key = _stat_key(p)
-    store = cache_dir() / DIGESTS
-    try:
-        known = json.loads(store.read_text())
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
+    known = read_store(DIGESTS)
     hit = known.get(str(p))
     if isinstance(hit, list) and len(hit) == 2 and hit[0] == key and isinstance(hit[1], str):
         return hit[1]
     digest = sha256_file(p)
     if _stat_key(p) == key:  # not written to while it was read
         known[str(p)] = [key, digest]
-        try:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=store.parent, prefix=".sha256.", delete=False) as f:
-                json.dump(known, f)
-            os.replace(f.name, store)  # atomic: a concurrent reader sees the old or the new file, never half
-        except OSError:
-            pass
+        write_store(DIGESTS, known)
     return digest
 
 

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from nsf.weights import CAFFE_FILENAME, VGG19Weights, sha256_file
 
 mlflow = pytest.importorskip("mlflow", reason="the 'mlflow' extra is not installed")
 psutil = pytest.importorskip("psutil")
-from serving import net_connections, shared_registry  # noqa: E402
+from serving import net_connections, shared_registry, stop_group  # noqa: E402
 
 from nsf.runtimes import mlflow as registry  # noqa: E402
 
@@ -278,15 +277,7 @@ def test_mlflow_models_serve(store, tmp_path, limits):
         status, _, body = post(url, request(SMALL))  # still serving
         assert status == 200 and base64.b64decode(json.loads(body)["predictions"][0]) == expected
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()
         _, alive = psutil.wait_procs(list(seen.values()), timeout=30)
         for p in alive:

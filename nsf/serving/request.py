@@ -213,11 +213,7 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job | Vid
         if fields.get(name) is None:
             raise RequestError(f"the request has no {name} image", field=name,
                                allowed="an image file (multipart) or base64 string (JSON)")
-    style_names = [STYLE] + [f"style_{i}" for i in range(2, limits.max_styles + 1) if f"style_{i}" in fields]
-    for i, name in enumerate(style_names[1:], start=2):
-        if name != f"style_{i}":
-            raise RequestError(f"{name} given without style_{i}; number extra styles style_2, style_3... "
-                               "without gaps", field=name, allowed=f"style_{i}")
+    style_names = _style_names(fields, limits)
     mask_names, style_mask_names = _mask_names(fields, style_names, MASK), _mask_names(fields, style_names, STYLE_MASK)
     if any(mask_names) and not all(mask_names):
         wanted = numbered(MASK, len(style_names))
@@ -225,16 +221,7 @@ def parse_request(fields: Mapping[str, Any], limits: ServingLimits) -> Job | Vid
         raise RequestError(f"the request has masks but no {missing}: mask the styles all or none, one mask per "
                            f"style ({', '.join(wanted)} for {_count(style_names)})", field=missing, allowed=wanted)
 
-    options = {name: _coerce(name, fields[name], HINTS[name], limits) for name in limits.fields if name in fields}
-    if STYLE_WEIGHTS in fields:
-        weights = _weights(fields[STYLE_WEIGHTS])
-        if len(weights) != len(style_names):
-            raise RequestError(f"style_weights has {len(weights)} values for {len(style_names)} style images",
-                               field=STYLE_WEIGHTS, allowed=f"{len(style_names)} non-negative numbers, one per style")
-        options["style_blend_weights"] = weights
-    preset = _text(fields["preset"], "preset") if "preset" in fields else limits.preset
-    if preset not in PRESETS:
-        raise RequestError(f"unknown preset {_show(preset)}", field="preset", allowed=list(PRESETS))
+    options, preset = _options(fields, style_names, limits)
     fmt = _text(fields["format"], "format").lower() if "format" in fields else "png"
     if fmt not in FORMATS:
         raise RequestError(f"unknown format {_show(fmt)}", field="format", allowed=["png", "jpeg"])
@@ -274,17 +261,8 @@ def _parse_video(fields: Mapping[str, Any], limits: ServingLimits) -> VideoJob:
         if name in (MASK, STYLE_MASK, DEADLINE) or (m and m.group(1) in (MASK, STYLE_MASK)):
             raise RequestError(f"{name}: not with a video request", field=str(name),
                                allowed=f"no {name} in a video request")
-    style_names = [STYLE] + [f"style_{i}" for i in range(2, limits.max_styles + 1) if f"style_{i}" in fields]
-    options = {name: _coerce(name, fields[name], HINTS[name], limits) for name in limits.fields if name in fields}
-    if STYLE_WEIGHTS in fields:
-        weights = _weights(fields[STYLE_WEIGHTS])
-        if len(weights) != len(style_names):
-            raise RequestError(f"style_weights has {len(weights)} values for {len(style_names)} style images",
-                               field=STYLE_WEIGHTS, allowed=f"{len(style_names)} non-negative numbers, one per style")
-        options["style_blend_weights"] = weights
-    preset = _text(fields["preset"], "preset") if "preset" in fields else limits.preset
-    if preset not in PRESETS:
-        raise RequestError(f"unknown preset {_show(preset)}", field="preset", allowed=list(PRESETS))
+    style_names = _style_names(fields, limits)
+    options, preset = _options(fields, style_names, limits)
     if "format" in fields and _text(fields["format"], "format").lower() != "mp4":
         raise RequestError(f"format={_show(fields['format'])} for a video request", field="format", allowed=["mp4"])
     stream = _coerce(STREAM, fields[STREAM], bool, limits) if STREAM in fields else False
@@ -499,6 +477,32 @@ def _text(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise RequestError(f"{name}={_show(value)} is not text", field=name, allowed="text")
     return value.strip()
+
+
+def _style_names(fields: Mapping[str, Any], limits: ServingLimits) -> list[str]:
+    """The request's style fields in order: ``style``, ``style_2``... numbered without gaps."""
+    style_names = [STYLE] + [f"style_{i}" for i in range(2, limits.max_styles + 1) if f"style_{i}" in fields]
+    for i, name in enumerate(style_names[1:], start=2):
+        if name != f"style_{i}":
+            raise RequestError(f"{name} given without style_{i}; number extra styles style_2, style_3... "
+                               "without gaps", field=name, allowed=f"style_{i}")
+    return style_names
+
+
+def _options(fields: Mapping[str, Any], style_names: Sequence[str],
+             limits: ServingLimits) -> tuple[dict[str, Any], str]:
+    """The request's config options (``style_weights`` as the blend, one per style) and its preset, checked."""
+    options = {name: _coerce(name, fields[name], HINTS[name], limits) for name in limits.fields if name in fields}
+    if STYLE_WEIGHTS in fields:
+        weights = _weights(fields[STYLE_WEIGHTS])
+        if len(weights) != len(style_names):
+            raise RequestError(f"style_weights has {len(weights)} values for {len(style_names)} style images",
+                               field=STYLE_WEIGHTS, allowed=f"{len(style_names)} non-negative numbers, one per style")
+        options["style_blend_weights"] = weights
+    preset = _text(fields["preset"], "preset") if "preset" in fields else limits.preset
+    if preset not in PRESETS:
+        raise RequestError(f"unknown preset {_show(preset)}", field="preset", allowed=list(PRESETS))
+    return options, preset
 
 
 def _coerce(name: str, value: Any, kind: type, limits: ServingLimits) -> Any:
