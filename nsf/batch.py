@@ -624,20 +624,8 @@ def run(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     styles, style_sha = load_styles(style, cfg)
     stylizer = Stylizer(source.model, cfg, styles, style_sha, LocalSink(out), bit_depth, source.registered)
     manifest = Manifest(out)
-    rows: list[Row] = []
-    bar = _bar(len(items), progress)
-
-    def record(row: Row, write: bool = True) -> None:
-        if write:
-            manifest.append(row)
-        rows.append(row)
-        if row["status"] == "skipped":
-            bar.total -= 1
-            bar.refresh()
-        elif row["status"] != "stopped":
-            bar.update(1)
-        if on_row is not None:
-            on_row(row)
+    record = Recorder(manifest, len(items), progress, on_row)
+    rows = record.rows
 
     todo = collections.deque(items)  # not yet recorded; images put back (Ctrl-C, a full disk) go to its front
     stop = StopFlag(quiet=not progress)
@@ -649,7 +637,7 @@ def run(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
             if isinstance(got, Loaded):
                 yield got
             else:
-                record(got, write=got["status"] != "skipped")
+                record(got)
 
     in_flight: dict[str, Loaded] = {}  # by output name: the current group's images without a row yet
 
@@ -678,7 +666,7 @@ def run(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         todo.extendleft(reversed([g.item for g in in_flight.values()]))
     finally:
         manifest.close()
-        bar.close()
+        record.bar.close()
     for item in todo:
         rows.append(stylizer.row(item, "stopped", reason=stop.reason))
     return rows
@@ -688,6 +676,29 @@ def _bar(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", dynamic_ncols=True, disable=not enabled, desc="nsf batch")
+
+
+class Recorder:
+    """Where each input's row goes as it is done, in both engines: the manifest (``ok``, ``error`` and
+    ``recovered`` rows; ``skipped`` and ``stopped`` ones are not written), the rows returned, the progress bar
+    (a skipped input leaves its total) and ``on_row``."""
+
+    def __init__(self, manifest: Any, total: int, progress: bool, on_row: Callable[[Row], None] | None) -> None:
+        self.manifest, self.on_row = manifest, on_row
+        self.rows: list[Row] = []
+        self.bar = _bar(total, progress)
+
+    def __call__(self, row: Row) -> None:
+        if row["status"] not in ("skipped", "stopped"):
+            self.manifest.append(row)
+        self.rows.append(row)
+        if row["status"] == "skipped":
+            self.bar.total -= 1
+            self.bar.refresh()
+        elif row["status"] != "stopped":
+            self.bar.update(1)
+        if self.on_row is not None:
+            self.on_row(row)
 
 
 def summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:

@@ -237,7 +237,7 @@ def run(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     """
     import ray
 
-    from .batch import _bar, load_styles
+    from .batch import Recorder, load_styles
     from .config import make_config
 
     if batch_size < 1:
@@ -281,24 +281,15 @@ def run(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                             concurrency=n, num_cpus=per, num_gpus=1 if gpus else None, batch_format="pyarrow",
                             max_restarts=max_retries, max_task_retries=max_retries)
         manifest = _ManifestWriter(sink, previous)
-        rows: list[Row] = []
-        bar = _bar(len(items), progress)
+        record = Recorder(manifest, len(items), progress, on_row)
+        rows = record.rows
         stopped = None
         try:
             block: Any
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for line in block.column("row").to_pylist():
                     row = json.loads(line)
-                    if row["status"] not in ("skipped", "stopped"):
-                        manifest.append(row)
-                    rows.append(row)
-                    if row["status"] == "skipped":
-                        bar.total -= 1
-                        bar.refresh()
-                    elif row["status"] != "stopped":
-                        bar.update(1)
-                    if on_row is not None:
-                        on_row(row)
+                    record(row)
                     if row["status"] == "error" and row["error"]["type"] in ("DiskFull", "OSError"):
                         stopped = "disk full" if row["error"]["type"] == "DiskFull" else "write failed"
                 if stopped:
@@ -309,7 +300,7 @@ def run(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                   file=sys.stderr)
         finally:
             manifest.close()
-            bar.close()
+            record.bar.close()
         seen = {r["output"] for r in rows}
         rows += [{"input": i.input, "output": i.output, "status": "stopped", "reason": stopped, "time": now()}
                  for i in items if i.output not in seen]
