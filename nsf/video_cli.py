@@ -74,19 +74,20 @@ def _progress(enabled: bool) -> tuple[Any, Any, Any]:
 
     state: dict[str, Any] = {}
 
-    def bar(total: int) -> Any:
+    def bar() -> Any:
         if "bar" not in state:
-            state["bar"] = tqdm(total=total or None, unit="frame", dynamic_ncols=True)
+            state["bar"] = tqdm(total=None, unit="frame", dynamic_ncols=True)
         return state["bar"]
 
     def on_frame(f: Any) -> None:
-        b = bar(f.total)
+        b = bar()
+        if f.total and b.total != f.total:  # known once the clip is probed (an iterable: never)
+            b.total = f.total
         b.set_postfix_str(f"frame {f.index + 1}: {'resumed' if f.resumed else f'{f.seconds:.1f} s'}", refresh=False)
         b.update(1)
 
-    def callback(p: Any) -> None:
-        if "bar" in state:
-            state["bar"].set_postfix_str(f"step {p.step}/{p.total} loss={p.loss:.4g}")
+    def callback(p: Any) -> None:  # steps within the frame being stylized (frame 1 runs the longest)
+        bar().set_postfix_str(f"step {p.step}/{p.total} loss={p.loss:.4g}")
 
     def close() -> None:
         if "bar" in state:
