@@ -423,8 +423,8 @@ def tight_handler(tmp_path_factory):
     return h, d
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
+# the examples' count is the profile's (tests/conftest.py: 600 in a full run and CI, 25 in the fast loop)
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(row=hostile_rows)
 @example(row=OVERFLOWS[0])
 @example(row=OVERFLOWS[1])

@@ -131,7 +131,7 @@ _FUZZ_VALUES = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # the profile's count (conftest)
 @given(st.dictionaries(st.sampled_from(_FUZZ_KEYS), _FUZZ_VALUES, max_size=8))
 def test_parse_request_only_ever_raises_request_errors(limits, fields):
     try:
