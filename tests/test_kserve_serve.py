@@ -524,6 +524,38 @@ def _busy(proc: psutil.Process, timeout: float = 10) -> None:
         pass
 
 
+def test_video_request_streamed_plain_and_stopped_when_the_client_goes(kserver, tmp_path):
+    """A video request (the clip base64 in the v1 instance): streamed, a preview line per frame then the MP4;
+    plain, the MP4 as the prediction; a client that hangs up after the first frame stops the rest."""
+    pytest.importorskip("av")
+    import av
+    from test_video import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", n=3, size=(36, 48)).read_bytes()
+    fields = {"video": clip, "style": STYLE, "size": 32, "steps": 2, "later_steps": 1}
+    status, _, messages = kserver.v1_stream({**fields, "stream": True})
+    events = [m for _, m in messages]
+    assert status == 200 and [m["event"] for m in events] == ["frame"] * 3 + ["result"], events[-1]
+    assert events[-1]["content_type"] == "video/mp4"
+    streamed = base64.b64decode(events[-1]["video"])
+    r = kserver.v1(fields)
+    assert r.status == 200, r.body
+    plain = base64.b64decode(r.json()["predictions"][0])
+    for data in (streamed, plain):
+        with av.open(io.BytesIO(data)) as c:
+            assert sum(1 for _ in c.decode(video=0)) == 3
+    long_clip = make_clip(tmp_path / "long.mp4", n=4, size=(48, 64)).read_bytes()
+    status, _, messages = kserver.v1_stream({**fields, "video": long_clip, "size": 64, "later_steps": 40,
+                                             "stream": True}, hang_up_after=1)
+    assert status == 200 and [m["event"] for _, m in messages] == ["frame"]
+    deadline = time.monotonic() + 120
+    while "video stopped after" not in (log := kserver.log_text()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert any("video stopped after" in x and "frame(s) of 4" in x for x in log.splitlines()), log[-2000:]
+    bad = kserver.v1({**fields, "video": b"not a video"})
+    assert bad.status == 400 and _error(bad)["field"] == "video"
+
+
 def test_the_server_killed_mid_request_is_started_again(kserver):
     server = kserver.server()
     results: list = []
@@ -597,35 +629,3 @@ def test_two_workers_serve_and_a_killed_worker_is_replaced(model_config, tmp_pat
         while statuses[-4:] != [200] * 4 and time.monotonic() < deadline:
             statuses.append(kserver.v1(SMALL).status)
         assert statuses[-4:] == [200] * 4, (statuses, kserver.log_text()[-3000:])
-
-
-def test_video_request_streamed_plain_and_stopped_when_the_client_goes(kserver, tmp_path):
-    """A video request (the clip base64 in the v1 instance): streamed, a preview line per frame then the MP4;
-    plain, the MP4 as the prediction; a client that hangs up after the first frame stops the rest."""
-    pytest.importorskip("av")
-    import av
-    from test_video import make_clip
-
-    clip = make_clip(tmp_path / "clip.mp4", n=3, size=(36, 48)).read_bytes()
-    fields = {"video": clip, "style": STYLE, "size": 32, "steps": 2, "later_steps": 1}
-    status, _, messages = kserver.v1_stream({**fields, "stream": True})
-    events = [m for _, m in messages]
-    assert status == 200 and [m["event"] for m in events] == ["frame"] * 3 + ["result"], events[-1]
-    assert events[-1]["content_type"] == "video/mp4"
-    streamed = base64.b64decode(events[-1]["video"])
-    r = kserver.v1(fields)
-    assert r.status == 200, r.body
-    plain = base64.b64decode(r.json()["predictions"][0])
-    for data in (streamed, plain):
-        with av.open(io.BytesIO(data)) as c:
-            assert sum(1 for _ in c.decode(video=0)) == 3
-    long_clip = make_clip(tmp_path / "long.mp4", n=4, size=(48, 64)).read_bytes()
-    status, _, messages = kserver.v1_stream({**fields, "video": long_clip, "size": 64, "later_steps": 40,
-                                             "stream": True}, hang_up_after=1)
-    assert status == 200 and [m["event"] for _, m in messages] == ["frame"]
-    deadline = time.monotonic() + 120
-    while "video stopped after" not in (log := kserver.log_text()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert any("video stopped after" in x and "frame(s) of 4" in x for x in log.splitlines()), log[-2000:]
-    bad = kserver.v1({**fields, "video": b"not a video"})
-    assert bad.status == 400 and _error(bad)["field"] == "video"

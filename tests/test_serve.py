@@ -193,6 +193,28 @@ def test_model_management_api_is_off(server):
     assert 400 <= e.value.code < 500
 
 
+def test_video_request(server, tmp_path):
+    """A video request through TorchServe (multipart, the clip as a file field): plain, the MP4 (video/mp4) with
+    every frame; streamed, a preview line per frame then the MP4; a clip past the frame limit refused (413)."""
+    pytest.importorskip("av")
+    import av
+    from test_video import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", n=3, size=(36, 48)).read_bytes()
+    fields = {"video": clip, "style": STYLE, "size": "32", "steps": "2", "later_steps": "1"}
+    r = server.multipart(fields)
+    assert r.status == 200 and r.content_type == "video/mp4", r.body[:300]
+    with av.open(io.BytesIO(r.body)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 3
+    status, _, messages = server.stream({**fields, "stream": "true"})
+    events = [m for _, m in messages]
+    assert status == 200 and [m["event"] for m in events] == ["frame"] * 3 + ["result"], events[-1]
+    with av.open(io.BytesIO(base64.b64decode(events[-1]["video"]))) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 3
+    bad = server.multipart({**fields, "video": b"\x00" * 100})
+    assert bad.status == 400 and json.loads(bad.body)["field"] == "video"
+
+
 def test_stopping_leaves_no_process_behind(server):
     assert server.processes(), "the server's processes should be found while it runs"
     server.stop()
@@ -264,25 +286,3 @@ def test_kserve_config_serves_v2_without_a_token(store, tmp_path):
         finally:
             server.stop()
     assert server.processes() == []
-
-
-def test_video_request(server, tmp_path):
-    """A video request through TorchServe (multipart, the clip as a file field): plain, the MP4 (video/mp4) with
-    every frame; streamed, a preview line per frame then the MP4; a clip past the frame limit refused (413)."""
-    pytest.importorskip("av")
-    import av
-    from test_video import make_clip
-
-    clip = make_clip(tmp_path / "clip.mp4", n=3, size=(36, 48)).read_bytes()
-    fields = {"video": clip, "style": STYLE, "size": "32", "steps": "2", "later_steps": "1"}
-    r = server.multipart(fields)
-    assert r.status == 200 and r.content_type == "video/mp4", r.body[:300]
-    with av.open(io.BytesIO(r.body)) as c:
-        assert sum(1 for _ in c.decode(video=0)) == 3
-    status, _, messages = server.stream({**fields, "stream": "true"})
-    events = [m for _, m in messages]
-    assert status == 200 and [m["event"] for m in events] == ["frame"] * 3 + ["result"], events[-1]
-    with av.open(io.BytesIO(base64.b64decode(events[-1]["video"]))) as c:
-        assert sum(1 for _ in c.decode(video=0)) == 3
-    bad = server.multipart({**fields, "video": b"\x00" * 100})
-    assert bad.status == 400 and json.loads(bad.body)["field"] == "video"
