@@ -133,7 +133,11 @@ def build_archive(export_path: str | os.PathLike[str] = "model_store", *, root: 
                "--config-file", str(config_path), "--export-path", str(export), "--force"]
         if not quiet:
             print("$ " + " ".join(cmd), flush=True)
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        # the archiver stages the model in gettempdir()/MODEL_NAME: two builds at once on one machine (two CI jobs,
+        # test workers) would share that folder, so each gets a temp dir of its own
+        scratch = Path(tmp) / "tmp"
+        scratch.mkdir()
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(scratch)})
         if r.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
     mar = export / f"{MODEL_NAME}.mar"
