@@ -23,6 +23,10 @@ def test_the_readme_is_a_front_door_with_its_two_commands_first():
     assert [b.strip() for b in blocks[:2]][0] == DEMO
     assert blocks[1].strip().startswith(TESTS)  # the full run: no marker expression, nothing deselected
     assert "-m" not in blocks[1].strip()[len(TESTS):]
+    # .ci/run runs the README's test command (CI=true picks the full hypothesis profile)
+    readme_pytest = blocks[1].strip().split("&& ")[-1]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert f"CI=true {readme_pytest}\n" in ci and 'pip install -c constraints.txt -e ".[test]"' in ci
 
 
 def test_the_readme_links_to_files_that_exist():
