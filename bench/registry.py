@@ -19,7 +19,6 @@ import argparse
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +63,8 @@ def export(folder: Path, *flags: str) -> tuple[float, int, int]:
 
 def serve_once(folder: Path, body: dict) -> tuple[float, float, bytes]:
     """Start `mlflow models serve`, send one request: (seconds to ready, request seconds, image bytes)."""
+    from nsf.runtimes.common import stop_group
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -94,12 +95,7 @@ def serve_once(folder: Path, body: dict) -> tuple[float, float, bytes]:
             answer = json.loads(r.read())
         seconds = time.perf_counter() - t0
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, grace=30)
     return ready, seconds, base64.b64decode(answer["predictions"][0])
 
 

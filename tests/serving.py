@@ -30,6 +30,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from nsf.runtimes.common import stop_group
 from nsf.runtimes.torchserve import wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -497,21 +498,8 @@ def running_mlflow(model_uri: str, tracking_uri: str, workdir: Path, *, timeout:
             time.sleep(0.5)
         yield server
     finally:
-        stop_group(proc)
+        stop_group(proc, grace=30)
         log.close()
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM a server's process group, SIGKILL it after 30 s, and reap the leader."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def shared_registry(tmp_path_factory: Any) -> tuple[Path, Any, list[Path]]:

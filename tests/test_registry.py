@@ -24,13 +24,13 @@ import torch
 
 from nsf import serving
 from nsf.image import encode
-from nsf.runtimes.common import load_model_config
+from nsf.runtimes.common import load_model_config, stop_group
 from nsf.version import __version__
 from nsf.weights import CAFFE_FILENAME, VGG19Weights, sha256_file
 
 mlflow = pytest.importorskip("mlflow", reason="the 'mlflow' extra is not installed")
 psutil = pytest.importorskip("psutil")
-from serving import net_connections, shared_registry, stop_group  # noqa: E402
+from serving import net_connections, shared_registry  # noqa: E402
 
 from nsf.runtimes import mlflow as registry  # noqa: E402
 
@@ -277,7 +277,7 @@ def test_mlflow_models_serve(store, tmp_path, limits):
         status, _, body = post(url, request(SMALL))  # still serving
         assert status == 200 and base64.b64decode(json.loads(body)["predictions"][0]) == expected
     finally:
-        stop_group(proc)
+        stop_group(proc, grace=30)
         log.close()
         _, alive = psutil.wait_procs(list(seen.values()), timeout=30)
         for p in alive:
