@@ -28,7 +28,7 @@ A print (an output larger than 512 px) is judged by three figures (:meth:`Scorer
   the style at its own resolution (never upscaled; a style larger than the print is capped at the print's long
   side), their mean style_ratio: the texture up close. Bar <= 0.15;
 * full: the old figure (all five layers and the content layer at the output's size, :meth:`Scorer.ratios`), for
-  continuity only: relu4_1 and relu5_1 see 60-156 px of the print, so at 2048 px they compare the style's strokes
+  continuity only: relu4_1 and relu5_1 see 68 and 156 px of the print, so at 2048 px they compare the style's strokes
   with a composition laid out at 512 px, which no print should match (their picture-scale role is the thumbnail's).
 
 Usage: python bench/score.py OUTPUT CONTENT STYLE
@@ -195,9 +195,11 @@ class Scorer:
           and ``all`` (every bar that applies). The full-size figure has no bar.
 
         Memory: full size is scored one image at a time, each layer reduced to its Gram as the forward passes it
-        and each Gram summed over row bands, so the peak is about two 64-channel feature maps of the output
-        (conv1_2's input and output) plus the images: a 4096x2760 random output (512 px content and style)
-        peaked at 7.6 GB RSS with ``full=True`` and the same with ``full=False`` (measured 2026-12-07).
+        and each Gram summed over row bands (never a float64 copy of a whole map), so the peak is the forward's
+        at full resolution: conv1_2's 64-channel input and output (2.9 GB each at 4096x2760) and the convolution
+        library's working copies. A 4096x2760 random output (the 512 px astronaut and Starry Night) peaked at
+        10.5 GB RSS in 391 s with ``full=True`` and 9.7 GB in 170 s with ``full=False`` (one thread, a shared
+        2-core CPU, 2026-12-07); a 1024 px output at 1.9 GB in 82 s.
         """
         inputs = self.print_inputs(output, content, style)
         out = inputs["output"]
