@@ -14,9 +14,16 @@ L-BFGS update (image, best iterate, content, gradient; the update's temporaries)
 ``targets`` the content-target bytes per pixel; ``act_bytes`` the peak bytes per pixel of a
 forward+backward, measured on this model (autograd's saved tensors at a small size, plus three of the
 largest buffers of the backward) and ``fixed`` the bytes of a step that do not grow with it (measured as
-the difference of two sizes); ``W`` the pixels of the largest tile window (``P`` untiled).
-Time model: seconds per pixel of a forward+backward and of a forward, timed on this device; a tiled
-step costs a forward plus a forward+backward over its windows (halos included).
+the difference of two sizes); ``W`` the pixels of the largest tile window (``P`` untiled). A tiled scale that keeps
+each tile's graph from a cut on between its two passes (:mod:`nsf.tiling`) holds ``kept(cut)`` bytes per pixel of
+every window (the saved tensors of the modules from the cut on, measured per module) and the rest of
+``act_bytes`` for one window at a time: ``act = kept(cut) sum(W) + (act_bytes - kept(cut)) max(W) + fixed``.
+
+Time model: seconds per pixel of a forward+backward and of a forward, timed on this device; a tiled step costs a
+forward over its windows (pass 1) plus a forward+backward over them in which only the modules before the cut run
+their forward again (``FORWARD_SHARE``). The rungs of the ladder (untiled; tiles as large as fit, keeping the
+graph from the cut that fits; fewer L-BFGS pairs where no good tile fits) are ranked by this model's relative cost,
+the same with or without a timing run, so ``nsf plan`` shows what a run does.
 """
 
 from __future__ import annotations
@@ -57,11 +64,12 @@ STEP_COPIES = 7
 UPDATE_COPIES = 16
 # Tiles smaller than this (owned px per side) spend most of a step on halos: fewer L-BFGS pairs first.
 GOOD_TILE = 384
-# A tiled step runs a forward (pass 1) and a forward+backward (pass 2) over its windows: the cost of one
-# window pixel in untiled step pixels, for admission control's pixel-step estimate. Measured on the
-# 2-core CPU (bench/large.py step, bench/RESULTS.md): 1024 px in 4 tiles of 512, 1.31x the pixels in
-# windows, 1.62x the untiled step's time -> 1.24 per window pixel.
-TILED_WORK = 1.25
+# A forward+backward in forwards, and each cut's share of a forward (the modules before it), measured on the
+# 2-core CPU in bf16 NHWC at 512 px (bench/RESULTS.md "memory ladder"): the full-resolution block is 42% of a
+# forward (memory-bound), the deep blocks most of the arithmetic. A tiled step without a kept graph costs
+# 1 + 1 / FB_FORWARDS = 1.2 untiled steps per window pixel (measured 1.24 in float32, bench/RESULTS.md "large cpu").
+FB_FORWARDS = 4.9
+FORWARD_SHARE = {"pool1": 0.42, "pool2": 0.59, "pool3": 0.81, "pool4": 0.98}
 # A content mask's image-sized float32 copies per pixel: at the scale's size, and at each style layer's
 # resolution (relu1_1's full size, then a quarter, a sixteenth...: 4/3 of the pixels).
 MASK_BYTES = 10
@@ -87,6 +95,21 @@ class Costs:
     f_seconds: float | None = None  # seconds per input pixel of a forward without gradient
     calibrated_at: int = 0  # side (px) of the timing run
     fixed_bytes: float = 0.0  # a step's saved tensors that do not grow with the image (bf16 weight copies, Grams)
+    kept_bytes: tuple[float, ...] = ()  # [c]: saved bytes per input pixel of the modules c.. (a graph kept from c)
+    module_names: tuple[str, ...] = ()
+
+    def cuts(self) -> list[int | None]:
+        """The cuts the planner weighs: none (pass 2 recomputes all), then after each pooling layer, deepest first
+        (each keeps more of pass 1's graph and recomputes less)."""
+        after = [self.module_names.index(n) + 1 for n in FORWARD_SHARE if n in self.module_names[:-1]]
+        return [None, *sorted(after, reverse=True)] if self.kept_bytes else [None]
+
+    def kept(self, cut: int | None) -> float:
+        return 0.0 if cut is None else self.kept_bytes[cut]
+
+    def recompute_share(self, cut: int | None) -> float:
+        """The share of a forward that pass 2 runs again with a graph kept from ``cut``."""
+        return 1.0 if cut is None else FORWARD_SHARE[self.module_names[cut - 1]]
 
 
 COSTS_FILE = "costs.json"  # in nsf.weights.cache_dir(): measured memory costs by _costs_key
@@ -116,19 +139,44 @@ def _costs_key(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.devi
                        cfg.style_loss, memory_size])
 
 
-def _remembered(key: str, costs: Costs | None = None) -> tuple[float, float, float] | None:
-    """``(act_bytes, target_bytes, fixed_bytes)`` remembered under ``key``; with ``costs``, remember them."""
+def _remembered(key: str, costs: Costs | None = None) -> tuple[float, float, float, tuple[float, ...]] | None:
+    """``(act_bytes, target_bytes, fixed_bytes, kept_bytes)`` remembered under ``key``; with ``costs``, remember
+    them."""
     from .weights import read_store, write_store
 
     known = read_store(COSTS_FILE)
     if costs is None:
         hit = known.get(key)
-        if isinstance(hit, list) and len(hit) == 3 and all(isinstance(v, (int, float)) for v in hit):
-            return float(hit[0]), float(hit[1]), float(hit[2])
+        if isinstance(hit, list) and len(hit) == 4 and all(isinstance(v, (int, float)) for v in hit[:3]) \
+                and isinstance(hit[3], list) and all(isinstance(v, (int, float)) for v in hit[3]):
+            return float(hit[0]), float(hit[1]), float(hit[2]), tuple(float(v) for v in hit[3])
         return None
-    known[key] = [costs.act_bytes, costs.target_bytes, costs.fixed_bytes]
+    known[key] = [costs.act_bytes, costs.target_bytes, costs.fixed_bytes, list(costs.kept_bytes)]
     write_store(COSTS_FILE, known)
     return None
+
+
+def _module_bytes(extractor: FeatureExtractor, x: torch.Tensor, params: set[int]) -> list[int]:
+    """Bytes of the tensors each module of ``extractor.body`` saves for the backward of a forward on ``x`` (a
+    tensor saved by several modules counts at the first)."""
+    seen: set[int] = set()
+    out: list[int] = []
+    a = x.clone().requires_grad_(True)
+    for i in range(extractor.depth):
+        mine = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal mine
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                mine += storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            a, _ = extractor.stage(a, i, i + 1)
+        out.append(mine)
+    return out
 
 
 def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device, *, timing: bool,
@@ -151,8 +199,9 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     geo = geometry(extractor.body, extractor.module_names, layers)
     key = _costs_key(extractor, cfg, device, memory_size) if remember and not timing else None
     hit = _remembered(key) if key is not None else None
+    names = extractor.module_names
     if hit is not None:
-        return Costs(hit[0], hit[1], geo, fixed_bytes=hit[2])
+        return Costs(hit[0], hit[1], geo, fixed_bytes=hit[2], kept_bytes=hit[3], module_names=names)
     params = {p.untyped_storage().data_ptr() for p in extractor.parameters()}
 
     def step_at(side: int) -> tuple[Objective, torch.Tensor]:
@@ -186,7 +235,13 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     # convolution's own buffer: three of the largest (with two, a 1024 px CPU run peaked at 3.84 GB of
     # RSS against 3.58 GB predicted, bench/RESULTS.md); the largest is relu1's output, image-sized
     act = per_pixel + 3 * largest / (2 * memory_size) ** 2
-    costs = Costs(act, targets, geo, fixed_bytes=fixed)
+    # each module's saved tensors per pixel (the difference of two sizes, as above): a graph kept from module c
+    # holds the sum from c on
+    small_m, large_m = (_module_bytes(extractor, torch.rand(1, 3, n, n, generator=torch.Generator().manual_seed(0))
+                                      .to(device), params) for n in (memory_size, 2 * memory_size))
+    per_module = [max(0.0, (b - a) / (3 * memory_size**2)) for a, b in zip(small_m, large_m)]
+    kept = tuple(sum(per_module[c:]) for c in range(len(per_module)))
+    costs = Costs(act, targets, geo, fixed_bytes=fixed, kept_bytes=kept, module_names=names)
     if key is not None:
         _remembered(key, costs)
     if not timing:
@@ -213,7 +268,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
         fn()
         _sync(device)
         seconds.append((time.perf_counter() - t0) / side**2)
-    return Costs(act, targets, geo, seconds[0], seconds[1], side, fixed)
+    return Costs(act, targets, geo, seconds[0], seconds[1], side, fixed, kept, names)
 
 
 def _sync(device: torch.device) -> None:
@@ -235,15 +290,20 @@ class ScalePlan:
     seconds: float | None  # predicted, if the model was timed
     window_pixels: int = 0  # pixels a step runs the network on, per image (halos included when tiled)
     batch: int = 1
+    cut: int | None = None  # tiled: the module index from which pass 1 keeps each tile's graph
+    recompute: float = 1.0  # tiled: the share of a forward that pass 2 runs again (FORWARD_SHARE)
+    rung: str = "whole image"  # how a step runs, in words (the table's column)
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.tile, self.history)
+        return Layout(self.tile, self.history, self.cut)
 
     @property
     def work(self) -> float:
-        """The scale's cost in untiled pixel-steps (what admission control's seconds per pixel-step multiply)."""
-        return self.batch * self.steps * self.window_pixels * (TILED_WORK if self.tile is not None else 1.0)
+        """The scale's cost in untiled pixel-steps (what admission control's seconds per pixel-step multiply): a
+        tiled step runs pass 1's forward and pass 2's recompute besides a forward+backward, over its windows."""
+        per_pixel = 1.0 + self.recompute / FB_FORWARDS if self.tile is not None else 1.0
+        return self.batch * self.steps * self.window_pixels * per_pixel
 
 
 @dataclass(frozen=True)
@@ -286,26 +346,38 @@ class Plan:
                 "in_use": self.in_use, "peak_bytes": self.peak_bytes, "seconds": self.seconds,
                 "scales": [{"index": s.index, "size": list(s.size), "steps": s.steps,
                             "tile": list(s.tile) if s.tile else None, "tiles": s.tiles, "history": s.history,
-                            "peak_bytes": s.peak_bytes, "seconds": s.seconds} for s in self.scales]}
+                            "cut": s.cut, "rung": s.rung, "peak_bytes": s.peak_bytes, "seconds": s.seconds}
+                           for s in self.scales]}
 
     def table(self) -> str:
         """The plan as a text table, for ``nsf plan`` and logs."""
         budget = format_bytes(self.budget) if self.budget else "no limit"
         lines = [f"device {self.device}, budget {budget} (in use before the run: {format_bytes(self.in_use)})",
-                 f"{'scale':>5}  {'size':>11}  {'steps':>5}  {'tiles':>13}  {'history':>7}  {'peak':>9}  {'time':>8}"]
+                 f"{'scale':>5}  {'size':>11}  {'steps':>5}  {'tiles':>13}  {'keeps':>7}  {'history':>7}  {'peak':>9}  "
+                 f"{'time':>8}"]
         for s in self.scales:
             tiles = f"{s.tiles} of {s.tile[1]}x{s.tile[0]}" if s.tile else "whole image"
+            keeps = s.rung.rsplit("from ", 1)[1] if "from " in s.rung else "-"
             secs = f"{s.seconds:.1f} s" if s.seconds is not None else "-"
-            lines.append(f"{s.index:>5}  {s.size[1]:>5}x{s.size[0]:<5}  {s.steps:>5}  {tiles:>13}  {s.history:>7}  "
-                         f"{format_bytes(s.peak_bytes):>9}  {secs:>8}")
+            lines.append(f"{s.index:>5}  {s.size[1]:>5}x{s.size[0]:<5}  {s.steps:>5}  {tiles:>13}  {keeps:>7}  "
+                         f"{s.history:>7}  {format_bytes(s.peak_bytes):>9}  {secs:>8}")
         total = (f"time at most {self.seconds:.0f} s (early stopping may end scales sooner)"
                  if self.seconds is not None else "time not predicted (no timing run)")
         lines.append(f"predicted peak {format_bytes(self.peak_bytes)}, {total}")
+        if any(s.cut is not None for s in self.scales):
+            lines.append("keeps: pass 1 keeps each tile's graph from that layer on; pass 2 recomputes only the layers "
+                         "before it (the same step)")
         return "\n".join(lines)
 
 
-def _window(n: int, t: int, geo: Geometry) -> int:
-    return min(n, t + geo.before + geo.after)
+def _windows(hw: tuple[int, int], tile: tuple[int, int], geo: Geometry) -> tuple[int, int]:
+    """``(largest, total)`` window pixels of the tiles of an ``hw`` image (as :func:`nsf.tiling.tiles` lays
+    them out), side by side: a product of the rows' and the columns' spans, without listing every tile."""
+    sides = []
+    for n, t in zip(hw, tile):
+        spans = [min(n, a + t + geo.after) - max(0, a - geo.before) for a in range(0, n, t)]
+        sides.append((max(spans), sum(spans)))
+    return sides[0][0] * sides[1][0], sides[0][1] * sides[1][1]
 
 
 def _even(n: int, t: int, align: int) -> int:
@@ -315,21 +387,34 @@ def _even(n: int, t: int, align: int) -> int:
 
 
 def _scale_peak(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, tile: tuple[int, int] | None,
-                history: int, in_use: int, masks: int = 0) -> int:
+                history: int, in_use: int, masks: int = 0, cut: int | None = None) -> int:
     h, w = hw
     px = batch * h * w
-    window = px if tile is None else batch * _window(h, tile[0], costs.geometry) * _window(w, tile[1], costs.geometry)
+    if tile is None:
+        window = windows = px
+    else:
+        largest_window, total = _windows(hw, tile, costs.geometry)
+        window, windows = batch * largest_window, batch * total
     style_window = style_px if tile is None else min(style_px, window)
-    act = costs.act_bytes * max(window, style_window) + costs.fixed_bytes
+    # the graphs pass 1 keeps (every window's deep part), then one window's recompute and backward
+    kept = costs.kept(cut) if tile is not None else 0.0
+    act = kept * windows + (costs.act_bytes - kept) * window
+    act = max(act, costs.act_bytes * style_window) + costs.fixed_bytes
     state = RGB_BYTES * (2 * history * px + style_px) + (costs.target_bytes + MASK_BYTES * masks) * px
     return int(in_use + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
 
 
-def _scale_seconds(costs: Costs, batch: int, windows: int, style_px: int, steps: int, tiled: bool) -> float | None:
+def _step_work(costs: Costs, windows: int, tiled: bool, cut: int | None) -> float:
+    """A step in forward+backward pixels: tiled, pass 1's forward and pass 2's recompute come on top."""
+    return windows * (1.0 + costs.recompute_share(cut) / FB_FORWARDS) if tiled else float(windows)
+
+
+def _scale_seconds(costs: Costs, batch: int, windows: int, style_px: int, steps: int, tiled: bool,
+                   cut: int | None = None) -> float | None:
     """Seconds of a scale whose steps run the network on ``windows`` pixels per image."""
     if costs.fb_seconds is None or costs.f_seconds is None:
         return None
-    step = (costs.fb_seconds + (costs.f_seconds if tiled else 0.0)) * windows
+    step = costs.fb_seconds * _step_work(costs, windows, tiled, cut)
     setup = costs.f_seconds * (2 * windows + style_px)  # content targets, final evaluation, style Grams
     return batch * (steps * step + setup)
 
@@ -368,38 +453,51 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
         style_px = _style_pixels(hw, cfg, style_sizes) * (batch if not style_sizes else 1)
         want = max(1, min(LBFGS_HISTORY, steps - 1)) if cfg.optimizer == "lbfgs" else 1
 
-        def fits(tile: tuple[int, int] | None, m: int, hw: tuple[int, int] = hw, style_px: int = style_px) -> bool:
-            return budget is None or _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks) <= budget
+        def fits(tile: tuple[int, int] | None, m: int, cut: int | None = None, hw: tuple[int, int] = hw,
+                 style_px: int = style_px) -> bool:
+            return budget is None or _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks, cut) <= budget
 
-        choice: tuple[tuple[int, int] | None, int] | None = (None, want) if fits(None, want) else None
+        choice: tuple[tuple[int, int] | None, int, int | None] | None = (None, want, None) if fits(None, want) \
+            else None
         m = want
         while choice is None and not loss.tiles:
             if m == 1:
                 raise loss.tiling_refusal(f"does not fit max_memory={format_bytes(budget or 0)} at {hw[1]}x{hw[0]} "
                                      "untiled (a step would run tile by tile)")
             m = max(1, m // 2)
-            choice = (None, m) if fits(None, m) else None
+            choice = (None, m, None) if fits(None, m) else None
         while choice is None:
+            # each cut's largest tile, ranked by the step's cost (halos, pass 1, the recompute)
             top = math.ceil(max(hw) / align)
-            def fits_tile(k: int, m: int = m) -> bool:
-                return fits((k * align, k * align), m)
+            options: list[tuple[float, tuple[int, int], int | None, int]] = []
+            for cut in costs.cuts():
+                def fits_tile(k: int, m: int = m, cut: int | None = cut) -> bool:
+                    return fits((k * align, k * align), m, cut)
 
-            k = largest(fits_tile, 1, top)
-            if k is not None and (k * align >= min(GOOD_TILE, max(hw)) or m == 1):
-                t = k * align
-                choice = ((_even(hw[0], t, align), _even(hw[1], t, align)), m)
+                k = largest(fits_tile, 1, top)
+                if k is not None:
+                    even = (_even(hw[0], k * align, align), _even(hw[1], k * align, align))
+                    work = _step_work(costs, _windows(hw, even, costs.geometry)[1], True, cut)
+                    options.append((work, even, cut, k * align))
+            good = [o for o in options if o[3] >= min(GOOD_TILE, max(hw))] or (options if m == 1 else [])
+            if good:
+                best = min(good, key=lambda o: o[0])
+                choice = (best[1], m, best[2])
             elif m == 1:
                 raise _too_big(costs, cfg, content, batch, style_sizes, budget, in_use, hw, masks)
             else:
                 m = max(1, m // 2)
-        tile, m = choice
+        tile, m, cut = choice
         if tile is not None and tile[0] >= hw[0] and tile[1] >= hw[1]:
-            tile = None
+            tile, cut = None, None
         windows = [t.window_pixels for t in tiles(*hw, tile, costs.geometry)]
+        rung = "whole image" if tile is None else \
+            f"tiled, graph kept from {costs.module_names[cut]}" if cut is not None else "tiled"
         scales.append(ScalePlan(index, hw, steps, tile, len(windows), m,
-                                _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks),
-                                _scale_seconds(costs, batch, sum(windows), style_px, steps, tile is not None),
-                                sum(windows), batch))
+                                _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks, cut),
+                                _scale_seconds(costs, batch, sum(windows), style_px, steps, tile is not None, cut),
+                                sum(windows), batch, cut, costs.recompute_share(cut) if tile is not None else 1.0,
+                                rung))
     return Plan(content, batch, device, budget, in_use, tuple(scales), masks, step_cost(cfg, masks))
 
 

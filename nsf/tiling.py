@@ -12,6 +12,13 @@ loss), so
   with respect to the sums, into the tile's pixels; the tiles' input gradients add up (their halos
   overlap) to the whole image's gradient.
 
+Pass 2 recomputes each tile's forward. With a ``cut`` (a module index of the network), pass 1 keeps each tile's
+autograd graph from the cut on (the deep layers: small maps, most of the arithmetic) and pass 2 recomputes only the
+modules before it: the deep part's backward starts from the kept graph, and its gradient at the cut flows into the
+recomputed shallow part. The recomputed activations are the kept graph's inputs op for op, so the step is the same
+(measured on the 2-core CPU in bf16: the modules up to pool2 are 59% of a forward, a forward+backward 4.9
+forwards, bench/RESULTS.md "memory ladder").
+
 Only the order of floating-point sums differs from the untiled step (tests/test_tiling.py: 1e-9 in
 float64). Pure tensor code: no IO, no device or dtype choice.
 """
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -167,6 +174,8 @@ class Sums:
     grams: dict[str, Tensor] = field(default_factory=dict)
     kept: dict[str, Tensor] = field(default_factory=dict)
     means: dict[str, Tensor] = field(default_factory=dict)
+    # with a cut and graph=True: per tile, the cut's activation (a leaf) and the deep layers' shares with their graph
+    graphs: list[tuple[Tensor, Sums]] = field(default_factory=list)
 
 
 class TiledFeatures:
@@ -177,14 +186,21 @@ class TiledFeatures:
         layers: the layers whose positions must be exact (those an objective reads).
         height, width: the image size.
         tile: owned tile ``(th, tw)`` in px, multiples of the stack's alignment; ``None`` for untiled.
+        cut: a module index of ``extractor.body``: pass 1 (:meth:`sums` with ``graph=True``) keeps each tile's graph
+            from this module on and :meth:`backward` recomputes only the modules before it; ``None``: pass 2
+            recomputes the whole forward (the least memory).
         masks: ``(R, B|1, 1, height, width)`` region masks in [0, 1], or ``None``. With masks, the Grams and
             means are the regions' mask-weighted ones (:func:`nsf.losses.masked_gram`), ``(B, R, C, C)`` and
             ``(B, R, C)``; each layer reads the masks brought to its resolution by area averaging.
     """
 
     def __init__(self, extractor: FeatureExtractor, layers: Sequence[str], height: int, width: int,
-                 tile: tuple[int, int] | None, masks: Tensor | None = None):
+                 tile: tuple[int, int] | None, masks: Tensor | None = None, cut: int | None = None):
         self.extractor = extractor
+        if cut is not None and not 0 < cut < extractor.depth:
+            raise ValueError(f"cut={cut}; allowed: None or a module index 1..{extractor.depth - 1}")
+        self.cut = cut
+        self._index = {n: i for i, n in enumerate(extractor.module_names)}
         self.height, self.width = height, width
         if masks is not None and (masks.dim() != 5 or masks.shape[2] != 1 or masks.shape[-2:] != (height, width)):
             raise ValueError(f"masks of shape {tuple(masks.shape)}; allowed: (R, B|1, 1, {height}, {width})")
@@ -258,21 +274,54 @@ class TiledFeatures:
                                                  positions=self.positions(n))
         return out
 
+    def _deep(self, layers: Sequence[str]) -> list[str]:
+        """Those of ``layers`` computed at or after the cut."""
+        return [n for n in layers if self.cut is not None and self._index[n] >= self.cut]
+
+    def _shallow(self, layers: Sequence[str]) -> list[str]:
+        return [n for n in layers if self.cut is None or self._index[n] < self.cut]
+
+    def _features(self, window: Tensor, keep_graph: bool) -> tuple[dict[str, Tensor], Tensor | None]:
+        """A window's features; with ``keep_graph`` (and a cut), those from the cut on with their graph, and the
+        cut's activation as the graph's leaf."""
+        if not keep_graph or self.cut is None:
+            return self.extractor(window), None
+        a, feats = self.extractor.stage(window, 0, self.cut)
+        a = a.detach().requires_grad_(True)
+        with torch.enable_grad():
+            _, deep = self.extractor.stage(a, self.cut)
+        return {**feats, **deep}, a
+
     @torch.no_grad()
     def sums(self, images: Tensor, *, grams: Sequence[str] = (), norm: str = "chw",
-             content: Mapping[str, Tensor] | None = None, keep: Sequence[str] = (), means: Sequence[str] = ()) -> Sums:
-        """Pass 1 over ``images`` ``(B, 3, H, W)``: whole-image Grams, means, MSEs and kept maps, no gradient."""
+             content: Mapping[str, Tensor] | None = None, keep: Sequence[str] = (), means: Sequence[str] = (),
+             graph: bool = False) -> Sums:
+        """Pass 1 over ``images`` ``(B, 3, H, W)``: whole-image Grams, means, MSEs and kept maps, no gradient.
+        ``graph`` (with a cut): each tile's deep part and its shares are kept with their graph in ``Sums.graphs``,
+        for :meth:`backward`."""
         total = Sums()
         for t in self.tiles:
-            feats = self.extractor(images[..., t.wr0:t.wr1, t.wc0:t.wc1])
-            part = self.shares(feats, t, grams=grams, norm=norm, content=content, means=means)
+            feats, leaf = self._features(images[..., t.wr0:t.wr1, t.wc0:t.wc1], graph)
+            if leaf is not None:
+                targets = content or {}
+                with torch.enable_grad():
+                    deep = self.shares(feats, t, grams=self._deep(grams), norm=norm, means=self._deep(means),
+                                       content={n: targets[n] for n in self._deep(list(targets))})
+                total.graphs.append((leaf, deep))
+                shallow = self.shares(feats, t, grams=self._shallow(grams), norm=norm, means=self._shallow(means),
+                                      content={n: targets[n] for n in self._shallow(list(targets))})
+                part = Sums({**shallow.content, **deep.content}, {**shallow.grams, **deep.grams}, {},
+                            {**shallow.means, **deep.means})
+            else:
+                part = self.shares(feats, t, grams=grams, norm=norm, content=content, means=means)
             for mine, theirs in ((total.grams, part.grams), (total.content, part.content), (total.means, part.means)):
                 for n, v in theirs.items():
+                    v = v.detach()
                     mine[n] = mine[n] + v if n in mine else v
             if len(self.tiles) > 1:
                 release_host_memory(images.device)
             for n in keep:
-                f = feats[n]
+                f = feats[n].detach()
                 if self.geo is None or len(self.tiles) == 1:
                     total.kept[n] = f
                     continue
@@ -286,27 +335,52 @@ class TiledFeatures:
     def backward(self, images: Tensor, d_grams: Mapping[str, Tensor], d_content: Mapping[str, Tensor],
                  content: Mapping[str, Tensor], norm: str = "chw",
                  on_tile: Callable[[int, int], None] | None = None,
-                 d_means: Mapping[str, Tensor] | None = None) -> Tensor:
+                 d_means: Mapping[str, Tensor] | None = None, graphs: Sequence[tuple[Tensor, Sums]] = ()) -> Tensor:
         """Pass 2: the gradient of a loss of the whole-image sums, given its derivatives ``d_grams``
         (``(B, C, C)`` per layer), ``d_content`` (``(B,)`` per layer) and ``d_means`` (``(B, C)`` per layer) with
-        respect to them.
+        respect to them. ``graphs``: pass 1's kept deep parts (:meth:`sums` with ``graph=True``), one per tile:
+        each tile then recomputes only the modules before the cut.
 
         Returns ``(B, 3, H, W)``: each tile's gradient of ``sum(d * its share)``, added over the tiles.
         """
         grad = torch.zeros_like(images)
         d_means = d_means or {}
+        if graphs and len(graphs) != len(self.tiles):
+            raise ValueError(f"{len(graphs)} kept graphs for {len(self.tiles)} tiles; allowed: one per tile")
         for i, t in enumerate(self.tiles):
             window = images[..., t.wr0:t.wr1, t.wc0:t.wc1].detach().requires_grad_(True)
             with torch.enable_grad():
-                part = self.shares(self.extractor(window), t, grams=list(d_grams), norm=norm,
-                                   content={n: content[n] for n in d_content}, means=list(d_means))
-                surrogate = sum((d_grams[n] * g).sum() for n, g in part.grams.items()) \
-                    + sum((d_content[n] * c).sum() for n, c in part.content.items()) \
-                    + sum((d_means[n] * m).sum() for n, m in part.means.items())
-                (g,) = torch.autograd.grad(cast(Tensor, surrogate), window)  # a sum of tensors (typed: | int)
+                outputs: list[Tensor] = []
+                weights: list[Tensor] = []
+                if graphs:
+                    leaf, deep = graphs[i]
+                    deep_loss = _weighted(deep, d_grams, d_content, d_means)
+                    # the deep part's gradient at the cut, from the graph pass 1 kept (which it frees)
+                    (at_cut,) = torch.autograd.grad(deep_loss, leaf) if deep_loss.requires_grad \
+                        else (torch.zeros_like(leaf),)
+                    a, feats = self.extractor.stage(window, 0, self.cut)
+                    outputs, weights = [a], [at_cut]
+                else:
+                    feats = self.extractor(window)
+                layers = self._shallow if graphs else list  # the layers this recompute reaches
+                part = self.shares(feats, t, grams=layers(list(d_grams)), norm=norm, means=layers(list(d_means)),
+                                   content={n: content[n] for n in layers(list(d_content))})
+                surrogate = _weighted(part, d_grams, d_content, d_means)
+                if surrogate.requires_grad:
+                    outputs, weights = [surrogate, *outputs], [torch.ones_like(surrogate), *weights]
+                (g,) = torch.autograd.grad(outputs, window, weights)
             grad[..., t.wr0:t.wr1, t.wc0:t.wc1] += g
-            del window, part, surrogate, g  # the next tile's forward runs without this one's buffers
+            del window, part, surrogate, g, outputs, weights, feats  # the next tile runs without this one's buffers
             release_host_memory(images.device)
             if on_tile is not None:
                 on_tile(i + 1, len(self.tiles))
         return grad
+
+
+def _weighted(part: Sums, d_grams: Mapping[str, Tensor], d_content: Mapping[str, Tensor],
+              d_means: Mapping[str, Tensor]) -> Tensor:
+    """``sum(d * share)`` over a tile's shares: the surrogate whose gradient is the tile's share of the loss's."""
+    terms = [(d_grams[n] * g).sum() for n, g in part.grams.items()] \
+        + [(d_content[n] * c).sum() for n, c in part.content.items()] \
+        + [(d_means[n] * m).sum() for n, m in part.means.items()]
+    return torch.stack(terms).sum() if terms else torch.zeros(())

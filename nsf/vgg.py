@@ -74,24 +74,34 @@ class FeatureExtractor(nn.Module):
         deepest = max(names.index(n) for n in layers)
         self.normalize = normalize
         self.body = features[: deepest + 1]
+        self._stack = tuple(self.body)  # the same module objects, sliced without building a Sequential
         self._names = names[: deepest + 1]
         self.layers = tuple(dict.fromkeys(layers))
         self._wanted = frozenset(self.layers)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        x = self.normalize(images)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        return self.stage(images)[1]
+
+    def stage(self, x: Tensor, start: int = 0, stop: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Modules ``start..stop`` of :attr:`body` (``stop=None``: to the end) on ``x``: ``(their output, the
+        requested layers' activations among them)``. At ``start=0`` ``x`` is the images in [0, 1] (normalized
+        here); else a previous stage's output. ``stage(x, 0, k)`` then ``stage(out, k)`` computes what
+        ``forward(x)`` does, op for op (exact tiled steps keep the second stage's graph, :mod:`nsf.tiling`)."""
+        if start == 0:
+            x = self.normalize(x)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         out: dict[str, Tensor] = {}
+        stop = len(self._names) if stop is None else stop
         # no cast-weight cache: it would hold tensors across steps, which a captured CUDA graph must not
         with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None,
                             cache_enabled=False):
-            for name, module in zip(self._names, self.body):
+            for name, module in zip(self._names[start:stop], self._stack[start:stop]):
                 x = module(x)
                 if name in self._wanted:
                     out[name] = x
         # features stay in the autocast dtype: losses.gram and the MSEs sum them in float32
-        return out
+        return x, out
 
     @property
     def module_names(self) -> tuple[str, ...]:

@@ -321,3 +321,22 @@ def test_masked_mean_and_tile_positions():
 def test_masked_gram_refuses_a_mask_of_another_size():
     with pytest.raises(ValueError, match=r"\(B\|1, 1, H, W\) mask"):
         losses.masked_gram(torch.randn(1, 3, 4, 4), torch.ones(1, 1, 4, 5))
+
+
+def test_bf16_gram_keeps_the_map_not_its_float32_copy():
+    """A bf16 map's Gram is summed in float32 but its backward keeps the bf16 map (which the network keeps anyway),
+    not a float32 copy of it; value and gradient are autograd's through the upcast, to float32 rounding."""
+    f = torch.randn(2, 8, 12, 10, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    a, b = f.clone().requires_grad_(True), f.clone().requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        g = losses.gram(a)
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved)
+    flat = b.float().reshape(2, 8, 120)
+    plain = torch.bmm(flat, flat.transpose(1, 2)) / (8 * 120)
+    torch.testing.assert_close(g, plain, rtol=1e-6, atol=0)
+    w = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    (ga,) = torch.autograd.grad((g * w).sum(), a)
+    (gb,) = torch.autograd.grad((plain * w).sum(), b)
+    assert ga.dtype == torch.bfloat16
+    torch.testing.assert_close(ga.float(), gb.float(), rtol=1e-2, atol=1e-6)

@@ -14,6 +14,7 @@ from conftest import random_image, smooth_image
 
 import nsf
 from nsf import plan as P
+from nsf import tiling
 from nsf.config import make_config
 from nsf.errors import ConfigError, PlanError
 
@@ -228,3 +229,43 @@ def test_measured_memory_costs_are_remembered_across_runs(model, tmp_path, monke
     other = cfg.replace(style_loss="mean_cov")  # another key: measured, not read
     with pytest.raises(pytest.fail.Exception):
         P.measure(ext, other, torch.device("cpu"), timing=False, remember=True)
+
+
+@pytest.mark.parametrize("hw,tile", [((200, 333), (64, 96)), ((1380, 2048), (352, 352)), ((96, 96), (96, 96)),
+                                     ((100, 700), (32, 688))])
+def test_window_sums_equal_the_tiles_laid_out(costs, hw, tile):
+    ws = [t.window_pixels for t in tiling.tiles(*hw, tile, costs.geometry)]
+    assert P._windows(hw, tile, costs.geometry) == (max(ws), sum(ws))
+
+
+def test_kept_bytes_fall_with_the_cut(costs):
+    """A graph kept from module c holds the saved tensors of modules c..: all of the network's at c = 0 (under
+    the whole step's, which adds the losses' and the backward's buffers), less at each deeper cut."""
+    kept = costs.kept_bytes
+    assert len(kept) == len(costs.module_names) and costs.cuts()[0] is None
+    assert all(a >= b for a, b in zip(kept, kept[1:]))
+    assert 0 < kept[0] < costs.act_bytes
+    pool2 = costs.module_names.index("pool2") + 1
+    assert kept[pool2] < kept[0] / 2  # the full-resolution blocks hold most of it
+    assert costs.recompute_share(None) == 1.0 and costs.recompute_share(pool2) == P.FORWARD_SHARE["pool2"]
+
+
+def test_the_ladder_keeps_a_graph_where_it_is_cheaper(costs):
+    """Where the budget leaves room beside the tile, the planner keeps pass 1's deep graph (pass 2 recomputes only
+    the shallow blocks): the same tiles or larger, a cheaper step, within the budget; the work that admission
+    control multiplies counts it."""
+    cfg = make_config(size=2048)
+    plain = P.Costs(costs.act_bytes, costs.target_bytes, costs.geometry, fixed_bytes=costs.fixed_bytes)
+    for budget in (GB * b for b in (2, 3, 4, 6, 8)):
+        ladder = P.plan(costs, cfg, (1380, 2048), budget=budget, in_use=GB)
+        before = P.plan(plain, cfg, (1380, 2048), budget=budget, in_use=GB)
+        assert ladder.peak_bytes <= budget and before.peak_bytes <= budget
+        assert ladder.work <= before.work
+        last = ladder.scales[-1]
+        assert last.tile is not None
+        if last.cut is not None:
+            assert last.layout.cut == last.cut and "graph kept from" in last.rung
+            assert last.work < P.ScalePlan(**{**last.__dict__, "cut": None, "recompute": 1.0}).work
+            assert "keeps" in ladder.table() and ladder.to_dict()["scales"][-1]["cut"] == last.cut
+    assert any(s.cut is not None for b in (2, 3, 4, 6, 8)
+               for s in P.plan(costs, cfg, (1380, 2048), budget=b * GB, in_use=GB).scales)

@@ -122,6 +122,97 @@ def test_tiled_step_equals_untiled(model, dtype, rtol, cfg, hw, tile):
         assert_close(tiled.style_scale[n], whole.style_scale[n], rtol=rtol * 10, atol=0)
 
 
+def _cut(ext, after: str) -> int:
+    """The module index just after ``after`` (pass 1 keeps the graph from there on)."""
+    return ext.module_names.index(after) + 1
+
+
+KEPT = [  # (config, tile, the layer after which pass 1 keeps each tile's graph)
+    pytest.param(DEFAULT.replace(tv_weight=0.5), (48, 64), "relu1_1", id="default-relu1_1"),
+    pytest.param(DEFAULT, (48, 64), "pool1", id="default-pool1"),
+    pytest.param(DEFAULT, (48, 64), "pool2", id="default-pool2"),
+    pytest.param(DEFAULT, (48, 64), "pool3", id="default-pool3"),
+    pytest.param(DEFAULT, (48, 64), "pool4", id="default-pool4"),
+    pytest.param(DEFAULT, (112, 144), "pool2", id="default-one-tile-pool2"),
+    pytest.param(DEEP, (64, 64), "pool3", id="deep-pool3"),
+    pytest.param(DEFAULT.replace(style_loss="mean_cov"), (48, 64), "pool2", id="mean-cov-pool2"),
+]
+
+
+@pytest.mark.parametrize("cfg,tile,after", KEPT)
+def test_kept_graph_step_equals_untiled(model, cfg, tile, after):
+    """Pass 1 keeps each tile's graph from the cut on and pass 2 recomputes only the modules before it: the
+    untiled loss and gradient to 1e-9 in float64, at every cut (content and style layers on both sides)."""
+    dtype = torch.float64
+    ext = extractor(model, cfg, dtype)
+    h, w = 112, 144
+    content, x = random_image(h, w, seed=1, batch=2).to(dtype), random_image(h, w, seed=3, batch=2).to(dtype)
+    targets = O.style_targets(ext, [smooth_image(90, 120, seed=2).to(dtype)], (1.0,), cfg)
+    whole = O.Objective(ext, cfg, content, targets)
+    kept = O.Objective(ext, cfg, content, targets, tile=tile, cut=_cut(ext, after))
+    xr = x.clone().requires_grad_(True)
+    loss, parts = whole(xr)
+    (grad,) = torch.autograd.grad(loss.sum(), xr)
+    seen = []
+    loss_t, parts_t, grad_t = kept.value_and_grad(x, lambda done, total: seen.append(done))
+    assert seen == list(range(1, kept.tiles + 1))
+    assert_close(loss_t, loss.detach(), rtol=1e-9, atol=0)
+    assert_close(parts_t, parts, rtol=1e-9, atol=1e-30)
+    assert float((grad_t - grad).abs().max() / grad.abs().max()) < 1e-8
+
+
+def test_kept_graph_step_with_masks_equals_untiled(model):
+    dtype = torch.float64
+    ext = extractor(model, DEFAULT, dtype)
+    h, w = 112, 144
+    content, x = random_image(h, w, seed=1).to(dtype), random_image(h, w, seed=3).to(dtype)
+    ramp = torch.linspace(0, 1, w, dtype=dtype).view(1, 1, 1, w).expand(1, 1, h, w)
+    styles = [smooth_image(90, 120, seed=2).to(dtype), random_image(80, 80, seed=4).to(dtype)]
+    regions = [O.Region(O.style_targets(ext, [styles[0]], (1.0,), DEFAULT), ramp, 1.0),
+               O.Region(O.style_targets(ext, [styles[1]], (1.0,), DEFAULT), 1 - ramp, 0.5)]
+    whole = O.Objective(ext, DEFAULT, content, regions)
+    kept = O.Objective(ext, DEFAULT, content, regions, tile=(48, 64), cut=_cut(ext, "pool2"))
+    xr = x.clone().requires_grad_(True)
+    loss, _ = whole(xr)
+    (grad,) = torch.autograd.grad(loss.sum(), xr)
+    loss_t, _, grad_t = kept.value_and_grad(x)
+    assert_close(loss_t, loss.detach(), rtol=1e-9, atol=0)
+    assert float((grad_t - grad).abs().max() / grad.abs().max()) < 1e-8
+
+
+def test_kept_graph_run_equals_untiled_run_in_float64(model):
+    cfg = make_config(size=128, steps=4, tol=0.0, base_size=64, refine_steps=(2,), scales=(0.5, 1.0),
+                      scale_steps=(0.5, 0.5))
+    ext = extractor(model, cfg, torch.float64)
+    content = smooth_image(96, 128, seed=8).to(torch.float64)
+    style = random_image(64, 64, seed=9).to(torch.float64)
+    whole = O.run(ext, content, [style], cfg)
+    cut = _cut(ext, "pool2")
+    kept = O.run(ext, content, [style], cfg, layout=[O.Layout((16, 32), cut=cut), O.Layout((32, 64), 1, cut)])
+    tiled = O.run(ext, content, [style], cfg, layout=[O.Layout((16, 32)), O.Layout((32, 64), 1)])
+    assert_close(kept, tiled, rtol=0, atol=1e-9)  # the same history, so the same steps
+    assert_close(O.run(ext, content, [style], cfg, layout=[O.Layout((16, 32), cut=cut), O.Layout((32, 64), cut=cut)]),
+                 whole, rtol=0, atol=1e-9)
+
+
+def test_cut_out_of_range_is_refused(model):
+    ext = extractor(model, DEFAULT)
+    with pytest.raises(ValueError, match="allowed: None or a module index"):
+        tiling.TiledFeatures(ext, DEFAULT.layers, 64, 64, (32, 32), cut=ext.depth)
+
+
+def test_stages_compose_to_the_forward(model):
+    ext = extractor(model, DEEP)
+    x = random_image(64, 80, seed=1)
+    whole = ext(x)
+    for k in range(1, ext.depth):
+        a, first = ext.stage(x, 0, k)
+        _, second = ext.stage(a, k)
+        assert set(first) | set(second) == set(whole) and not set(first) & set(second)
+        for n, f in {**first, **second}.items():
+            assert torch.equal(f, whole[n]), (k, n)
+
+
 def test_tiled_style_targets_equal_untiled(model):
     cfg = DEFAULT.replace(style_loss="mean_cov")
     ext = extractor(model, cfg, torch.float64)

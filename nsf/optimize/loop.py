@@ -123,7 +123,7 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
             targets = style_targets(extractor, sized, blend, cfg, tile=lay.tile, masks=sized_masks)
         scale_cfg = refined(cfg) if scale_index >= len(cfg.scales) else cfg
         objective = Objective(extractor, scale_cfg, c, targets, tile=lay.tile, generator=generator,
-                              pixel_loss=pixel_loss)
+                              pixel_loss=pixel_loss, cut=lay.cut)
         tiled = objective.tiles > 1
         loss_fn = compile_fn(objective) if compile_fn is not None and not tiled else objective
         if x is None:

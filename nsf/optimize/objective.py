@@ -34,7 +34,8 @@ class Objective(nn.Module):
 
     With ``tile`` (owned tile ``(th, tw)`` px), :meth:`value_and_grad` computes the same loss and
     gradient tile by tile (:mod:`nsf.tiling`), so only one tile's activations are alive at a time; the
-    content targets and normalizers are computed tile by tile too (losses that tile only).
+    content targets and normalizers are computed tile by tile too (losses that tile only). ``cut`` (tiled only):
+    the module index from which each tile's graph is kept between the two passes (:class:`~nsf.tiling.TiledFeatures`).
 
     ``pixel_loss``: a per-image loss of the image itself ``(B, 3, H, W) -> (B,)`` (e.g. a video's temporal term),
     added to the loss outside the network (tiled or not, its gradient is autograd's on the whole image); it
@@ -43,7 +44,8 @@ class Objective(nn.Module):
 
     def __init__(self, extractor: FeatureExtractor, cfg: StyleConfig, content: Tensor,
                  style: Mapping[str, Tensor] | StyleTargets | Sequence[Region], tile: tuple[int, int] | None = None,
-                 generator: torch.Generator | None = None, pixel_loss: PixelLoss | None = None):
+                 generator: torch.Generator | None = None, pixel_loss: PixelLoss | None = None,
+                 cut: int | None = None):
         super().__init__()
         self.loss = style_loss(cfg.style_loss)
         self.regions: list[Region] | None = None
@@ -69,7 +71,7 @@ class Objective(nn.Module):
         self.content_w = layer_weights(cfg.content_layers, cfg.content_layer_weights)
         self.style_w = layer_weights(cfg.style_layers, cfg.style_layer_weights)
         self.tiled = TiledFeatures(extractor, [*self.content_w, *self.style_w], content.shape[-2], content.shape[-1],
-                                   tile, masks=masks)
+                                   tile, masks=masks, cut=cut if tile is not None else None)
         if not self.loss.tiles and self.tiles > 1:
             raise self.loss.tiling_refusal("cannot run tile by tile")
         self.targets = targets.layers
@@ -188,7 +190,7 @@ class Objective(nn.Module):
         if not self.loss.tiles:
             raise self.loss.tiling_refusal("cannot run tile by tile")
         sums = self.tiled.sums(x, grams=self._gram_layers, norm=self.gram_norm, content=self.content_targets,
-                               means=self._mean_layers)
+                               means=self._mean_layers, graph=True)
         with torch.enable_grad():
             # the loss as a function of the whole-image sums; autograd gives its derivatives, so the
             # chain rule through combine() is not written a second time
@@ -203,7 +205,8 @@ class Objective(nn.Module):
         d_content, d_grams = dict(zip(leaves_c, d[:k])), dict(zip(leaves_g, d[k:k + g]))
         d_means = dict(zip(leaves_m, d[k + g:k + g + len(leaves_m)]))
         grad = self.tiled.backward(x, d_grams, d_content, self.content_targets, self.gram_norm, on_tile,
-                                   d_means=d_means)
+                                   d_means=d_means, graphs=sums.graphs)
+        sums.graphs.clear()
         if self._reads_pixels:
             grad += d[-1]
         return loss.detach(), parts, grad

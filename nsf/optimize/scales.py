@@ -67,6 +67,7 @@ class Layout:
 
     tile: tuple[int, int] | None = None  # owned tile (th, tw) px of exact tiled steps; None: whole image
     history: int | None = None  # L-BFGS curvature pairs; None: as many as the scale's steps can use
+    cut: int | None = None  # tiled: the module index from which pass 1 keeps each tile's graph (nsf.tiling)
 
 
 def refined(cfg: StyleConfig) -> StyleConfig:
