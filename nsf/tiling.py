@@ -109,12 +109,18 @@ def geometry(body: nn.Sequential, names: Sequence[str], layers: Iterable[str]) -
             k, st, p, d = spec
             lo, hi, stride = lo - p * stride, hi + (d * (k - 1) - p) * stride, stride * st
         reach[name] = Reach(stride, lo, hi)
-    used = [reach[n] for n in layers]
+    return for_layers(Geometry(specs, {n: i for i, n in enumerate(names)}, reach, 1, 0, 0), layers)
+
+
+def for_layers(geo: Geometry, layers: Iterable[str]) -> Geometry:
+    """``geo`` for another set of its stack's ``layers`` (e.g. a refinement scale's, which may stop shallower): the
+    alignment and halos those layers need."""
+    used = [geo.reach[n] for n in layers]
     align = max(r.stride for r in used)
     before = max(0, *(-r.lo for r in used))
     before = -(-before // align) * align
     after = max(0, *(r.hi - r.stride + 1 for r in used))
-    return Geometry(specs, {n: i for i, n in enumerate(names)}, reach, align, before, after)
+    return Geometry(geo.modules, geo.index, geo.reach, align, before, after)
 
 
 @dataclass(frozen=True)
