@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> None:
     cmd = ["nsf", "stylize", str(content), str(style), "-o", str(out), "--size", str(args.size), "--no-progress",
            "--max-memory", args.max_memory, "--seed", "0"]
     cmd += set_flags(args.set)
+    # the planner's prediction for this run, timed on this machine just before it (nsf plan's timing run)
+    planned = subprocess.run(["nsf", "plan", str(content), "--size", str(args.size), "--max-memory", args.max_memory,
+                              "--json", *set_flags(args.set)], capture_output=True, text=True)
+    predicted_s = json.loads(planned.stdout).get("seconds") if planned.returncode == 0 else None
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -61,6 +65,8 @@ def run(args: argparse.Namespace) -> None:
         else {"style_ratio": None, "content_ratio": None}
     row = {"name": args.name, "pair": args.pair, "size": args.size, "max_memory": args.max_memory, "set": args.set,
            "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "nsf_seconds": meta.get("seconds"),
+           "predicted_seconds": round(predicted_s, 1) if predicted_s else None,
+           "rungs": [s.get("rung", "") for s in plan.get("scales", [])],
            "peak_rss_gb": round(rss_kb * 1024 / 1e9, 2),
            "predicted_peak_gb": round(plan.get("peak_bytes", 0) / 1e9, 2),
            "budget_gb": round(plan["budget"] / 1e9, 2) if plan.get("budget") else None,

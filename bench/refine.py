@@ -13,6 +13,9 @@ Usage:
                                                      # e.g. --set refine_steps=20,40: 40 steps at 2048 px
   python bench/refine.py rescore IMAGE.png                           # the same scores of a saved output
   python bench/refine.py table [--record]                            # rows so far -> RESULTS
+  python bench/refine.py start --size 512 --pair chelsea:brick --style-size 256   # a print tuned at half size:
+  python bench/refine.py last NAME --size 512 --pair chelsea:brick --style-size 256 --print \
+      --set refine_preview_weight=1    # base_size 256, the style at 256 px; thumbnail, up close and full-size scores
 
 Scores are bench/score.py's (the same network, Gram and ratios), computed one layer at a time so that a
 2048 px output scores in about 4 GB instead of 11. Rows go to bench/out/refine.jsonl.
@@ -42,16 +45,32 @@ def _pair(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def _start_path(args: argparse.Namespace) -> Path:
-    return OUT / f"refine_start_{args.pair.replace(':', '_')}_{args.size}.pt"
+    small = f"_s{args.style_size}" if args.style_size else ""
+    return OUT / f"refine_start_{args.pair.replace(':', '_')}_{args.size}{small}.pt"
+
+
+def _style(args: argparse.Namespace, path: Path) -> torch.Tensor:
+    """The style image, brought down to ``--style-size`` px long side where given (a 1024 px print from a 512 px
+    style, tuned at half size: a 512 px print from a 256 px style)."""
+    from nsf.geometry import resize, target_size
+    from nsf.image import load_image, pil_to_tensor
+
+    style = pil_to_tensor(load_image(path))
+    if args.style_size and args.style_size < max(style.shape[-2:]):
+        style = resize(style, target_size(style.shape[-2], style.shape[-1], args.style_size))
+    return style
 
 
 def start(args: argparse.Namespace) -> None:
     import nsf
 
-    content, style = _pair(args)
+    content, style_path = _pair(args)
+    style = _style(args, style_path)
     model = nsf.style_fusion(device="cpu")
     t0 = time.perf_counter()
-    x = model.stylize(content, style, size=args.size // 2, seed=0, as_tensor=True)
+    # the default run at half the size: its own base_size when that is smaller (the base scale of the print)
+    x = model.stylize(content, style, size=args.size // 2, seed=0, as_tensor=True,
+                      **({"base_size": args.size // 2} if args.size // 2 < 512 else {}))
     OUT.mkdir(parents=True, exist_ok=True)
     torch.save(x, _start_path(args))
     print(json.dumps({"start": args.size // 2, "seconds": round(time.perf_counter() - t0, 1)}))
@@ -75,9 +94,10 @@ def last(args: argparse.Namespace) -> None:
 
     content_path, style_path = _pair(args)
     model = nsf.style_fusion(device="cpu")
-    cfg = model.resolve_config(size=args.size, seed=0, **_options(args.set))
+    base = {"base_size": args.size // 2} if args.size // 2 < 512 else {}
+    cfg = model.resolve_config(size=args.size, seed=0, **{**base, **_options(args.set)})
     content = pil_to_tensor(load_image(content_path))
-    style = pil_to_tensor(load_image(style_path))
+    style = _style(args, style_path)
     plan = O.schedule(content.shape[-2], content.shape[-1], cfg)
     n_steps = plan[-1][2]
     x0 = torch.load(_start_path(args), weights_only=True)
@@ -91,8 +111,15 @@ def last(args: argparse.Namespace) -> None:
     del x
     path = OUT / f"refine_{args.name}.png"
     save_png(out, path, {"refine": args.set})
-    row = {"name": args.name, "pair": args.pair, "size": args.size, "set": args.set, "steps": n_steps,
-           "seconds": round(seconds, 1), **score(out, content, style),
+    scores = print_scores(out, content, style, x0, min(cfg.size, cfg.base_size)) if args.print else \
+        score(out, content, style)
+    if args.print:  # the thumbnail as the yardstick scores it, next to the output
+        from nsf.geometry import resize, target_size
+
+        thumb = resize(out, target_size(out.shape[-2], out.shape[-1], min(cfg.size, cfg.base_size)))
+        save_png(thumb, OUT / f"refine_{args.name}_thumb.png", {"refine": args.set})
+    row = {"name": args.name, "pair": args.pair, "size": args.size, "style_size": args.style_size, "set": args.set,
+           "steps": n_steps, "seconds": round(seconds, 1), **scores,
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
            "image": str(path.relative_to(REPO)), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(row), flush=True)
@@ -105,6 +132,23 @@ def score(out: torch.Tensor, content: torch.Tensor, style: torch.Tensor) -> dict
     from score import Scorer
 
     return {k: round(v, 4) for k, v in Scorer().ratios(out, content, style).items()}
+
+
+def print_scores(out: torch.Tensor, content: torch.Tensor, style: torch.Tensor, preview: torch.Tensor,
+                 base: int) -> dict[str, float]:
+    """bench/score.py's print yardstick (Scorer.print_score) with the thumbnail at ``base`` px (the preview's size:
+    512 px for a default print) and ``preview``, the start (the base_size run), as the preview: ``thumb_style``,
+    ``thumb_content``, ``preview_style`` (the preview's own), ``close_style`` and its layers, ``full_style``."""
+    import score as S
+
+    S.THUMBNAIL = base
+    s = S.Scorer().print_score(out, content, style, preview=preview.clamp(0, 1), full=True)
+    t, p, c, f = s["thumbnail"], s["preview"], s["close"], s["full"]
+    row = {"thumb_style": t["style_ratio"], "thumb_content": t["content_ratio"], "preview_style": p["style_ratio"],
+           "preview_content": p["content_ratio"], "close_style": c["style_ratio"],
+           **{f"close_{n}": c[f"style_{n}"] for n in S.CLOSE_LAYERS},
+           "full_style": f["style_ratio"], "full_content": f["content_ratio"]}
+    return {k: round(v, 4) for k, v in row.items()}
 
 
 def rescore(args: argparse.Namespace) -> None:
@@ -136,6 +180,31 @@ def table(args: argparse.Namespace) -> None:
         record(args.key, text)
 
 
+def sheet(args: argparse.Namespace) -> None:
+    """Side by side, one row per run: its thumbnail (``refine_NAME_thumb.png``) and a crop of the full-size output
+    at its own resolution (``--crop TOP LEFT SIDE`` in the output's pixels), the start (the preview) first."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for name in args.names:
+        full = Image.open(OUT / f"refine_{name}.png").convert("RGB")
+        thumb = Image.open(OUT / f"refine_{name}_thumb.png").convert("RGB")
+        top, left, side = args.crop
+        crop = full.crop((left, top, left + side, top + side)).resize((thumb.height, thumb.height), Image.NEAREST)
+        row = Image.new("RGB", (thumb.width + crop.width + 8, thumb.height + 20), "white")
+        row.paste(thumb, (0, 20))
+        row.paste(crop, (thumb.width + 8, 20))
+        ImageDraw.Draw(row).text((4, 4), f"{name}: thumbnail | {side} px crop at full resolution", fill="black")
+        rows.append(row)
+    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.height
+    out.save(OUT / f"refine_sheet_{args.out}.jpg", quality=90)
+    print(OUT / f"refine_sheet_{args.out}.jpg")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -144,6 +213,10 @@ def main() -> None:
     q.add_argument("--key", default="refinement weights")
     q.add_argument("--command", default="python bench/refine.py last NAME --set ...")
     q.add_argument("--note", default="", help="the conditions of the runs, below the table")
+    q = sub.add_parser("sheet")
+    q.add_argument("out", help="bench/out/refine_sheet_OUT.jpg")
+    q.add_argument("names", nargs="+", help="runs (refine_NAME.png and refine_NAME_thumb.png)")
+    q.add_argument("--crop", type=int, nargs=3, default=(256, 256, 256), metavar=("TOP", "LEFT", "SIDE"))
     for name in ("start", "last", "rescore"):
         q = sub.add_parser(name)
         if name == "rescore":
@@ -152,10 +225,15 @@ def main() -> None:
             q.add_argument("name")
             q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="a config option (only the last scale runs; its steps: refine_steps)")
+            q.add_argument("--print", action="store_true",
+                           help="score as a print (bench/score.py print_score: the thumbnail at the base scale's "
+                                "size against the start as preview, up close, full size) and save the thumbnail")
         q.add_argument("--size", type=int, default=2048)
         q.add_argument("--pair", default="astronaut:starry_night")
+        q.add_argument("--style-size", type=int, default=0,
+                       help="bring the style down to this long side first (0: as it is)")
     args = p.parse_args()
-    {"start": start, "last": last, "rescore": rescore, "table": table}[args.cmd](args)
+    {"start": start, "last": last, "rescore": rescore, "table": table, "sheet": sheet}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -84,17 +84,34 @@ class StyleConfig:
     # (bench/RESULTS.md "large cpu", u2048 vs u2048r20); at 1024 px, 5/10/20 steps 0.22/0.11/0.098 style
     refine_steps: tuple[int, ...] = _opt((20, 20, 4, 3), "steps at each refinement scale above base_size, "
                                          "coarsest first (the last repeats)")
-    refine_content_weight: float = _opt(1.0, "content_weight is multiplied by this at the refinement scales, "
-                                        "where the composition is settled and the style adds detail")
+    refine_content_weight: float = _opt(1.0, "content_weight is multiplied by this in the full-size objective of the "
+                                        "refinement scales, where the composition is settled and the style adds "
+                                        "detail (the preview term keeps content_weight)")
     # 1 each by default: at 2048 px from 512 px images, 4 on relu4_1 and relu5_1 took style_ratio 0.17 -> 0.10
     # and content_ratio 0.56 -> 0.90 (bench/RESULTS.md "refinement weights"); a trade, not a gain
     refine_style_layer_weights: tuple[float, ...] | None = _opt(
-        None, "style_layer_weights are multiplied by these at the refinement scales, one per style layer "
-        "(default: 1 each; dropped when style_layers change without them), e.g. 1,1,1,4,4 for more of the "
-        "style's larger forms in a print")
-    stroke_scale: str = _opt("pixels", f"{' or '.join(STROKE_SCALES)}: style strokes keep their size relative to "
-                             "the picture (the style image is resized with the output, upscaled if need be) or "
-                             "to the style image's pixels (never upscaled: a print gets finer strokes)",
+        None, "style_layer_weights are multiplied by these in the full-size objective of the refinement scales, "
+        "one per style layer (default: 1 each; dropped when style_layers change without them), e.g. 1,1,1,4,4 for "
+        "more of the style's larger forms in a print; with the preview term only the refine_detail_layers' entries "
+        "count (the preview term keeps style_layer_weights)")
+    # a print as its preview plus detail (issue 23): without the preview term the refinement scales match the style at
+    # pixel scale only and wash out the picture-scale style of the base_size run (a held-out pair at 2048 px: its
+    # thumbnail scored style_ratio 0.635 against 0.035 for the 512 px run); bench/RESULTS.md "print = preview + detail"
+    refine_preview_weight: float = _opt(
+        1.0, "weight of the preview term at the refinement scales above base_size: the output downsampled to the "
+        "base_size picture's size, scored by that scale's objective (content and every style layer against the style "
+        "at base_size), so a print keeps its preview's look; with it the full-size objective matches only "
+        "refine_detail_layers (0: off, every style layer at full size, as before)")
+    refine_detail_layers: tuple[str, ...] = _opt(
+        ("relu1_1", "relu2_1", "relu3_1"), "with refine_preview_weight > 0, the style layers matched at the full size "
+        "of a refinement scale (the detail a print needs; those of style_layers that are named here), against the "
+        "style image at its own resolution (stroke_scale=pixels); the deeper layers count in the preview term")
+    stroke_scale: str = _opt("pixels", f"{' or '.join(STROKE_SCALES)}: the size of the style's strokes at the "
+                             "refinement scales above base_size. pixels: the style image's own (never upscaled; with "
+                             "the preview term, refine_preview_weight > 0, the full-size detail layers are matched "
+                             "against the style at its native resolution, however large, while the preview term "
+                             "keeps the strokes of the base_size picture); picture: relative to the picture (the "
+                             "style image is resized with the output, upscaled if need be, a softer style)",
                              choices=STROKE_SCALES)
     tol: float = _opt(1e-4, "stop a scale early when the loss improved by less than this fraction "
                       "over the last `patience` steps (0 disables)")
@@ -182,7 +199,7 @@ def validate(cfg: StyleConfig) -> StyleConfig:
             raise ConfigError(f"refine_steps={cfg.refine_steps!r}; allowed: integers", field="refine_steps",
                               value=cfg.refine_steps, allowed="integers")
         _check_range("refine_steps", n, 0, MAX_STEPS)
-    for name in ("content_weight", "style_weight", "tv_weight", "refine_content_weight"):
+    for name in ("content_weight", "style_weight", "tv_weight", "refine_content_weight", "refine_preview_weight"):
         _check_range(name, getattr(cfg, name), 0.0, MAX_WEIGHT)
     if cfg.content_weight == 0 and cfg.style_weight == 0:
         raise ConfigError("content_weight and style_weight are both 0: nothing to optimize; allowed: either > 0",
@@ -196,6 +213,13 @@ def validate(cfg: StyleConfig) -> StyleConfig:
                           field="iterate_average", value=cfg.iterate_average, allowed="0 (off) or a decay in (0, 1)")
     validate_layers(cfg.content_layers, "content layer", field="content_layers")
     validate_layers(cfg.style_layers, "style layer", field="style_layers")
+    validate_layers(cfg.refine_detail_layers, "detail layer", field="refine_detail_layers")
+    if cfg.refine_preview_weight > 0 and cfg.base_size and cfg.size > cfg.base_size \
+            and not set(cfg.refine_detail_layers) & set(cfg.style_layers):
+        rule = f"one or more of the style_layers ({', '.join(cfg.style_layers)}), or refine_preview_weight=0"
+        raise ConfigError(f"refine_detail_layers={cfg.refine_detail_layers!r} names none of the style_layers: the "
+                          f"refinement scales would match no style at full size; allowed: {rule}",
+                          field="refine_detail_layers", value=cfg.refine_detail_layers, allowed=rule)
     for layers_field, what in LAYER_WEIGHTS:
         layers, weights = getattr(cfg, layers_field), getattr(cfg, what)
         if weights is not None:
@@ -229,7 +253,7 @@ def validate(cfg: StyleConfig) -> StyleConfig:
 
 _TUPLE_FIELDS = {"content_layers": str, "style_layers": str, "content_layer_weights": float,
                  "style_layer_weights": float, "style_blend_weights": float, "scales": float, "scale_steps": float,
-                 "refine_steps": int, "refine_style_layer_weights": float}
+                 "refine_steps": int, "refine_style_layer_weights": float, "refine_detail_layers": str}
 
 
 def make_config(base: StyleConfig | str | None = None, **overrides: Any) -> StyleConfig:

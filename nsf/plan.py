@@ -34,7 +34,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,10 +50,10 @@ from .memory import format_bytes
 from .memory import memory_now as memory_now
 from .memory import parse_memory as parse_memory
 from .optimize.objective import Objective
-from .optimize.scales import LBFGS_HISTORY, Layout, schedule
+from .optimize.scales import LBFGS_HISTORY, Layout, is_refinement, preview_size, refined, schedule, style_side
 from .optimize.targets import style_targets
-from .style_losses import style_loss
-from .tiling import Geometry, geometry, tiles
+from .style_losses import StyleLoss, style_loss
+from .tiling import Geometry, for_layers, geometry, tiles
 from .vgg import FeatureExtractor
 
 RGB_BYTES = 12  # one float32 RGB pixel
@@ -97,12 +97,24 @@ class Costs:
     fixed_bytes: float = 0.0  # a step's saved tensors that do not grow with the image (bf16 weight copies, Grams)
     kept_bytes: tuple[float, ...] = ()  # [c]: saved bytes per input pixel of the modules c.. (a graph kept from c)
     module_names: tuple[str, ...] = ()
+    layers_read: tuple[str, ...] = ()  # the layers these costs were measured (or narrowed) for
 
     def cuts(self) -> list[int | None]:
         """The cuts the planner weighs: none (pass 2 recomputes all), then after each pooling layer, deepest first
         (each keeps more of pass 1's graph and recomputes less)."""
         after = [self.module_names.index(n) + 1 for n in FORWARD_SHARE if n in self.module_names[:-1]]
         return [None, *sorted(after, reverse=True)] if self.kept_bytes else [None]
+
+    def for_layers(self, layers: Sequence[str]) -> Costs:
+        """These costs for a scale that reads other ``layers`` of the same stack (a refinement scale with the preview
+        term stops at relu4_2): their halos, and the cuts and kept bytes of the modules it runs. The per-pixel
+        activation bytes stay the whole stack's (an upper bound)."""
+        if not self.module_names or set(layers) == set(self.layers_read):
+            return self
+        depth = max(self.module_names.index(n) for n in layers) + 1
+        tail = self.kept_bytes[depth] if depth < len(self.kept_bytes) else 0.0
+        return replace(self, geometry=for_layers(self.geometry, layers), module_names=self.module_names[:depth],
+                       kept_bytes=tuple(k - tail for k in self.kept_bytes[:depth]), layers_read=tuple(layers))
 
     def kept(self, cut: int | None) -> float:
         return 0.0 if cut is None else self.kept_bytes[cut]
@@ -201,7 +213,8 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     hit = _remembered(key) if key is not None else None
     names = extractor.module_names
     if hit is not None:
-        return Costs(hit[0], hit[1], geo, fixed_bytes=hit[2], kept_bytes=hit[3], module_names=names)
+        return Costs(hit[0], hit[1], geo, fixed_bytes=hit[2], kept_bytes=hit[3], module_names=names,
+                     layers_read=tuple(layers))
     params = {p.untyped_storage().data_ptr() for p in extractor.parameters()}
 
     def step_at(side: int) -> tuple[Objective, torch.Tensor]:
@@ -241,7 +254,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
                                       .to(device), params) for n in (memory_size, 2 * memory_size))
     per_module = [max(0.0, (b - a) / (3 * memory_size**2)) for a, b in zip(small_m, large_m)]
     kept = tuple(sum(per_module[c:]) for c in range(len(per_module)))
-    costs = Costs(act, targets, geo, fixed_bytes=fixed, kept_bytes=kept, module_names=names)
+    costs = Costs(act, targets, geo, fixed_bytes=fixed, kept_bytes=kept, module_names=names, layers_read=tuple(layers))
     if key is not None:
         _remembered(key, costs)
     if not timing:
@@ -268,7 +281,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
         fn()
         _sync(device)
         seconds.append((time.perf_counter() - t0) / side**2)
-    return Costs(act, targets, geo, seconds[0], seconds[1], side, fixed, kept, names)
+    return Costs(act, targets, geo, seconds[0], seconds[1], side, fixed, kept, names, tuple(layers))
 
 
 def _sync(device: torch.device) -> None:
@@ -293,6 +306,7 @@ class ScalePlan:
     cut: int | None = None  # tiled: the module index from which pass 1 keeps each tile's graph
     recompute: float = 1.0  # tiled: the share of a forward that pass 2 runs again (FORWARD_SHARE)
     rung: str = "whole image"  # how a step runs, in words (the table's column)
+    preview_pixels: int = 0  # the preview term's pixels per image (a refinement scale's base-size objective)
 
     @property
     def layout(self) -> Layout:
@@ -303,7 +317,7 @@ class ScalePlan:
         """The scale's cost in untiled pixel-steps (what admission control's seconds per pixel-step multiply): a
         tiled step runs pass 1's forward and pass 2's recompute besides a forward+backward, over its windows."""
         per_pixel = 1.0 + self.recompute / FB_FORWARDS if self.tile is not None else 1.0
-        return self.batch * self.steps * self.window_pixels * per_pixel
+        return self.batch * self.steps * (self.window_pixels * per_pixel + self.preview_pixels)
 
 
 @dataclass(frozen=True)
@@ -387,7 +401,9 @@ def _even(n: int, t: int, align: int) -> int:
 
 
 def _scale_peak(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, tile: tuple[int, int] | None,
-                history: int, in_use: int, masks: int = 0, cut: int | None = None) -> int:
+                history: int, in_use: int, masks: int = 0, cut: int | None = None, preview_px: int = 0) -> int:
+    """Predicted peak bytes of one scale (the module's memory model); ``preview_px``: the preview term's pixels
+    (its base-size objective's forward+backward and content targets, beside the full-size step)."""
     h, w = hw
     px = batch * h * w
     if tile is None:
@@ -395,12 +411,15 @@ def _scale_peak(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, ti
     else:
         largest_window, total = _windows(hw, tile, costs.geometry)
         window, windows = batch * largest_window, batch * total
-    style_window = style_px if tile is None else min(style_px, window)
+    # the styles run tile by tile, an untiled scale's in tiles of its long side (nsf.optimize.scales.style_tile)
+    geo = costs.geometry
+    style_window = min(style_px, window if tile is not None else (max(hw) + geo.before + geo.after) ** 2)
     # the graphs pass 1 keeps (every window's deep part), then one window's recompute and backward
     kept = costs.kept(cut) if tile is not None else 0.0
     act = kept * windows + (costs.act_bytes - kept) * window
     act = max(act, costs.act_bytes * style_window) + costs.fixed_bytes
-    state = RGB_BYTES * (2 * history * px + style_px) + (costs.target_bytes + MASK_BYTES * masks) * px
+    state = RGB_BYTES * (2 * history * px + style_px) + (costs.target_bytes + MASK_BYTES * masks) * px \
+        + (costs.act_bytes + costs.target_bytes) * preview_px
     return int(in_use + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
 
 
@@ -410,22 +429,24 @@ def _step_work(costs: Costs, windows: int, tiled: bool, cut: int | None) -> floa
 
 
 def _scale_seconds(costs: Costs, batch: int, windows: int, style_px: int, steps: int, tiled: bool,
-                   cut: int | None = None) -> float | None:
-    """Seconds of a scale whose steps run the network on ``windows`` pixels per image."""
+                   cut: int | None = None, preview_px: int = 0) -> float | None:
+    """Seconds of a scale whose steps run the network on ``windows`` pixels per image (and the preview term's
+    forward+backward on ``preview_px``)."""
     if costs.fb_seconds is None or costs.f_seconds is None:
         return None
-    step = costs.fb_seconds * _step_work(costs, windows, tiled, cut)
-    setup = costs.f_seconds * (2 * windows + style_px)  # content targets, final evaluation, style Grams
+    step = costs.fb_seconds * (_step_work(costs, windows, tiled, cut) + preview_px)
+    # content targets, final evaluation, style Grams, the preview's targets
+    setup = costs.f_seconds * (2 * windows + style_px + 2 * preview_px)
     return batch * (steps * step + setup)
 
 
-def _style_pixels(hw: tuple[int, int], cfg: StyleConfig, style_sizes: Sequence[tuple[int, int]]) -> int:
-    """Pixels of the style images resized for a scale (each as large as the scale's long side, unless given)."""
-    long_side = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
+def _style_pixels(hw: tuple[int, int], cfg: StyleConfig, style_sizes: Sequence[tuple[int, int]],
+                  scale_index: int = 0) -> int:
+    """Pixels of the style images as the :func:`schedule` entry ``scale_index`` of size ``hw`` uses them
+    (:func:`~nsf.optimize.scales.style_side`; a style of unknown size as large as the scale)."""
     total = 0
     for sh, sw in style_sizes or [hw]:
-        side = min(long_side, max(sh, sw)) if cfg.stroke_scale == "pixels" else long_side
-        th, tw = target_size(sh, sw, side, cfg.resize)
+        th, tw = target_size(sh, sw, style_side(hw, (sh, sw), cfg, scale_index), cfg.resize)
         total += th * tw
     return total
 
@@ -448,45 +469,19 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
     if min(runs[-1][1]) < MIN_SIDE:
         raise too_small(cfg, content)
     scales = []
-    align = costs.geometry.align
+    whole = costs
     for index, hw, steps in runs:
-        style_px = _style_pixels(hw, cfg, style_sizes) * (batch if not style_sizes else 1)
+        # a refinement scale reads its own layers (with the preview term, the detail layers: shallower, smaller
+        # halos) and adds the preview term's base-size objective
+        costs = whole.for_layers((refined(cfg) if is_refinement(cfg, index) else cfg).layers)
+        preview_hw = preview_size(*content, cfg, index)
+        preview_px = batch * preview_hw[0] * preview_hw[1] if preview_hw is not None else 0
+        style_px = _style_pixels(hw, cfg, style_sizes, index) * (batch if not style_sizes else 1)
         want = max(1, min(LBFGS_HISTORY, steps - 1)) if cfg.optimizer == "lbfgs" else 1
 
-        def fits(tile: tuple[int, int] | None, m: int, cut: int | None = None, hw: tuple[int, int] = hw,
-                 style_px: int = style_px) -> bool:
-            return budget is None or _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks, cut) <= budget
-
-        choice: tuple[tuple[int, int] | None, int, int | None] | None = (None, want, None) if fits(None, want) \
-            else None
-        m = want
-        while choice is None and not loss.tiles:
-            if m == 1:
-                raise loss.tiling_refusal(f"does not fit max_memory={format_bytes(budget or 0)} at {hw[1]}x{hw[0]} "
-                                     "untiled (a step would run tile by tile)")
-            m = max(1, m // 2)
-            choice = (None, m, None) if fits(None, m) else None
-        while choice is None:
-            # each cut's largest tile, ranked by the step's cost (halos, pass 1, the recompute)
-            top = math.ceil(max(hw) / align)
-            options: list[tuple[float, tuple[int, int], int | None, int]] = []
-            for cut in costs.cuts():
-                def fits_tile(k: int, m: int = m, cut: int | None = cut) -> bool:
-                    return fits((k * align, k * align), m, cut)
-
-                k = largest(fits_tile, 1, top)
-                if k is not None:
-                    even = (_even(hw[0], k * align, align), _even(hw[1], k * align, align))
-                    work = _step_work(costs, _windows(hw, even, costs.geometry)[1], True, cut)
-                    options.append((work, even, cut, k * align))
-            good = [o for o in options if o[3] >= min(GOOD_TILE, max(hw))] or (options if m == 1 else [])
-            if good:
-                best = min(good, key=lambda o: o[0])
-                choice = (best[1], m, best[2])
-            elif m == 1:
-                raise _too_big(costs, cfg, content, batch, style_sizes, budget, in_use, hw, masks)
-            else:
-                m = max(1, m // 2)
+        choice = _rung(costs, batch, hw, style_px, preview_px, want, budget, in_use, masks, loss)
+        if choice is None:
+            raise _too_big(whole, cfg, content, batch, style_sizes, budget, in_use, hw, masks)
         tile, m, cut = choice
         if tile is not None and tile[0] >= hw[0] and tile[1] >= hw[1]:
             tile, cut = None, None
@@ -494,11 +489,57 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
         rung = "whole image" if tile is None else \
             f"tiled, graph kept from {costs.module_names[cut]}" if cut is not None else "tiled"
         scales.append(ScalePlan(index, hw, steps, tile, len(windows), m,
-                                _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks, cut),
-                                _scale_seconds(costs, batch, sum(windows), style_px, steps, tile is not None, cut),
+                                _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks, cut, preview_px),
+                                _scale_seconds(costs, batch, sum(windows), style_px, steps, tile is not None, cut,
+                                               preview_px),
                                 sum(windows), batch, cut, costs.recompute_share(cut) if tile is not None else 1.0,
-                                rung))
+                                rung, preview_px // batch))
     return Plan(content, batch, device, budget, in_use, tuple(scales), masks, step_cost(cfg, masks))
+
+
+def _rung(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, preview_px: int, want: int,
+          budget: int | None, in_use: int, masks: int, loss: StyleLoss
+          ) -> tuple[tuple[int, int] | None, int, int | None] | None:
+    """The cheapest way to run a scale within ``budget``: ``(tile, L-BFGS pairs, cut)``. Untiled with ``want`` pairs
+    where it fits; else each cut's largest tile next to ``want`` pairs, ranked by the step's cost; fewer pairs only
+    where no tile of ``GOOD_TILE`` px fits. ``None`` when not even one pair and the smallest tile fit."""
+    align = costs.geometry.align
+
+    def fits(tile: tuple[int, int] | None, m: int, cut: int | None = None) -> bool:
+        return budget is None or \
+            _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks, cut, preview_px) <= budget
+
+    choice: tuple[tuple[int, int] | None, int, int | None] | None = (None, want, None) if fits(None, want) \
+        else None
+    m = want
+    while choice is None and not loss.tiles:
+        if m == 1:
+            raise loss.tiling_refusal(f"does not fit max_memory={format_bytes(budget or 0)} at {hw[1]}x{hw[0]} "
+                                      "untiled (a step would run tile by tile)")
+        m = max(1, m // 2)
+        choice = (None, m, None) if fits(None, m) else None
+    while choice is None:
+        # each cut's largest tile, ranked by the step's cost (halos, pass 1, the recompute)
+        top = math.ceil(max(hw) / align)
+        options: list[tuple[float, tuple[int, int], int | None, int]] = []
+        for cut in costs.cuts():
+            def fits_tile(k: int, m: int = m, cut: int | None = cut, align: int = align) -> bool:
+                return fits((k * align, k * align), m, cut)
+
+            k = largest(fits_tile, 1, top)
+            if k is not None:
+                even = (_even(hw[0], k * align, align), _even(hw[1], k * align, align))
+                work = _step_work(costs, _windows(hw, even, costs.geometry)[1], True, cut)
+                options.append((work, even, cut, k * align))
+        good = [o for o in options if o[3] >= min(GOOD_TILE, max(hw))] or (options if m == 1 else [])
+        if good:
+            best = min(good, key=lambda o: o[0])
+            choice = (best[1], m, best[2])
+        elif m == 1:
+            return None
+        else:
+            m = max(1, m // 2)
+    return choice
 
 
 def too_small(cfg: StyleConfig, content: tuple[int, int]) -> ConfigError:

@@ -103,6 +103,14 @@ class FeatureExtractor(nn.Module):
         # features stay in the autocast dtype: losses.gram and the MSEs sum them in float32
         return x, out
 
+    def for_layers(self, layers: Sequence[str]) -> FeatureExtractor:
+        """An extractor of the same network (no weights copied), precision and layout for other ``layers``: it runs
+        only as deep as they need (a refinement scale that matches shallower layers stops there)."""
+        if tuple(dict.fromkeys(layers)) == self.layers:
+            return self
+        return FeatureExtractor(self.normalize, self.body, layers, autocast=self.autocast,
+                                channels_last=self.channels_last)
+
     @property
     def module_names(self) -> tuple[str, ...]:
         """The names of the modules of ``body``, in order (``conv1_1``, ``relu1_1``, ...)."""

@@ -234,6 +234,8 @@ FLAG_RUNS: dict[str, tuple[list[str], object, list[str]]] = {
     "refine_steps": (["2"], [2], ["--size", "64", "--base-size", "32"]),
     "refine_content_weight": (["1.5"], 1.5, ["--size", "64", "--base-size", "32"]),
     "refine_style_layer_weights": (["1,3"], [1.0, 3.0], ["--size", "64", "--base-size", "32"]),  # FAST_FLAGS' 2 layers
+    "refine_preview_weight": (["0.5"], 0.5, ["--size", "64", "--base-size", "32"]),
+    "refine_detail_layers": (["relu2_1"], ["relu2_1"], ["--size", "64", "--base-size", "32"]),
     "stroke_scale": (["pixels"], "pixels", []),
     "tol": (["0.01"], 0.01, []),
     "patience": (["1"], 1, []),

@@ -339,7 +339,7 @@ def test_on_scale_reports_each_scale_and_the_last_is_the_result(model):
     with torch.no_grad():  # each scale's loss is that of the image it hands over
         for d in done:
             c = O.resize(content, d.size)
-            grams = O.style_grams(ex, [O._resize_style(styles[0], max(d.size), cfg)], (1.0,), cfg.style_layers,
+            grams = O.style_grams(ex, [O._resize_style(styles[0], d.size, cfg, d.scale)], (1.0,), cfg.style_layers,
                                   cfg.gram_norm)
             assert float(O.Objective(ex, cfg, c, grams)(d.image)[0].sum()) == pytest.approx(d.loss, rel=1e-4)
     # a stop hook that never fires changes nothing
@@ -582,11 +582,11 @@ def test_schedule_at_or_below_base_size_is_unchanged_and_base_size_zero_turns_it
 
 def test_refined_multiplies_the_weights_of_a_refinement_scale():
     cfg = make_config(style_layer_weights=(2, 1, 1, 1, 1), content_weight=3.0, refine_content_weight=0.5,
-                      refine_style_layer_weights=(1, 1, 1, 4, 4))
+                      refine_style_layer_weights=(1, 1, 1, 4, 4), refine_preview_weight=0)  # every layer at full size
     r = O.refined(cfg)
     assert (r.style_layer_weights, r.content_weight) == ((2.0, 1.0, 1.0, 4.0, 4.0), 1.5)
     assert make_config().refine_style_layer_weights is None  # the default: 1 each
-    assert O.refined(make_config()).style_layer_weights == (1.0,) * 5
+    assert O.refined(make_config(refine_preview_weight=0)).style_layer_weights == (1.0,) * 5
     # other layers without their own refinement weights: 1 each; the same layers keep them
     assert make_config(cfg, style_layers=STYLE).refine_style_layer_weights is None
     assert make_config(cfg, style_layers=cfg.style_layers).refine_style_layer_weights == (1.0, 1.0, 1.0, 4.0, 4.0)
@@ -613,7 +613,7 @@ def test_refine_style_layer_weights_change_the_refinement_scales_only(model):
 @pytest.mark.parametrize("mode,expected", [("picture", (128, 96)), ("pixels", (64, 48))])
 def test_stroke_scale_picture_resizes_the_style_with_the_output_and_pixels_never_upscales(mode, expected):
     cfg = make_config(stroke_scale=mode)
-    (out,) = O._resize_style(torch.rand(1, 3, 64, 48), 128, cfg)
+    (out,) = O._resize_style(torch.rand(1, 3, 64, 48), (128, 128), cfg)
     assert tuple(out.shape[-2:]) == expected
-    (down,) = O._resize_style(torch.rand(1, 3, 64, 48), 32, cfg)  # downscaling is the same in both
+    (down,) = O._resize_style(torch.rand(1, 3, 64, 48), (32, 32), cfg)  # downscaling is the same in both
     assert tuple(down.shape[-2:]) == (32, 24)

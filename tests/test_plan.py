@@ -269,3 +269,25 @@ def test_the_ladder_keeps_a_graph_where_it_is_cheaper(costs):
             assert "keeps" in ladder.table() and ladder.to_dict()["scales"][-1]["cut"] == last.cut
     assert any(s.cut is not None for b in (2, 3, 4, 6, 8)
                for s in P.plan(costs, cfg, (1380, 2048), budget=b * GB, in_use=GB).scales)
+
+
+def test_the_preview_term_counts_and_narrows_the_refinement_scales(costs):
+    """At a refinement scale the preview term's base-size objective counts in the work admission control multiplies
+    and in the peak; the full-size objective reads the detail layers and relu4_2 only, so its tiles need the
+    halos of those layers (40/38 px, not relu5_1's 80/70) and no cut past them."""
+    cfg = make_config(size=2048)
+    on, off = (P.plan(costs, cfg.replace(refine_preview_weight=w), (345, 512), budget=None, in_use=GB)
+               for w in (1.0, 0.0))
+    for a, b in zip(on.scales, off.scales):
+        extra = a.steps * 345 * 512 if a.index >= len(cfg.scales) else 0
+        assert a.preview_pixels == (345 * 512 if extra else 0)
+        assert a.work == pytest.approx(b.work + extra)
+        assert a.peak_bytes >= b.peak_bytes
+    narrow = costs.for_layers(P.refined(cfg).layers)
+    assert (narrow.geometry.before, narrow.geometry.after, narrow.geometry.align) == (40, 38, 8)
+    assert narrow.module_names[-1] == "relu4_2" and all(c is None or c < len(narrow.module_names)
+                                                        for c in narrow.cuts())
+    tight = P.plan(costs, cfg, (1380, 2048), budget=3 * GB, in_use=GB).scales[-1]
+    assert tight.tile is not None and tight.tile[0] % 8 == 0
+    ws = [t.window_pixels for t in tiling.tiles(1380, 2048, tight.tile, narrow.geometry)]
+    assert tight.window_pixels == sum(ws)

@@ -22,26 +22,37 @@ if TYPE_CHECKING:
     from .events import Progress, ProgressCallback, ScaleCallback, ScaleDone
     from .loop import GRAPH_WARMUP, LBFGS, SYNC_EVERY, _optimize_scale, _resize_style, run, upsample  # noqa: F401 - tests reach these
     from .masks import ASPECT_TOLERANCE, StyleInput, check_mask, checked_masks, masks_refusal, style_parts
-    from .objective import Objective, PixelLoss
-    from .scales import LBFGS_HISTORY, Layout, layer_weights, refined, schedule, split_steps
+    from .objective import Objective, PixelLoss, Preview
+    from .scales import (
+        LBFGS_HISTORY,
+        Layout,
+        is_refinement,
+        layer_weights,
+        preview_size,
+        refined,
+        schedule,
+        split_steps,
+        style_side,
+    )
     from .targets import Region, StyleTargets, layer_targets, style_grams, style_targets
 
 _HOMES = {
     "events": ("Progress", "ProgressCallback", "ScaleCallback", "ScaleDone"),
-    "scales": ("LBFGS_HISTORY", "Layout", "layer_weights", "refined", "schedule", "split_steps"),
+    "scales": ("LBFGS_HISTORY", "Layout", "is_refinement", "layer_weights", "preview_size", "refined", "schedule",
+               "split_steps", "style_side"),
     "masks": ("ASPECT_TOLERANCE", "StyleInput", "check_mask", "checked_masks", "masks_refusal", "style_parts"),
     "targets": ("Region", "StyleTargets", "layer_targets", "style_grams", "style_targets"),
-    "objective": ("Objective", "PixelLoss"),
+    "objective": ("Objective", "PixelLoss", "Preview"),
     "loop": ("GRAPH_WARMUP", "LBFGS", "SYNC_EVERY", "_optimize_scale", "_resize_style", "run", "upsample",
              "resize", "StyleConfig"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 
-__all__ = ["ASPECT_TOLERANCE", "GRAPH_WARMUP", "LBFGS", "LBFGS_HISTORY", "Layout", "Objective", "PixelLoss", "Progress",
-           "ProgressCallback", "Region", "SYNC_EVERY", "ScaleCallback", "ScaleDone", "StyleConfig", "StyleInput",
-           "StyleTargets", "check_mask", "checked_masks", "layer_targets", "layer_weights", "masks_refusal",
-           "refined", "resize", "run", "schedule", "split_steps", "style_grams", "style_parts", "style_targets",
-           "upsample"]
+__all__ = ["ASPECT_TOLERANCE", "GRAPH_WARMUP", "LBFGS", "LBFGS_HISTORY", "Layout", "Objective", "PixelLoss", "Preview",
+           "Progress", "ProgressCallback", "Region", "SYNC_EVERY", "ScaleCallback", "ScaleDone", "StyleConfig",
+           "StyleInput", "StyleTargets", "check_mask", "checked_masks", "is_refinement", "layer_targets",
+           "layer_weights", "masks_refusal", "preview_size", "refined", "resize", "run", "schedule", "split_steps",
+           "style_grams", "style_parts", "style_side", "style_targets", "upsample"]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,13 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from ..config import StyleConfig
-from ..geometry import MIN_SIDE, resize, target_size
+from ..geometry import resize, target_size
 from ..lbfgs import LBFGS
 from ..style_losses import style_loss
+from ..tiling import geometry
 from .events import Progress, ProgressCallback, ScaleCallback, ScaleDone
 from .masks import StyleInput, checked_masks, style_parts
-from .objective import Objective, PixelLoss
-from .scales import LBFGS_HISTORY, Layout, refined, schedule
+from .objective import Objective, PixelLoss, Preview
+from .scales import LBFGS_HISTORY, Layout, is_refinement, preview_size, refined, schedule, style_side, style_tile
 from .targets import Region, StyleTargets, style_targets
 
 if TYPE_CHECKING:
@@ -108,22 +109,26 @@ def run(extractor: FeatureExtractor, content: Tensor, styles: Sequence[StyleInpu
                              f"allowed: 1..{len(plan) - 1}")
     total = sum(n for _, _, n in plan[first:])
     step = 0
+    preview: Preview | None = None  # the preview term, the same at every refinement scale: built once
     for number, ((scale_index, hw, n_steps), lay) in islice(enumerate(zip(plan, layout), start=1), first, None):
         c = resize(content, hw)
-        style_long = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
-        sized = [_resize_style(s, style_long, cfg) for s in styles]
-        sized_masks = [m if m is None else resize(m, (sz[0].shape[-2], sz[0].shape[-1]))
-                       for m, sz in zip(style_masks, sized)]
-        targets: StyleTargets | list[Region]
-        if masks is not None:  # each style its own targets, where its mask is
-            k = float(sum(blend)) / len(blend)
-            targets = [Region(style_targets(extractor, [st], [1.0], cfg, tile=lay.tile, masks=[sm]), resize(m, hw),
-                              w / k) for st, sm, m, w in zip(sized, sized_masks, masks, blend)]
-        else:
-            targets = style_targets(extractor, sized, blend, cfg, tile=lay.tile, masks=sized_masks)
-        scale_cfg = refined(cfg) if scale_index >= len(cfg.scales) else cfg
-        objective = Objective(extractor, scale_cfg, c, targets, tile=lay.tile, generator=generator,
-                              pixel_loss=pixel_loss, cut=lay.cut)
+        scale_cfg = refined(cfg) if is_refinement(cfg, scale_index) else cfg
+        # a refinement scale whose full-size objective reads shallower layers (the preview term's detail layers)
+        # runs the network only that deep, with the halos those layers need
+        ext = extractor.for_layers(scale_cfg.layers)
+        targets = _scale_targets(ext, styles, style_masks, masks, blend, scale_cfg, hw, scale_index,
+                                 style_tile(hw, lay.tile, loss.tiles, _align(ext)))
+        preview_hw = preview_size(h0, w0, cfg, scale_index)
+        if preview_hw is not None and preview is None:
+            # the base scale's objective at its size: its content, every style layer against the style as the base
+            # scale sized it, its normalizers; untiled (the image is the base_size picture)
+            base = len(cfg.scales) - 1
+            preview = Preview(Objective(extractor, cfg, resize(content, preview_hw),
+                                        _scale_targets(extractor, styles, style_masks, masks, blend, cfg, preview_hw,
+                                                       base, None), generator=generator),
+                              cfg.refine_preview_weight)
+        objective = Objective(ext, scale_cfg, c, targets, tile=lay.tile, generator=generator, pixel_loss=pixel_loss,
+                              preview=preview if preview_hw is not None else None, cut=lay.cut)
         tiled = objective.tiles > 1
         loss_fn = compile_fn(objective) if compile_fn is not None and not tiled else objective
         if x is None:
@@ -169,11 +174,31 @@ def upsample(x: Tensor, hw: tuple[int, int], content: Tensor | None = None) -> T
     return up + (content - resize(resize(content, (x.shape[-2], x.shape[-1])), hw))
 
 
-def _resize_style(style: StyleInput, long_side: int, cfg: StyleConfig) -> list[Tensor]:
-    """Each part of ``style`` at ``long_side``; with ``stroke_scale="pixels"`` never above its own size."""
+def _align(extractor: FeatureExtractor) -> int:
+    """The pooling stride of ``extractor``'s deepest layer (a tile's origins are multiples of it)."""
+    return geometry(extractor.body, extractor.module_names, extractor.layers).align
+
+
+def _scale_targets(extractor: FeatureExtractor, styles: Sequence[StyleInput], style_masks: Sequence[Tensor | None],
+                   masks: Sequence[Tensor] | None, blend: Sequence[float], cfg: StyleConfig, hw: tuple[int, int],
+                   scale_index: int, tile: tuple[int, int] | None) -> StyleTargets | list[Region]:
+    """The style targets of the :func:`schedule` entry ``scale_index`` at size ``hw``: the styles sized for it
+    (:func:`~nsf.optimize.scales.style_side`), blended, or with content ``masks`` one :class:`Region` per style."""
+    sized = [_resize_style(s, hw, cfg, scale_index) for s in styles]
+    sized_masks = [m if m is None else resize(m, (sz[0].shape[-2], sz[0].shape[-1]))
+                   for m, sz in zip(style_masks, sized)]
+    if masks is not None:  # each style its own targets, where its mask is
+        k = float(sum(blend)) / len(blend)
+        return [Region(style_targets(extractor, [st], [1.0], cfg, tile=tile, masks=[sm]), resize(m, hw), w / k)
+                for st, sm, m, w in zip(sized, sized_masks, masks, blend)]
+    return style_targets(extractor, sized, blend, cfg, tile=tile, masks=sized_masks)
+
+
+def _resize_style(style: StyleInput, hw: tuple[int, int], cfg: StyleConfig, scale_index: int = 0) -> list[Tensor]:
+    """Each part of ``style`` as the :func:`schedule` entry ``scale_index`` of size ``hw`` uses it
+    (:func:`~nsf.optimize.scales.style_side`: with ``stroke_scale="pixels"`` never above its own size)."""
     return [resize(s, target_size(s.shape[-2], s.shape[-1],
-                                  min(long_side, max(s.shape[-2:])) if cfg.stroke_scale == "pixels" else long_side,
-                                  cfg.resize))
+                                  style_side(hw, (s.shape[-2], s.shape[-1]), cfg, scale_index), cfg.resize))
             for s in style_parts(style)]
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
 import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import Tensor, nn
 
 from .. import losses
@@ -19,6 +20,29 @@ if TYPE_CHECKING:
     from ..vgg import FeatureExtractor
 
 PixelLoss = Callable[[Tensor], Tensor]  # images (B, 3, H, W) -> a per-image loss (B,) added to the objective
+
+
+class Preview(nn.Module):
+    """The preview term of a refinement scale: ``weight`` times ``objective`` (the base scale's objective, at its
+    size) of the image downsampled to that size (antialiased bilinear, as :func:`nsf.geometry.resize` but not
+    clamped: the image the network sees at full size is not clamped either). ``forward(x) -> (loss (B,), parts
+    (B, 3))``, weighted; its gradient flows back through the downsampling, so the term is exact under tiling (the
+    full-size objective adds it as it adds a pixel loss: autograd on the whole image)."""
+
+    def __init__(self, objective: Objective, weight: float):
+        super().__init__()
+        self.objective = objective
+        self.weight = float(weight)
+        self.size = (int(objective.content_size[0]), int(objective.content_size[1]))
+
+    def downsample(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) == self.size:
+            return x
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        loss, parts = self.objective(self.downsample(x))
+        return self.weight * loss, self.weight * parts
 
 
 class Objective(nn.Module):
@@ -40,13 +64,19 @@ class Objective(nn.Module):
     ``pixel_loss``: a per-image loss of the image itself ``(B, 3, H, W) -> (B,)`` (e.g. a video's temporal term),
     added to the loss outside the network (tiled or not, its gradient is autograd's on the whole image); it
     counts in the ``tv`` part.
+
+    ``preview``: a refinement scale's :class:`Preview` term (the image downsampled to the base scale's size, scored
+    by that scale's objective), added to the loss as ``pixel_loss`` is (its gradient autograd's on the whole image,
+    tiled or not); its content, style and tv parts count in the parts of the same names.
     """
 
     def __init__(self, extractor: FeatureExtractor, cfg: StyleConfig, content: Tensor,
                  style: Mapping[str, Tensor] | StyleTargets | Sequence[Region], tile: tuple[int, int] | None = None,
                  generator: torch.Generator | None = None, pixel_loss: PixelLoss | None = None,
-                 cut: int | None = None):
+                 preview: Preview | None = None, cut: int | None = None):
         super().__init__()
+        self.content_size = (content.shape[-2], content.shape[-1])
+        self.preview = preview
         self.loss = style_loss(cfg.style_loss)
         self.regions: list[Region] | None = None
         if not isinstance(style, (Mapping, StyleTargets)):
@@ -125,6 +155,8 @@ class Objective(nn.Module):
         """A loss that resamples (the sliced loss: new projection directions from ``generator``, the styles'
         sorted projections on them): its targets updated in place, so a compiled objective sees the new ones.
         Other losses: nothing."""
+        if self.preview is not None:
+            self.preview.objective.resample()
         if not self.loss.resamples:
             return
         for n in self.style_w:
@@ -171,11 +203,14 @@ class Objective(nn.Module):
         c, s, tv = self.cw * c, self.sw * s, self.tvw * tv
         if self.pixel_loss is not None:
             tv = tv + self.pixel_loss(x)
+        if self.preview is not None:
+            p_loss, p_parts = self.preview(x)
+            return c + s + tv + p_loss, torch.stack([c, s, tv], dim=1).detach() + p_parts.detach()
         return c + s + tv, torch.stack([c, s, tv], dim=1).detach()
 
     @property
     def _reads_pixels(self) -> bool:
-        return self.tvw > 0 or self.pixel_loss is not None
+        return self.tvw > 0 or self.pixel_loss is not None or self.preview is not None
 
     @torch.no_grad()
     def value(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,4 +247,4 @@ class Objective(nn.Module):
         return loss.detach(), parts, grad
 
 
-__all__ = ["Objective", "PixelLoss"]
+__all__ = ["Objective", "PixelLoss", "Preview"]

@@ -70,13 +70,63 @@ class Layout:
     cut: int | None = None  # tiled: the module index from which pass 1 keeps each tile's graph (nsf.tiling)
 
 
+def is_refinement(cfg: StyleConfig, scale_index: int) -> bool:
+    """Whether the :func:`schedule` entry of ``scale_index`` is a refinement scale (above ``base_size``)."""
+    return scale_index >= len(cfg.scales)
+
+
+def preview_size(h: int, w: int, cfg: StyleConfig, scale_index: int) -> tuple[int, int] | None:
+    """The ``(H, W)`` of the preview term at the :func:`schedule` entry of ``scale_index`` for an ``h x w`` content:
+    the base scale's size (the ``base_size`` picture) at a refinement scale with ``refine_preview_weight > 0``;
+    ``None`` where the entry has no preview term (a coarse scale, or the term is off).
+
+    The loop scores the output downsampled to this size with the base scale's objective, and the planner counts that
+    objective's memory and time, from this one rule.
+    """
+    if not is_refinement(cfg, scale_index) or cfg.refine_preview_weight <= 0:
+        return None
+    return target_size(h, w, min(cfg.size, cfg.base_size) if cfg.base_size else cfg.size, cfg.resize)
+
+
+def style_side(hw: tuple[int, int], style_hw: tuple[int, int], cfg: StyleConfig, scale_index: int) -> int:
+    """The long side a style image of size ``style_hw`` is used at, at the :func:`schedule` entry ``scale_index`` of
+    size ``hw`` (its full-size objective; the preview term's style is the base scale's).
+
+    ``stroke_scale="picture"``: the scale's long side times ``style_scale`` (upscaled if need be). ``"pixels"``: the
+    same, never above the style's own size; at a refinement scale with the preview term (its full-size objective
+    matches the detail layers only) the style's own size, however large (a 2000-6000 px scan: the print's detail is
+    the style's own), times ``style_scale`` where that is below 1.
+    """
+    long_side = max(MIN_SIDE, round(max(hw) * cfg.style_scale))
+    own = max(style_hw)
+    if cfg.stroke_scale != "pixels":
+        return long_side
+    if is_refinement(cfg, scale_index) and cfg.refine_preview_weight > 0:
+        return min(own, max(MIN_SIDE, round(own * cfg.style_scale)))
+    return min(long_side, own)
+
+
+def style_tile(hw: tuple[int, int], tile: tuple[int, int] | None, tiles: bool, align: int) -> tuple[int, int] | None:
+    """The tile the style images of a scale of size ``hw`` run in (a pass without gradient, for their targets): the
+    scale's own; an untiled scale's style larger than the scale (a scan used at its own resolution) in tiles of the
+    scale's long side, so its pass never needs more than the scale's; ``None`` for a loss that cannot tile."""
+    if tile is not None or not tiles:
+        return tile
+    side = -(-max(hw) // align) * align
+    return (side, side)
+
+
 def refined(cfg: StyleConfig) -> StyleConfig:
-    """The options of a refinement scale (above ``base_size``): ``content_weight`` times
-    ``refine_content_weight``, each style layer's weight times its ``refine_style_layer_weights`` entry."""
+    """The options of a refinement scale's full-size objective (above ``base_size``): ``content_weight`` times
+    ``refine_content_weight``, each style layer's weight times its ``refine_style_layer_weights`` entry; with the
+    preview term (``refine_preview_weight > 0``) only the style layers named in ``refine_detail_layers``."""
     # Past the style image's own size (stroke_scale=pixels) the deep layers' 156 px fields see a composition
     # laid out at base_size, larger than the style's forms: at 2048 px from 512 px images relu4_1/relu5_1 score
     # 0.36/0.32 with equal weights, the shallow layers 0.02-0.12 (bench/RESULTS.md "refinement weights")
     style = layer_weights(cfg.style_layers, cfg.style_layer_weights)
     boost = cfg.refine_style_layer_weights or (1.0,) * len(style)
+    weights = {n: w * b for (n, w), b in zip(style.items(), boost)}
+    if cfg.refine_preview_weight > 0:  # the deeper layers count in the preview term, at the base scale's size
+        weights = {n: w for n, w in weights.items() if n in cfg.refine_detail_layers}
     return replace(cfg, content_weight=cfg.content_weight * cfg.refine_content_weight,
-                   style_layer_weights=tuple(w * b for w, b in zip(style.values(), boost)))
+                   style_layers=tuple(weights), style_layer_weights=tuple(weights.values()))
