@@ -57,12 +57,18 @@ def run(args: argparse.Namespace) -> None:
     cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for k in ("User", "System"))
     meta = read_metadata(out)
     plan = meta.get("plan", {})
-    # the scorer runs VGG-19 on the whole output in float32 without tiling: a 4096 px output took it past
-    # the machine's 24 GB (OOM-killed, 2026-11-27); larger outputs are scored at 2048 px
-    # --no-score: a memory-only row; scoring a 2048 px output takes about 11 GB itself (a run beside another
-    # 2048 px one was OOM-killed that way, 2026-12-04)
-    q = Scorer().score(out if args.size <= 2048 else _downsized(out, 2048), content, style) if args.score \
-        else {"style_ratio": None, "content_ratio": None}
+    # --no-score: a memory-only row; print_score takes 10.5 GB at 4096 px (bench/score.py), so no other large run
+    # should share the machine while it scores
+    # a print is scored as the issue asks (bench/score.py --print): its thumbnail against the 512 px run of the pair
+    # (bench/out/large_<--preview>.png) and its texture up close; the old full-size figure beside them
+    preview = OUT / f"large_{args.preview}.png" if args.preview else None
+    q: dict = {"style_ratio": None, "content_ratio": None}
+    if args.score:
+        p = Scorer().print_score(out, content, style, preview=preview if preview and preview.exists() else None)
+        q = {"style_ratio": p["full"]["style_ratio"], "content_ratio": p["full"]["content_ratio"],
+             "thumbnail_style": p["thumbnail"]["style_ratio"], "thumbnail_content": p["thumbnail"]["content_ratio"],
+             "preview_difference": p["preview_difference"], "close_style": p["close"]["style_ratio"],
+             "passed": p["passed"]}
     row = {"name": args.name, "pair": args.pair, "size": args.size, "max_memory": args.max_memory, "set": args.set,
            "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "nsf_seconds": meta.get("seconds"),
            "predicted_seconds": round(predicted_s, 1) if predicted_s else None,
@@ -74,6 +80,8 @@ def run(args: argparse.Namespace) -> None:
            "history": [s["history"] for s in plan.get("scales", [])],
            "steps": [s["steps"] for s in plan.get("scales", [])],
            "style_ratio": _round(q["style_ratio"]), "content_ratio": _round(q["content_ratio"]),
+           **{k: (_round(v) if isinstance(v, float) else v) for k, v in q.items()
+              if k not in ("style_ratio", "content_ratio")},
            "image": str(out.relative_to(REPO)), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(row), flush=True)
     with open(ROWS, "a") as f:
@@ -92,14 +100,6 @@ def set_flags(pairs: list[str]) -> list[str]:
 
 def _round(v: float | None) -> float | str:
     return "-" if v is None else round(v, 4)
-
-
-def _downsized(path: Path, side: int):  # noqa: ANN202 - a PIL image
-    from PIL import Image
-
-    img = Image.open(path).convert("RGB")
-    img.thumbnail((side, side), Image.Resampling.LANCZOS)
-    return img
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -226,6 +226,7 @@ def main() -> None:
     r.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more nsf stylize options, key=value (--set a=1 b=2 or --set a=1 --set b=2)")
     r.add_argument("--no-score", dest="score", action="store_false", help="no quality scores (memory-only rows)")
+    r.add_argument("--preview", default="", help="the NAME of this pair's 512 px run, for the thumbnail's bar")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")

@@ -16,6 +16,7 @@ from conftest import random_image, smooth_image
 from torch.testing import assert_close
 
 from nsf import optimize as O
+from nsf import tiling
 from nsf.config import StyleConfig, make_config
 from nsf.errors import ConfigError
 from nsf.vgg import FeatureExtractor
@@ -32,6 +33,11 @@ class Recording(FeatureExtractor):
     def forward(self, images):
         self.seen.append((images.shape[-2], images.shape[-1]))
         return super().forward(images)
+
+    def for_layers(self, layers):  # a shallower scale's extractor notes into the same list
+        other = Recording(self.normalize, self.body, layers, autocast=self.autocast, channels_last=self.channels_last)
+        other.seen = self.seen
+        return other
 
 
 def _extractor(model, layers=CFG.layers, dtype=torch.float64):
@@ -191,7 +197,12 @@ def test_a_run_with_the_preview_uses_a_large_style_at_its_own_size_and_builds_th
     cfg = CFG.replace(size=128, refine_steps=(2, 1))  # two refinement scales: 64 and 128 px
     out = O.run(ext, content, [style], cfg)
     assert out.shape == (1, 3, 96, 128)
-    assert ext.seen.count((150, 120)) == 2  # the style at its own size at each refinement scale, never resized
+    # the style at its own size at each refinement scale, never resized: larger than the scale, it runs in tiles of
+    # the scale's long side (its pass needs no more memory than the scale's)
+    narrow = tiling.geometry(ext.body, ext.module_names, O.refined(cfg).style_layers)  # the styles: style layers
+    for side in (64, 128):
+        windows = [(t.wr1 - t.wr0, t.wc1 - t.wc0) for t in tiling.tiles(150, 120, (side, side), narrow)]
+        assert all(w in ext.seen for w in windows), side
     assert ext.seen.count((32, 26)) == 2  # the style at the base scale's size: the base scale and one preview
     assert (24, 32) in ext.seen  # the preview: the output downsampled to the base scale's size
 
