@@ -59,9 +59,11 @@ from .vgg import FeatureExtractor
 RGB_BYTES = 12  # one float32 RGB pixel
 # Image-sized float32 tensors alive besides the L-BFGS history (counted in optimize._optimize_scale and
 # run(): image, best iterate, content at the scale, previous gradient and step, gradient; during the
-# L-BFGS update its direction's temporaries), checked against peak RSS in bench/RESULTS.md.
+# L-BFGS update its direction's temporaries), checked against peak RSS in bench/RESULTS.md. The update's own
+# temporaries measured 5 image copies above what the loop holds (2048x2048, 4 pairs: 252 MB peak over the resident set
+# before it, /proc VmHWM, 2026-12-07): 7 held + 5 (16 counted before, 200 MB too many at 2048x2048).
 STEP_COPIES = 7
-UPDATE_COPIES = 16
+UPDATE_COPIES = 12
 # Tiles smaller than this (owned px per side) spend most of a step on halos: fewer L-BFGS pairs first.
 GOOD_TILE = 384
 # A forward+backward in forwards, and each cut's share of a forward (the modules before it), measured on the
@@ -414,12 +416,14 @@ def _scale_peak(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, ti
     # the styles run tile by tile, an untiled scale's in tiles of its long side (nsf.optimize.scales.style_tile)
     geo = costs.geometry
     style_window = min(style_px, window if tile is not None else (max(hw) + geo.before + geo.after) ** 2)
-    # the graphs pass 1 keeps (every window's deep part), then one window's recompute and backward
+    # the graphs pass 1 keeps (every window's deep part), then one window's recompute and backward; the preview
+    # term's forward+backward runs beside an untiled step's graph, between a tiled step's two passes
     kept = costs.kept(cut) if tile is not None else 0.0
-    act = kept * windows + (costs.act_bytes - kept) * window
+    preview = costs.act_bytes * preview_px
+    act = kept * windows + max((costs.act_bytes - kept) * window, preview) if tile is not None \
+        else costs.act_bytes * px + preview
     act = max(act, costs.act_bytes * style_window) + costs.fixed_bytes
-    state = RGB_BYTES * (2 * history * px + style_px) + (costs.target_bytes + MASK_BYTES * masks) * px \
-        + (costs.act_bytes + costs.target_bytes) * preview_px
+    state = RGB_BYTES * (2 * history * px + style_px) + (costs.target_bytes + MASK_BYTES * masks) * (px + preview_px)
     return int(in_use + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
 
 
