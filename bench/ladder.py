@@ -7,7 +7,7 @@ Usage:
 
 Each rung runs in a child process (`python bench/ladder.py one ...`), so its peak RSS is its own: the step's peak
 above the process's resident set before the first step ("step peak") is what the planner's activation model
-predicts (`predicted`: ``act`` of nsf.plan._scale_peak without the loop's image copies and history). The content,
+predicts (`predicted`: nsf.plan.step_bytes, without the loop's image copies and history). The content,
 style and start image are the README pair at the size (the style at 512 px), so the numbers are a run's.
 """
 
@@ -76,8 +76,7 @@ def one(args: argparse.Namespace) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     costs = model.costs(cfg)
     ws = [t.window_pixels for t in objective.tiled.tiles]
-    kept = costs.kept(cut) if tile is not None else 0.0
-    predicted = kept * sum(ws) + (costs.act_bytes - kept) * max(ws) + costs.fixed_bytes
+    predicted = P.step_bytes(costs, hw, tile, cut=cut)
     windows = sum(ws) / (hw[0] * hw[1])
     work = P._step_work(costs, sum(ws), tile is not None, cut) / (hw[0] * hw[1])
     print(json.dumps({"size": list(hw), "tile": args.tile, "cut": args.cut, "tiles": objective.tiles,

@@ -17,7 +17,9 @@ largest buffers of the backward) and ``fixed`` the bytes of a step that do not g
 the difference of two sizes); ``W`` the pixels of the largest tile window (``P`` untiled). A tiled scale that keeps
 each tile's graph from a cut on between its two passes (:mod:`nsf.tiling`) holds ``kept(cut)`` bytes per pixel of
 every window (the saved tensors of the modules from the cut on, measured per module) and the rest of
-``act_bytes`` for one window at a time: ``act = kept(cut) sum(W) + (act_bytes - kept(cut)) max(W) + fixed``.
+``act_bytes`` for one window at a time: ``act = kept(cut) sum(W) + (act_bytes - kept(cut)) max(W) + fixed``
+(:func:`step_bytes`). On a CPU each term carries the margin measured between this model and a step's peak
+resident set (``CPU_MARGINS``).
 
 Time model: seconds per pixel of a forward+backward and of a forward, timed on this device; a tiled step costs a
 forward over its windows (pass 1) plus a forward+backward over them in which only the modules before the cut run
@@ -64,6 +66,12 @@ RGB_BYTES = 12  # one float32 RGB pixel
 # before it, /proc VmHWM, 2026-12-07): 7 held + 5 (16 counted before, 200 MB too many at 2048x2048).
 STEP_COPIES = 7
 UPDATE_COPIES = 12
+# A CPU step's peak resident set against the saved-tensor model (act_bytes per pixel), measured with bench/ladder.py
+# (peak RSS of a step over the resident set before it, bf16 NHWC, 2026-12-07, bench/RESULTS.md "memory ladder"):
+# untiled 1.20x (2048x2048) and 1.23x (1024x1024); tiled 1.53x (704 px tiles) and 1.67x (512 px) of the largest
+# window's, the kept graphs (pass 1 to pass 2) about 1.2x theirs; glibc keeps some of each tile's freed buffers.
+# CUDA's caching allocator is counted as measured (max_memory_allocated; no margin, not re-measured here).
+CPU_MARGINS = {"untiled": 1.25, "tiled": 1.75, "kept": 1.25}
 # Tiles smaller than this (owned px per side) spend most of a step on halos: fewer L-BFGS pairs first.
 GOOD_TILE = 384
 # A forward+backward in forwards, and each cut's share of a forward (the modules before it), measured on the
@@ -100,6 +108,10 @@ class Costs:
     kept_bytes: tuple[float, ...] = ()  # [c]: saved bytes per input pixel of the modules c.. (a graph kept from c)
     module_names: tuple[str, ...] = ()
     layers_read: tuple[str, ...] = ()  # the layers these costs were measured (or narrowed) for
+    resident: bool = False  # CPU: memory is the resident set, counted with CPU_MARGINS
+
+    def margin(self, what: str) -> float:
+        return CPU_MARGINS[what] if self.resident else 1.0
 
     def cuts(self) -> list[int | None]:
         """The cuts the planner weighs: none (pass 2 recomputes all), then after each pooling layer, deepest first
@@ -216,7 +228,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     names = extractor.module_names
     if hit is not None:
         return Costs(hit[0], hit[1], geo, fixed_bytes=hit[2], kept_bytes=hit[3], module_names=names,
-                     layers_read=tuple(layers))
+                     layers_read=tuple(layers), resident=device.type == "cpu")
     params = {p.untyped_storage().data_ptr() for p in extractor.parameters()}
 
     def step_at(side: int) -> tuple[Objective, torch.Tensor]:
@@ -256,7 +268,8 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
                                       .to(device), params) for n in (memory_size, 2 * memory_size))
     per_module = [max(0.0, (b - a) / (3 * memory_size**2)) for a, b in zip(small_m, large_m)]
     kept = tuple(sum(per_module[c:]) for c in range(len(per_module)))
-    costs = Costs(act, targets, geo, fixed_bytes=fixed, kept_bytes=kept, module_names=names, layers_read=tuple(layers))
+    costs = Costs(act, targets, geo, fixed_bytes=fixed, kept_bytes=kept, module_names=names, layers_read=tuple(layers),
+                  resident=device.type == "cpu")
     if key is not None:
         _remembered(key, costs)
     if not timing:
@@ -283,7 +296,8 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
         fn()
         _sync(device)
         seconds.append((time.perf_counter() - t0) / side**2)
-    return Costs(act, targets, geo, seconds[0], seconds[1], side, fixed, kept, names, tuple(layers))
+    return Costs(act, targets, geo, seconds[0], seconds[1], side, fixed, kept, names, tuple(layers),
+                 device.type == "cpu")
 
 
 def _sync(device: torch.device) -> None:
@@ -406,25 +420,32 @@ def _scale_peak(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, ti
                 history: int, in_use: int, masks: int = 0, cut: int | None = None, preview_px: int = 0) -> int:
     """Predicted peak bytes of one scale (the module's memory model); ``preview_px``: the preview term's pixels
     (its base-size objective's forward+backward and content targets, beside the full-size step)."""
-    h, w = hw
-    px = batch * h * w
+    px = batch * hw[0] * hw[1]
+    act = step_bytes(costs, hw, tile, cut=cut, preview_px=preview_px, style_px=style_px, batch=batch)
+    state = RGB_BYTES * (2 * history * px + style_px) + (costs.target_bytes + MASK_BYTES * masks) * (px + preview_px)
+    return int(in_use + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
+
+
+def step_bytes(costs: Costs, hw: tuple[int, int], tile: tuple[int, int] | None, *, cut: int | None = None,
+               preview_px: int = 0, style_px: int = 0, batch: int = 1) -> float:
+    """A step's own peak bytes (above what the loop holds) at a scale of size ``hw``: the activations of an untiled
+    step, or the graphs pass 1 keeps (every window's deep part) and one window's recompute and backward; the
+    preview term's forward+backward beside an untiled step's graph, between a tiled step's two passes; the styles'
+    pass (tile by tile, an untiled scale's in tiles of its long side: nsf.optimize.scales.style_tile)."""
+    px = batch * hw[0] * hw[1]
     if tile is None:
         window = windows = px
     else:
         largest_window, total = _windows(hw, tile, costs.geometry)
         window, windows = batch * largest_window, batch * total
-    # the styles run tile by tile, an untiled scale's in tiles of its long side (nsf.optimize.scales.style_tile)
     geo = costs.geometry
     style_window = min(style_px, window if tile is not None else (max(hw) + geo.before + geo.after) ** 2)
-    # the graphs pass 1 keeps (every window's deep part), then one window's recompute and backward; the preview
-    # term's forward+backward runs beside an untiled step's graph, between a tiled step's two passes
     kept = costs.kept(cut) if tile is not None else 0.0
-    preview = costs.act_bytes * preview_px
-    act = kept * windows + max((costs.act_bytes - kept) * window, preview) if tile is not None \
-        else costs.act_bytes * px + preview
-    act = max(act, costs.act_bytes * style_window) + costs.fixed_bytes
-    state = RGB_BYTES * (2 * history * px + style_px) + (costs.target_bytes + MASK_BYTES * masks) * (px + preview_px)
-    return int(in_use + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
+    untiled = costs.margin("untiled") * costs.act_bytes
+    preview = untiled * preview_px
+    act = costs.margin("kept") * kept * windows + max(costs.margin("tiled") * (costs.act_bytes - kept) * window,
+                                                       preview) if tile is not None else untiled * px + preview
+    return max(act, untiled * style_window) + costs.fixed_bytes
 
 
 def _step_work(costs: Costs, windows: int, tiled: bool, cut: int | None) -> float:
