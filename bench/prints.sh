@@ -20,3 +20,5 @@ print(f"{rows[-1]['peak_rss_gb'] / 4:.2f}GB")
 PY
 )}
 py p2048q --size 2048 --max-memory "$quarter" --preview p512
+py p1024 --size 1024 --preview p512
+py p4096m8 --size 4096 --max-memory 8GB --preview p512
