@@ -154,6 +154,23 @@ def smooth_image(h: int, w: int, seed: int = 0, batch: int = 1, lo: float = 0.0,
     return (lo + (hi - lo) * up).clamp(0, 1).contiguous()
 
 
+def assert_tiled_step_equal(whole, tiled, x: torch.Tensor, rtol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tiled.value_and_grad(x)`` gives ``whole``'s loss, parts and autograd gradient at ``x`` (to ``rtol``; the
+    gradient's largest difference within ``10 rtol`` of its largest entry) and ``tiled.value(x)`` its loss: what
+    every tiled rung is held to. Returns ``whole``'s ``(loss, gradient)``."""
+    from torch.testing import assert_close
+
+    xr = x.clone().requires_grad_(True)
+    loss, parts = whole(xr)
+    (grad,) = torch.autograd.grad(loss.sum(), xr)
+    loss_t, parts_t, grad_t = tiled.value_and_grad(x)
+    assert_close(loss_t, loss.detach(), rtol=rtol, atol=0)
+    assert_close(parts_t, parts, rtol=rtol, atol=1e-30)
+    assert float((grad_t - grad).abs().max() / grad.abs().max()) < rtol * 10
+    assert_close(tiled.value(x)[0], loss.detach(), rtol=rtol, atol=0)
+    return loss.detach(), grad
+
+
 def random_image(h: int, w: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
     """A ``(batch, 3, h, w)`` image of uniform noise in [0, 1]."""
     g = torch.Generator().manual_seed(seed)

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_image, smooth_image
+from conftest import assert_tiled_step_equal, random_image, smooth_image
 from torch.testing import assert_close
 
 from nsf import optimize as O
@@ -163,12 +163,7 @@ def test_tiled_equals_untiled_with_the_preview_term(model, with_pixel_loss):
     whole, _, _ = _preview_objectives(ext, CFG, content, style, pixel_loss=pixel)
     tiled, _, _ = _preview_objectives(ext, CFG, content, style, tile=(32, 48), pixel_loss=pixel)
     assert tiled.tiles > 4
-    loss, parts, grad = _loss_and_grad(whole, x)
-    loss_t, parts_t, grad_t = tiled.value_and_grad(x)
-    assert_close(loss_t, loss, rtol=1e-9, atol=0)
-    assert_close(parts_t, parts, rtol=1e-9, atol=1e-30)
-    assert float((grad_t - grad).abs().max() / grad.abs().max()) < 1e-9
-    assert_close(tiled.value(x)[0], loss, rtol=1e-9, atol=0)
+    assert_tiled_step_equal(whole, tiled, x)
 
 
 # --- whole runs ---------------------------------------------------------------------------------------
