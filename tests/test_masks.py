@@ -176,5 +176,6 @@ def test_the_plan_counts_the_masks(model):
     cfg = model.resolve_config(size=1024)
     a = P.plan(model.costs(cfg), cfg, (1024, 1024), budget=None, in_use=10**9)
     b = P.plan(model.costs(cfg), cfg, (1024, 1024), budget=None, in_use=10**9, masks=2)
-    assert b.scales[-1].peak_bytes - a.scales[-1].peak_bytes == 2 * P.MASK_BYTES * 1024 * 1024
+    # the last scale's masks at its size, and at the preview term's (the base scale's, 512 px)
+    assert b.scales[-1].peak_bytes - a.scales[-1].peak_bytes == 2 * P.MASK_BYTES * (1024 * 1024 + 512 * 512)
     assert b.masks == 2 and model.plan(64, masks=2, timing=False).masks == 2
