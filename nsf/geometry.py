@@ -23,10 +23,12 @@ def target_size(h: int, w: int, size: int, mode: str = "long_side") -> tuple[int
     return max(1, round(h * size / w)), size
 
 
-def resize(t: Tensor, hw: tuple[int, int]) -> Tensor:
-    """Antialiased bilinear resize of ``(B, 3, H, W)`` to ``hw``; a no-op when the size already matches."""
+def resize(t: Tensor, hw: tuple[int, int], *, clamp: bool = True) -> Tensor:
+    """Antialiased bilinear resize of ``(B, 3, H, W)`` to ``hw``, clamped to [0, 1] (``clamp=False``: not, e.g. an
+    image being optimized, whose gradient must pass); a no-op when the size already matches."""
     if tuple(t.shape[-2:]) == tuple(hw):
         return t
     import torch.nn.functional as F  # noqa: N812 - here, not at the top: the size arithmetic needs no torch
 
-    return F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    out = F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=True)
+    return out.clamp_(0, 1) if clamp else out

@@ -166,6 +166,10 @@ class StyleFusion(nn.Module):
         if cached is None or (timing and cached.fb_seconds is None):
             # remembered across runs in the user's cache (the memory part: the same on every run)
             cached = self._costs[key] = planner.measure(extractor, cfg, self.device, timing=timing, remember=True)
+            # measuring leaves freed buffers in the C heap: give them back, or the memory in use that a plan reads
+            # next counts them and the run's peak exceeds the plan (0.28 GB at 2048 px under 2 GB: 2.21 GB measured
+            # against 1.92 planned, bench/RESULTS.md "prints")
+            release_host_memory(self.device)
         return cached
 
     def plan(self, content_size: int | tuple[int, int] | None = None, *, batch: int = 1,
@@ -197,11 +201,7 @@ class StyleFusion(nn.Module):
                     budget: int | None = None, masks: int = 0) -> planner.Plan:
         """:meth:`plan` for a resolved config and a content ``(H, W)``, with the memory in use now, within
         ``budget`` bytes (default: :meth:`memory_budget`); ``masks``: content masks (regional styles)."""
-        costs = self.costs(cfg, timing=timing)
-        # measuring the costs (a process's first run, or a new layer set) leaves freed buffers in the C heap: give
-        # them back before reading what is in use, or the run's peak exceeds the plan by them (0.28 GB at 2048 px
-        # under 2 GB: 2.21 GB measured against 1.92 planned, bench/RESULTS.md "prints")
-        release_host_memory(self.device)
+        costs = self.costs(cfg, timing=timing)  # first: what measuring them leaves must not count as in use
         used, _ = planner.memory_now(self.device)
         return planner.plan(costs, cfg, content, batch=batch, style_sizes=style_sizes,
                             budget=budget if budget is not None else self.memory_budget(), in_use=used,

@@ -321,12 +321,19 @@ class ScalePlan:
     batch: int = 1
     cut: int | None = None  # tiled: the module index from which pass 1 keeps each tile's graph
     recompute: float = 1.0  # tiled: the share of a forward that pass 2 runs again (FORWARD_SHARE)
-    rung: str = "whole image"  # how a step runs, in words (the table's column)
+    keeps: str | None = None  # tiled with a cut: the first layer whose graph pass 1 keeps
     preview_pixels: int = 0  # the preview term's pixels per image (a refinement scale's base-size objective)
 
     @property
     def layout(self) -> Layout:
         return Layout(self.tile, self.history, self.cut)
+
+    @property
+    def rung(self) -> str:
+        """How a step runs, in words."""
+        if self.tile is None:
+            return "whole image"
+        return f"tiled, graph kept from {self.keeps}" if self.keeps is not None else "tiled"
 
     @property
     def work(self) -> float:
@@ -387,7 +394,7 @@ class Plan:
                  f"{'time':>8}"]
         for s in self.scales:
             tiles = f"{s.tiles} of {s.tile[1]}x{s.tile[0]}" if s.tile else "whole image"
-            keeps = s.rung.rsplit("from ", 1)[1] if "from " in s.rung else "-"
+            keeps = s.keeps or "-"
             secs = f"{s.seconds:.1f} s" if s.seconds is not None else "-"
             lines.append(f"{s.index:>5}  {s.size[1]:>5}x{s.size[0]:<5}  {s.steps:>5}  {tiles:>13}  {keeps:>7}  "
                          f"{s.history:>7}  {format_bytes(s.peak_bytes):>9}  {secs:>8}")
@@ -506,19 +513,21 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
 
         choice = _rung(costs, batch, hw, style_px, preview_px, want, budget, in_use, masks, loss)
         if choice is None:
-            raise _too_big(whole, cfg, content, batch, style_sizes, budget, in_use, hw, masks)
+            # what the planner could not fit: one tile of the scale's alignment and one pair, as _rung counted it
+            smallest = _scale_peak(costs, batch, hw, style_px, (costs.geometry.align,) * 2, 1, in_use, masks, None,
+                                   preview_px)
+            raise _too_big(whole, cfg, content, batch, style_sizes, budget, in_use, hw, masks,
+                           (costs.geometry.align, smallest))
         tile, m, cut = choice
         if tile is not None and tile[0] >= hw[0] and tile[1] >= hw[1]:
             tile, cut = None, None
         windows = [t.window_pixels for t in tiles(*hw, tile, costs.geometry)]
-        rung = "whole image" if tile is None else \
-            f"tiled, graph kept from {costs.module_names[cut]}" if cut is not None else "tiled"
         scales.append(ScalePlan(index, hw, steps, tile, len(windows), m,
                                 _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks, cut, preview_px),
                                 _scale_seconds(costs, batch, sum(windows), style_px, steps, tile is not None, cut,
                                                preview_px),
                                 sum(windows), batch, cut, costs.recompute_share(cut) if tile is not None else 1.0,
-                                rung, preview_px // batch))
+                                costs.module_names[cut] if cut is not None else None, preview_px // batch))
     return Plan(content, batch, device, budget, in_use, tuple(scales), masks, step_cost(cfg, masks))
 
 
@@ -548,7 +557,7 @@ def _rung(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, preview_
         top = math.ceil(max(hw) / align)
         options: list[tuple[float, tuple[int, int], int | None, int]] = []
         for cut in costs.cuts():
-            def fits_tile(k: int, m: int = m, cut: int | None = cut, align: int = align) -> bool:
+            def fits_tile(k: int, m: int = m, cut: int | None = cut) -> bool:
                 return fits((k * align, k * align), m, cut)
 
             k = largest(fits_tile, 1, top)
@@ -582,7 +591,9 @@ def too_small(cfg: StyleConfig, content: tuple[int, int]) -> ConfigError:
 
 def _too_big(costs: Costs, cfg: StyleConfig, content: tuple[int, int], batch: int,
              style_sizes: Sequence[tuple[int, int]], budget: int | None, in_use: int,
-             hw: tuple[int, int], masks: int = 0) -> PlanError:
+             hw: tuple[int, int], masks: int, smallest: tuple[int, int]) -> PlanError:
+    """The error for a run that fits no rung at the scale of size ``hw``, naming the largest ``size`` that fits;
+    ``smallest``: ``(tile side, peak bytes)`` of the least that scale could run with."""
     def ok(size: int) -> bool:
         try:
             plan(costs, cfg.replace(size=size), content, batch=batch, style_sizes=style_sizes, budget=budget,
@@ -591,12 +602,10 @@ def _too_big(costs: Costs, cfg: StyleConfig, content: tuple[int, int], batch: in
         except PlanError:
             return False
 
-    smallest = _scale_peak(costs, batch, hw, _style_pixels(hw, cfg, style_sizes), (costs.geometry.align,) * 2, 1,
-                           in_use, masks)
     fits = largest(ok, 2 * MIN_SIDE, cfg.size - 1)
     what = f"at most size={fits} fits" if fits else "no size fits"
     return PlanError(f"size={cfg.size} does not fit max_memory={format_bytes(budget or 0)}: even one "
-                     f"{costs.geometry.align} px tile with one L-BFGS pair needs {format_bytes(smallest)} at "
+                     f"{smallest[0]} px tile with one L-BFGS pair needs {format_bytes(smallest[1])} at "
                      f"{hw[1]}x{hw[0]} ({format_bytes(in_use)} already in use); {what}",
                      field="size", value=cfg.size, allowed={"min": MIN_SIDE, "max": fits})
 

@@ -6,11 +6,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import Tensor, nn
 
 from .. import losses
 from ..config import StyleConfig
+from ..geometry import resize
 from ..style_losses import FEATURES, GRAMS, MEANS, style_loss
 from ..tiling import TiledFeatures
 from .scales import layer_weights
@@ -24,7 +24,7 @@ PixelLoss = Callable[[Tensor], Tensor]  # images (B, 3, H, W) -> a per-image los
 
 class Preview(nn.Module):
     """The preview term of a refinement scale: ``weight`` times ``objective`` (the base scale's objective, at its
-    size) of the image downsampled to that size (antialiased bilinear, as :func:`nsf.geometry.resize` but not
+    size) of the image downsampled to that size (:func:`nsf.geometry.resize` with ``clamp=False``: not
     clamped: the image the network sees at full size is not clamped either). ``forward(x) -> (loss (B,), parts
     (B, 3))``, weighted; its gradient flows back through the downsampling, so the term is exact under tiling (the
     full-size objective adds it as it adds a pixel loss: autograd on the whole image)."""
@@ -36,9 +36,7 @@ class Preview(nn.Module):
         self.size = (int(objective.content_size[0]), int(objective.content_size[1]))
 
     def downsample(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[-2:]) == self.size:
-            return x
-        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return resize(x, self.size, clamp=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         loss, parts = self.objective(self.downsample(x))
