@@ -141,8 +141,7 @@ def print_scores(out: torch.Tensor, content: torch.Tensor, style: torch.Tensor, 
     ``thumb_content``, ``preview_style`` (the preview's own), ``close_style`` and its layers, ``full_style``."""
     import score as S
 
-    S.THUMBNAIL = base
-    s = S.Scorer().print_score(out, content, style, preview=preview.clamp(0, 1), full=True)
+    s = S.Scorer().print_score(out, content, style, preview=preview.clamp(0, 1), full=True, thumbnail=base)
     t, p, c, f = s["thumbnail"], s["preview"], s["close"], s["full"]
     row = {"thumb_style": t["style_ratio"], "thumb_content": t["content_ratio"], "preview_style": p["style_ratio"],
            "preview_content": p["content_ratio"], "close_style": c["style_ratio"],

@@ -173,17 +173,19 @@ class Scorer:
             result["content_ratio"] = self._content_ratio(ro[CONTENT_LAYER], rc[CONTENT_LAYER], fsc)
         return {**result, **{f"style_{n}": r for n, r in ratios.items()}}
 
-    def print_inputs(self, output, content, style) -> dict[str, torch.Tensor]:
-        """What :meth:`print_score` scores: ``thumbnail`` (the output downsampled to THUMBNAIL px long side, the
+    def print_inputs(self, output, content, style, *, thumbnail: int = THUMBNAIL) -> dict[str, torch.Tensor]:
+        """What :meth:`print_score` scores: ``thumbnail`` (the output downsampled to ``thumbnail`` px long side, the
         output itself when it is no larger), ``output`` (full size), ``content`` (at the output's size) and ``style``
         (up close: at its own resolution, never upscaled, capped at the output's long side)."""
         out, con, sty = self._inputs(output, content, style)
-        return {"thumbnail": self._load(out, long_side=THUMBNAIL), "output": out, "content": con, "style": sty}
+        return {"thumbnail": self._load(out, long_side=thumbnail), "output": out, "content": con, "style": sty}
 
-    def print_score(self, output, content, style, *, preview=None, full: bool = True) -> dict[str, Any]:
+    def print_score(self, output, content, style, *, preview=None, full: bool = True,
+                    thumbnail: int = THUMBNAIL) -> dict[str, Any]:
         """A print's three yardsticks (module docstring) and each bar's pass/fail, as a JSON-ready dict:
 
-        * ``thumbnail``: :meth:`score` of the thumbnail (``style_ratio``, ``content_ratio``, ``sw_ratio``,
+        * ``thumbnail``: :meth:`score` of the thumbnail (``thumbnail`` px long side: the preview's size, 512 px
+          for a default print; ``style_ratio``, ``content_ratio``, ``sw_ratio``,
           ``style_relu1_1``..., ``sw_relu1_1``...) plus its ``size`` [h, w];
         * ``preview``: :meth:`score` of ``preview`` (the 512 px run of the same pair, at its own size) with its
           ``size``, or None; ``preview_difference``: the thumbnail's style_ratio minus the preview's, or None;
@@ -201,7 +203,7 @@ class Scorer:
         10.5 GB RSS in 391 s with ``full=True`` and 9.7 GB in 170 s with ``full=False`` (one thread, a shared
         2-core CPU, 2026-12-07); a 1024 px output at 1.9 GB in 82 s.
         """
-        inputs = self.print_inputs(output, content, style)
+        inputs = self.print_inputs(output, content, style, thumbnail=thumbnail)
         out = inputs["output"]
         thumb = self.score(inputs["thumbnail"], content, style)
         prev = None
