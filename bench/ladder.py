@@ -3,7 +3,7 @@ planner can run it (untiled; tiles with pass 2 recomputing the whole forward; ti
 cut on), against the untiled step measured in the same invocation.
 
 Usage:
-  python bench/ladder.py --size 1024 --tile 512 [--cuts pool4 pool3 pool2] [--steps 3] [--record]
+  python bench/ladder.py --size 1024 --tile 512 [--cuts pool4 pool3 pool2] [--steps 3]   # rows: bench/out/ladder.jsonl
 
 Each rung runs in a child process (`python bench/ladder.py one ...`), so its peak RSS is its own: the step's peak
 above the process's resident set before the first step ("step peak") is what the planner's activation model
@@ -30,18 +30,13 @@ ROWS = OUT / "ladder.jsonl"
 IMAGES = REPO.parent / "shared" / "images"
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def one(args: argparse.Namespace) -> None:
     """One rung: ``args.steps`` steps after a warm-up; prints a JSON line."""
     import nsf
     from nsf import optimize as O
     from nsf import plan as P
     from nsf.image import load_image, pil_to_tensor
-    from nsf.memory import release_host_memory
+    from nsf.memory import memory_now, release_host_memory
 
     model = nsf.style_fusion(device="cpu")
     cfg = model.config.replace(size=args.size)
@@ -65,7 +60,7 @@ def one(args: argparse.Namespace) -> None:
 
     step()  # warm-up: oneDNN's choices, the allocator
     release_host_memory(x.device)
-    before = _rss()
+    before, _ = memory_now(x.device)  # the resident set
     t0, u0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps):
         step()
