@@ -3,7 +3,14 @@ planner can run it (untiled; tiles with pass 2 recomputing the whole forward; ti
 cut on), against the untiled step measured in the same invocation.
 
 Usage:
-  python bench/ladder.py --size 1024 --tile 512 [--cuts pool4 pool3 pool2] [--steps 3]   # rows: bench/out/ladder.jsonl
+  python bench/ladder.py --size 1024 --tile 512 [384 ...] [--cuts pool4 pool3 pool2] [--steps 3] [--refined]
+                         [--wide-pass-one] [--no-mmap]      # rows: bench/out/ladder.jsonl
+  python bench/ladder.py shares [--size 512] [--repeat 5]   # a forward's time to each layer, as shares of relu5_1's
+
+``--refined``: a refinement scale's full-size objective (``nsf.optimize.refined``: the detail layers relu1_1-relu3_1
+and relu4_2's content; its pass 1 runs only to relu3_1) instead of the base scale's (every layer).
+``--wide-pass-one``: one more rung, the tiles again with pass 1 running the whole network over the content layer's
+windows (as before pass 1 read only the style layers): the same step, the earlier cost.
 
 Each rung runs in a child process (`python bench/ladder.py one ...`), so its peak RSS is its own: the step's peak
 above the process's resident set before the first step ("step peak") is what the planner's activation model
@@ -14,7 +21,9 @@ style and start image are the README pair at the size (the style at 512 px), so 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -28,6 +37,8 @@ sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 OUT = REPO / "bench" / "out"
 ROWS = OUT / "ladder.jsonl"
 IMAGES = REPO.parent / "shared" / "images"
+# glibc serving every buffer from its heap (no mmap, nothing trimmed back): a step without page faults
+NO_MMAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
 
 
 def one(args: argparse.Namespace) -> None:
@@ -38,8 +49,14 @@ def one(args: argparse.Namespace) -> None:
     from nsf.image import load_image, pil_to_tensor
     from nsf.memory import memory_now, release_host_memory
 
+    if args.wide_pass_one:  # the earlier pass 1: the whole network over the content layer's windows
+        from nsf.tiling import TiledFeatures
+
+        TiledFeatures.reading = lambda self, layers: (self.extractor, self.tiles)  # type: ignore[method-assign]
     model = nsf.style_fusion(device="cpu")
     cfg = model.config.replace(size=args.size)
+    if args.refined:
+        cfg = O.refined(cfg)
     ext = model.extractor(cfg.layers)
     content = pil_to_tensor(load_image(IMAGES / "astronaut.jpg"))
     style = pil_to_tensor(load_image(IMAGES / "starry_night.jpg"))
@@ -69,12 +86,16 @@ def one(args: argparse.Namespace) -> None:
     # CPU seconds stay comparable when other jobs share the machine; wall seconds do not
     cpu = (u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime) / args.steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    costs = model.costs(cfg)
+    # the whole stack's measured costs, narrowed as the planner narrows a scale's (nsf.plan.plan)
+    scale = model.costs(model.config).for_layers(cfg.layers, pass_one=cfg.style_layers)
     ws = [t.window_pixels for t in objective.tiled.tiles]
-    predicted = P.step_bytes(costs, hw, tile, cut=cut)
+    predicted = P.step_bytes(scale, hw, tile, cut=cut)
     windows = sum(ws) / (hw[0] * hw[1])
-    work = P._step_work(costs, sum(ws), tile is not None, cut) / (hw[0] * hw[1])
+    work = P._step_work(scale, hw, tile, cut) / (hw[0] * hw[1])
+    if args.wide_pass_one:
+        work = P._step_work(dataclasses.replace(scale, pass_one=()), hw, tile, cut) / (hw[0] * hw[1])
     print(json.dumps({"size": list(hw), "tile": args.tile, "cut": args.cut, "tiles": objective.tiles,
+                      "refined": args.refined, "pass_one": "wide" if args.wide_pass_one else "narrow",
                       "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
                       "step_peak_gb": round((peak - before) / 1e9, 3),
                       "predicted_gb": round(predicted / 1e9, 3), "rss_before_gb": round(before / 1e9, 3),
@@ -84,13 +105,20 @@ def one(args: argparse.Namespace) -> None:
 
 def ladder(args: argparse.Namespace) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    rungs = [(0, "none"), (args.tile, "none"), *((args.tile, c) for c in args.cuts)]
+    first = args.tile[0]
+    rungs = [(0, "none", False, False), *((t, "none", False, False) for t in args.tile),
+             *((first, c, False, False) for c in args.cuts),
+             *([(first, "none", True, False)] if args.wide_pass_one else []),
+             *([(0, "none", False, True)] if args.no_mmap else [])]
     rows = []
-    for tile, cut in rungs:
+    for tile, cut, wide, no_mmap in rungs:
         cmd = [sys.executable, __file__, "one", "--size", str(args.size), "--tile", str(tile), "--cut", cut,
-               "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+               "--steps", str(args.steps), *(["--refined"] if args.refined else []),
+               *(["--wide-pass-one"] if wide else [])]
+        env = {**os.environ, **({"GLIBC_TUNABLES": NO_MMAP} if no_mmap else {})}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["malloc"] = "mmap off" if no_mmap else "glibc default"
         rows.append(row)
         print(json.dumps(row), flush=True)
     base, base_cpu = rows[0]["seconds"], rows[0]["cpu_seconds"]
@@ -102,11 +130,43 @@ def ladder(args: argparse.Namespace) -> None:
     lines = ["| size | owned tile | tiles | graph kept after | s / step | vs untiled | CPU s / step | vs untiled | "
              "model's cost | windows / image | step peak GB | predicted GB |", "|---" * 12 + "|"]
     for r in rows:
+        kept = ("-" if r["cut"] == "none" else r["cut"]) + (" (wide pass 1)" if r.get("pass_one") == "wide" else "") \
+            + (" (glibc mmap off)" if r.get("malloc") == "mmap off" else "")
         lines.append(f"| {r['size'][1]}x{r['size'][0]} | {r['tile'] or 'whole'} | {r['tiles']} | "
-                     f"{'-' if r['cut'] == 'none' else r['cut']} | {r['seconds']} | {r['ratio']} | "
+                     f"{kept} | {r['seconds']} | {r['ratio']} | "
                      f"{r['cpu_seconds']} | {r['cpu_ratio']} | {r['model_work']} | "
                      f"{r['windows']} | {r['step_peak_gb']} | {r['predicted_gb']} |")
     print("\n".join(lines))
+
+
+def shares(args: argparse.Namespace) -> None:
+    """A forward without gradient (the extractor's precision and layout) to each pooling layer and each layer an
+    objective reads, as a share of the forward to relu5_1, at ``--size`` px: the mean of ``--repeat`` after a
+    warm-up, every depth timed in each round (so a busy spell falls on all alike)."""
+    import nsf
+
+    model = nsf.style_fusion(device="cpu")
+    ext = model.extractor(model.config.layers)
+    x = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    names = ["relu1_1", "pool1", "relu2_1", "pool2", "relu3_1", "pool3", "relu4_1", "relu4_2", "pool4", "relu5_1"]
+    stops = {n: ext.module_names.index(n) + 1 for n in names}
+    seconds = {n: 0.0 for n in names}
+    with torch.no_grad():
+        for r in range(args.repeat + 1):
+            for n, stop in stops.items():
+                t0 = time.perf_counter()
+                ext.stage(x, 0, stop)
+                if r:
+                    seconds[n] += time.perf_counter() - t0
+    whole = seconds["relu5_1"]
+    row = {"size": args.size, "repeat": args.repeat, "threads": torch.get_num_threads(),
+           "relu5_1_seconds": round(whole / args.repeat, 4),
+           "shares": {n: round(v / whole, 3) for n, v in seconds.items()},
+           "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(json.dumps(row))
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / "forward_shares.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
@@ -117,12 +177,22 @@ def main() -> None:
     o.add_argument("--tile", type=int, default=0)
     o.add_argument("--cut", default="none")
     o.add_argument("--steps", type=int, default=3)
+    o.add_argument("--refined", action="store_true")
+    o.add_argument("--wide-pass-one", action="store_true")
+    sh = sub.add_parser("shares")
+    sh.add_argument("--size", type=int, default=512)
+    sh.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--tile", type=int, nargs="+", default=[512], help="owned tile sides, a rung each")
     ap.add_argument("--cuts", nargs="*", default=["pool4", "pool3", "pool2"])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--refined", action="store_true")
+    ap.add_argument("--no-mmap", action="store_true",
+                    help="one more rung: untiled with glibc's mmap off (GLIBC_TUNABLES, nsf.plan.PAGE_FAULTS)")
+    ap.add_argument("--wide-pass-one", action="store_true",
+                    help="one more rung: tiles whose pass 1 runs the whole network (the earlier pass 1)")
     args = ap.parse_args()
-    one(args) if args.cmd == "one" else ladder(args)
+    {"one": one, "shares": shares}.get(args.cmd, ladder)(args)
 
 
 if __name__ == "__main__":

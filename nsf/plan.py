@@ -22,10 +22,12 @@ every window (the saved tensors of the modules from the cut on, measured per mod
 resident set (``CPU_MARGINS``).
 
 Time model: seconds per pixel of a forward+backward and of a forward, timed on this device; a tiled step costs a
-forward over its windows (pass 1) plus a forward+backward over them in which only the modules before the cut run
-their forward again (``FORWARD_SHARE``). The rungs of the ladder (untiled; tiles as large as fit, keeping the
-graph from the cut that fits; fewer L-BFGS pairs where no good tile fits) are ranked by this model's relative cost,
-the same with or without a timing run, so ``nsf plan`` shows what a run does.
+forward over its windows (pass 1: without a kept graph only as deep as the style layers, over their windows) plus a
+forward+backward over them in which only the modules before the cut run their forward again (``FORWARD_SHARE``); on
+a CPU a step whose largest activation is over glibc's mmap limit costs ``PAGE_FAULTS`` times more. The rungs of the
+ladder (untiled; tiles as large as fit, keeping the graph from the cut that fits, or on a CPU as large as stay under
+that limit; fewer L-BFGS pairs where no good tile fits) are ranked by this model's relative cost, the same with or
+without a timing run, so ``nsf plan`` shows what a run does.
 """
 
 from __future__ import annotations
@@ -71,15 +73,30 @@ UPDATE_COPIES = 12
 # untiled 1.20x (2048x2048) and 1.23x (1024x1024); tiled 1.53x (704 px tiles) and 1.67x (512 px) of the largest
 # window's, the kept graphs (pass 1 to pass 2) about 1.2x theirs; glibc keeps some of each tile's freed buffers.
 # CUDA's caching allocator is counted as measured (max_memory_allocated; no margin, not re-measured here).
-CPU_MARGINS = {"untiled": 1.25, "tiled": 1.75, "kept": 1.25}
+# Tiled: 2.45 since each pass gives the C heap back once, not after every tile (nsf.tiling.TiledFeatures.backward):
+# the tiles' freed buffers stay in the heap between tiles, 1.30-1.39x the 1.75 margin's prediction at 352-480 px
+# tiles of a 2048 px refinement step, 1.06x at 704 px (bench/RESULTS.md "memory ladder", 2026-12-07).
+CPU_MARGINS = {"untiled": 1.25, "tiled": 2.45, "kept": 1.25}
+# glibc serves a buffer of up to 32 MiB from its heap once one that size was freed (its largest mmap threshold) and
+# maps a larger one afresh, faulting in its pages, at every use. A CPU step whose largest activation (relu1's output)
+# is larger paid PAGE_FAULTS times the step without faults: 1.18x at 512 px, 1.50x at 1024 px, 1.39-1.45x at 2048 px
+# (untiled, bf16: the same step with glibc's mmap off, GLIBC_TUNABLES=glibc.malloc.mmap_max=0, which costs 17-40%
+# more peak memory); 704 px tiles at 2048 px cost 1.31x the untiled step, 352-416 px tiles (their largest buffer
+# under the limit) 1.13-1.14x though they compute more pixels (bench/RESULTS.md "memory ladder", 2026-12-07). The planner counts the factor and
+# weighs, on a CPU, the largest tile whose buffers stay under the limit beside the largest that fits.
+MMAP_LIMIT = 32 * 2**20
+PAGE_FAULTS = 1.4
 # Tiles smaller than this (owned px per side) spend most of a step on halos: fewer L-BFGS pairs first.
 GOOD_TILE = 384
 # A forward+backward in forwards, and each cut's share of a forward (the modules before it), measured on the
 # 2-core CPU in bf16 NHWC at 512 px (bench/RESULTS.md "memory ladder"): the full-resolution block is 42% of a
 # forward (memory-bound), the deep blocks most of the arithmetic. A tiled step without a kept graph costs
 # 1 + 1 / FB_FORWARDS = 1.2 untiled steps per window pixel (measured 1.24 in float32, bench/RESULTS.md "large cpu").
+# The relu layers' shares (how deep a pass 1 that reads only them runs) are the means at 512 and 1024 px of
+# `python bench/ladder.py shares` (2026-12-07, bench/RESULTS.md "memory ladder"); only the pools are cuts.
 FB_FORWARDS = 4.9
-FORWARD_SHARE = {"pool1": 0.42, "pool2": 0.59, "pool3": 0.81, "pool4": 0.98}
+FORWARD_SHARE = {"relu1_1": 0.14, "pool1": 0.42, "relu2_1": 0.45, "pool2": 0.59, "relu3_1": 0.65, "pool3": 0.81,
+                 "relu4_1": 0.83, "relu4_2": 0.85, "pool4": 0.98, "relu5_1": 1.0}
 # A content mask's image-sized float32 copies per pixel: at the scale's size, and at each style layer's
 # resolution (relu1_1's full size, then a quarter, a sixteenth...: 4/3 of the pixels).
 MASK_BYTES = 10
@@ -109,6 +126,8 @@ class Costs:
     module_names: tuple[str, ...] = ()
     layers_read: tuple[str, ...] = ()  # the layers these costs were measured (or narrowed) for
     resident: bool = False  # CPU: memory is the resident set, counted with CPU_MARGINS
+    pass_one: tuple[str, ...] = ()  # the layers a tiled step's pass 1 reads without a kept graph (): all
+    largest_bytes: float = 0.0  # bytes per input pixel of a step's largest activation (relu1's output)
 
     def margin(self, what: str) -> float:
         return CPU_MARGINS[what] if self.resident else 1.0
@@ -116,19 +135,36 @@ class Costs:
     def cuts(self) -> list[int | None]:
         """The cuts the planner weighs: none (pass 2 recomputes all), then after each pooling layer, deepest first
         (each keeps more of pass 1's graph and recomputes less)."""
-        after = [self.module_names.index(n) + 1 for n in FORWARD_SHARE if n in self.module_names[:-1]]
+        after = [self.module_names.index(n) + 1 for n in FORWARD_SHARE
+                 if n.startswith("pool") and n in self.module_names[:-1]]
         return [None, *sorted(after, reverse=True)] if self.kept_bytes else [None]
 
-    def for_layers(self, layers: Sequence[str]) -> Costs:
+    def for_layers(self, layers: Sequence[str], *, pass_one: Sequence[str] = ()) -> Costs:
         """These costs for a scale that reads other ``layers`` of the same stack (a refinement scale with the preview
-        term stops at relu4_2): their halos, and the cuts and kept bytes of the modules it runs. The per-pixel
+        term stops at relu4_2): their halos, and the cuts and kept bytes of the modules it runs; ``pass_one``: the
+        layers its tiled steps' pass 1 reads (the style layers: nsf.tiling.TiledFeatures.reading). The per-pixel
         activation bytes stay the whole stack's (an upper bound)."""
         if not self.module_names or set(layers) == set(self.layers_read):
-            return self
+            return replace(self, pass_one=tuple(pass_one)) if tuple(pass_one) != self.pass_one else self
         depth = max(self.module_names.index(n) for n in layers) + 1
         tail = self.kept_bytes[depth] if depth < len(self.kept_bytes) else 0.0
         return replace(self, geometry=for_layers(self.geometry, layers), module_names=self.module_names[:depth],
-                       kept_bytes=tuple(k - tail for k in self.kept_bytes[:depth]), layers_read=tuple(layers))
+                       kept_bytes=tuple(k - tail for k in self.kept_bytes[:depth]), layers_read=tuple(layers),
+                       pass_one=tuple(pass_one))
+
+    def pass_one_share(self) -> float:
+        """Pass 1's forward without a kept graph (to the deepest of ``pass_one``) as a share of a forward of the
+        scale's layers (``FORWARD_SHARE``; 1 where the tables do not know a layer)."""
+        if not self.pass_one or not self.module_names:
+            return 1.0
+        deepest = max(self.pass_one, key=self.module_names.index)
+        share, whole = FORWARD_SHARE.get(deepest), FORWARD_SHARE.get(self.module_names[-1])
+        return min(1.0, share / whole) if share is not None and whole is not None else 1.0
+
+    def faults(self, window: int) -> float:
+        """The time factor of a step whose largest window has ``window`` pixels: ``PAGE_FAULTS`` on a CPU where its
+        largest activation is over ``MMAP_LIMIT``, else 1."""
+        return PAGE_FAULTS if self.resident and window * self.largest_bytes > MMAP_LIMIT else 1.0
 
     def kept(self, cut: int | None) -> float:
         return 0.0 if cut is None else self.kept_bytes[cut]
@@ -165,19 +201,19 @@ def _costs_key(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.devi
                        cfg.style_loss, memory_size])
 
 
-def _remembered(key: str, costs: Costs | None = None) -> tuple[float, float, float, tuple[float, ...]] | None:
-    """``(act_bytes, target_bytes, fixed_bytes, kept_bytes)`` remembered under ``key``; with ``costs``, remember
-    them."""
+def _remembered(key: str, costs: Costs | None = None) -> tuple[float, float, float, tuple[float, ...], float] | None:
+    """``(act_bytes, target_bytes, fixed_bytes, kept_bytes, largest_bytes)`` remembered under ``key``; with ``costs``,
+    remember them."""
     from .weights import read_store, write_store
 
     known = read_store(COSTS_FILE)
     if costs is None:
         hit = known.get(key)
-        if isinstance(hit, list) and len(hit) == 4 and all(isinstance(v, (int, float)) for v in hit[:3]) \
+        if isinstance(hit, list) and len(hit) == 5 and all(isinstance(v, (int, float)) for v in (*hit[:3], hit[4])) \
                 and isinstance(hit[3], list) and all(isinstance(v, (int, float)) for v in hit[3]):
-            return float(hit[0]), float(hit[1]), float(hit[2]), tuple(float(v) for v in hit[3])
+            return float(hit[0]), float(hit[1]), float(hit[2]), tuple(float(v) for v in hit[3]), float(hit[4])
         return None
-    known[key] = [costs.act_bytes, costs.target_bytes, costs.fixed_bytes, list(costs.kept_bytes)]
+    known[key] = [costs.act_bytes, costs.target_bytes, costs.fixed_bytes, list(costs.kept_bytes), costs.largest_bytes]
     write_store(COSTS_FILE, known)
     return None
 
@@ -228,7 +264,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     names = extractor.module_names
     if hit is not None:
         return Costs(hit[0], hit[1], geo, fixed_bytes=hit[2], kept_bytes=hit[3], module_names=names,
-                     layers_read=tuple(layers), resident=device.type == "cpu")
+                     layers_read=tuple(layers), resident=device.type == "cpu", largest_bytes=hit[4])
     params = {p.untyped_storage().data_ptr() for p in extractor.parameters()}
 
     def step_at(side: int) -> tuple[Objective, torch.Tensor]:
@@ -269,7 +305,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
     per_module = [max(0.0, (b - a) / (3 * memory_size**2)) for a, b in zip(small_m, large_m)]
     kept = tuple(sum(per_module[c:]) for c in range(len(per_module)))
     costs = Costs(act, targets, geo, fixed_bytes=fixed, kept_bytes=kept, module_names=names, layers_read=tuple(layers),
-                  resident=device.type == "cpu")
+                  resident=device.type == "cpu", largest_bytes=largest / (2 * memory_size) ** 2)
     if key is not None:
         _remembered(key, costs)
     if not timing:
@@ -296,8 +332,7 @@ def measure(extractor: FeatureExtractor, cfg: StyleConfig, device: torch.device,
         fn()
         _sync(device)
         seconds.append((time.perf_counter() - t0) / side**2)
-    return Costs(act, targets, geo, seconds[0], seconds[1], side, fixed, kept, names, tuple(layers),
-                 device.type == "cpu")
+    return replace(costs, fb_seconds=seconds[0], f_seconds=seconds[1], calibrated_at=side)
 
 
 def _sync(device: torch.device) -> None:
@@ -320,7 +355,7 @@ class ScalePlan:
     window_pixels: int = 0  # pixels a step runs the network on, per image (halos included when tiled)
     batch: int = 1
     cut: int | None = None  # tiled: the module index from which pass 1 keeps each tile's graph
-    recompute: float = 1.0  # tiled: the share of a forward that pass 2 runs again (FORWARD_SHARE)
+    step_work: float = 0.0  # a step in forward+backward pixels per image (_step_work: passes 1 and 2 when tiled)
     keeps: str | None = None  # tiled with a cut: the first layer whose graph pass 1 keeps
     preview_pixels: int = 0  # the preview term's pixels per image (a refinement scale's base-size objective)
 
@@ -339,8 +374,7 @@ class ScalePlan:
     def work(self) -> float:
         """The scale's cost in untiled pixel-steps (what admission control's seconds per pixel-step multiply): a
         tiled step runs pass 1's forward and pass 2's recompute besides a forward+backward, over its windows."""
-        per_pixel = 1.0 + self.recompute / FB_FORWARDS if self.tile is not None else 1.0
-        return self.batch * self.steps * (self.window_pixels * per_pixel + self.preview_pixels)
+        return self.batch * self.steps * (self.step_work + self.preview_pixels)
 
 
 @dataclass(frozen=True)
@@ -455,18 +489,30 @@ def step_bytes(costs: Costs, hw: tuple[int, int], tile: tuple[int, int] | None, 
     return max(act, untiled * style_window) + costs.fixed_bytes
 
 
-def _step_work(costs: Costs, windows: int, tiled: bool, cut: int | None) -> float:
-    """A step in forward+backward pixels: tiled, pass 1's forward and pass 2's recompute come on top."""
-    return windows * (1.0 + costs.recompute_share(cut) / FB_FORWARDS) if tiled else float(windows)
+def _step_work(costs: Costs, hw: tuple[int, int], tile: tuple[int, int] | None, cut: int | None, *,
+               batch: int = 1) -> float:
+    """A step of one ``hw`` image in forward+backward pixels. Tiled: pass 2's forward+backward over its windows;
+    with a cut, pass 1's forward over them and pass 2's recompute of the modules before the cut; without, pass 1's
+    forward only as deep as the style layers and over their narrower windows (:meth:`nsf.tiling.TiledFeatures.reading`:
+    a refinement scale's pass 1 runs to relu3_1, not to the content's relu4_2). On a CPU, times ``PAGE_FAULTS`` where
+    the largest window's largest activation is over ``MMAP_LIMIT`` (:meth:`Costs.faults`)."""
+    if tile is None:
+        return hw[0] * hw[1] * costs.faults(batch * hw[0] * hw[1])
+    largest, windows = _windows(hw, tile, costs.geometry)
+    largest *= batch
+    if cut is not None:
+        return windows * (1.0 + costs.recompute_share(cut) / FB_FORWARDS) * costs.faults(largest)
+    first = _windows(hw, tile, for_layers(costs.geometry, costs.pass_one))[1] if costs.pass_one else windows
+    return (windows + first * costs.pass_one_share() / FB_FORWARDS) * costs.faults(largest)
 
 
-def _scale_seconds(costs: Costs, batch: int, windows: int, style_px: int, steps: int, tiled: bool,
-                   cut: int | None = None, preview_px: int = 0) -> float | None:
-    """Seconds of a scale whose steps run the network on ``windows`` pixels per image (and the preview term's
-    forward+backward on ``preview_px``)."""
+def _scale_seconds(costs: Costs, batch: int, work: float, windows: int, style_px: int, steps: int,
+                   preview_px: int = 0) -> float | None:
+    """Seconds of a scale whose steps cost ``work`` forward+backward pixels per image (:func:`_step_work`) and the
+    preview term's forward+backward on ``preview_px``; its setup runs forwards over ``windows`` pixels."""
     if costs.fb_seconds is None or costs.f_seconds is None:
         return None
-    step = costs.fb_seconds * (_step_work(costs, windows, tiled, cut) + preview_px)
+    step = costs.fb_seconds * (work + preview_px)
     # content targets, final evaluation, style Grams, the preview's targets
     setup = costs.f_seconds * (2 * windows + style_px + 2 * preview_px)
     return batch * (steps * step + setup)
@@ -505,7 +551,8 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
     for index, hw, steps in runs:
         # a refinement scale reads its own layers (with the preview term, the detail layers: shallower, smaller
         # halos) and adds the preview term's base-size objective
-        costs = whole.for_layers((refined(cfg) if is_refinement(cfg, index) else cfg).layers)
+        scale_cfg = refined(cfg) if is_refinement(cfg, index) else cfg
+        costs = whole.for_layers(scale_cfg.layers, pass_one=scale_cfg.style_layers)
         preview_hw = preview_size(*content, cfg, index)
         preview_px = batch * preview_hw[0] * preview_hw[1] if preview_hw is not None else 0
         style_px = _style_pixels(hw, cfg, style_sizes, index) * (batch if not style_sizes else 1)
@@ -522,11 +569,11 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
         if tile is not None and tile[0] >= hw[0] and tile[1] >= hw[1]:
             tile, cut = None, None
         windows = [t.window_pixels for t in tiles(*hw, tile, costs.geometry)]
+        work = _step_work(costs, hw, tile, cut, batch=batch)
         scales.append(ScalePlan(index, hw, steps, tile, len(windows), m,
                                 _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks, cut, preview_px),
-                                _scale_seconds(costs, batch, sum(windows), style_px, steps, tile is not None, cut,
-                                               preview_px),
-                                sum(windows), batch, cut, costs.recompute_share(cut) if tile is not None else 1.0,
+                                _scale_seconds(costs, batch, work, sum(windows), style_px, steps, preview_px),
+                                sum(windows), batch, cut, work,
                                 costs.module_names[cut] if cut is not None else None, preview_px // batch))
     return Plan(content, batch, device, budget, in_use, tuple(scales), masks, step_cost(cfg, masks))
 
@@ -535,8 +582,9 @@ def _rung(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, preview_
           budget: int | None, in_use: int, masks: int, loss: StyleLoss
           ) -> tuple[tuple[int, int] | None, int, int | None] | None:
     """The cheapest way to run a scale within ``budget``: ``(tile, L-BFGS pairs, cut)``. Untiled with ``want`` pairs
-    where it fits; else each cut's largest tile next to ``want`` pairs, ranked by the step's cost; fewer pairs only
-    where no tile of ``GOOD_TILE`` px fits. ``None`` when not even one pair and the smallest tile fit."""
+    where it fits; else each cut's largest tile next to ``want`` pairs (on a CPU also its largest tile without page
+    faults, ``Costs.faults``), ranked by the step's cost; fewer pairs only where no tile of ``GOOD_TILE`` px fits.
+    ``None`` when not even one pair and the smallest tile fit."""
     align = costs.geometry.align
 
     def fits(tile: tuple[int, int] | None, m: int, cut: int | None = None) -> bool:
@@ -556,15 +604,22 @@ def _rung(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, preview_
         # each cut's largest tile, ranked by the step's cost (halos, pass 1, the recompute)
         top = math.ceil(max(hw) / align)
         options: list[tuple[float, tuple[int, int], int | None, int]] = []
+        halo = costs.geometry.before + costs.geometry.after
         for cut in costs.cuts():
             def fits_tile(k: int, m: int = m, cut: int | None = cut) -> bool:
                 return fits((k * align, k * align), m, cut)
 
             k = largest(fits_tile, 1, top)
-            if k is not None:
-                even = (_even(hw[0], k * align, align), _even(hw[1], k * align, align))
-                work = _step_work(costs, _windows(hw, even, costs.geometry)[1], True, cut)
-                options.append((work, even, cut, k * align))
+            if k is None:
+                continue
+            # on a CPU also the largest tile whose buffers stay under glibc's mmap limit (fault-free, Costs.faults)
+            def fault_free(j: int, halo: int = halo) -> bool:
+                return costs.faults(batch * (j * align + halo) ** 2) == 1.0
+
+            free = largest(fault_free, 1, k)
+            for j in dict.fromkeys([k, free or k]):  # both ranked by cost, judged GOOD_TILE by the one that fits
+                even = (_even(hw[0], j * align, align), _even(hw[1], j * align, align))
+                options.append((_step_work(costs, hw, even, cut, batch=batch), even, cut, k * align))
         good = [o for o in options if o[3] >= min(GOOD_TILE, max(hw))] or (options if m == 1 else [])
         if good:
             best = min(good, key=lambda o: o[0])

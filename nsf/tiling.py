@@ -12,7 +12,10 @@ loss), so
   with respect to the sums, into the tile's pixels; the tiles' input gradients add up (their halos
   overlap) to the whole image's gradient.
 
-Pass 2 recomputes each tile's forward. With a ``cut`` (a module index of the network), pass 1 keeps each tile's
+Pass 1 runs the network only as deep as the layers whose sums it adds up need, over windows widened by their halos
+only: where the content layer lies deeper than the style layers (a refinement scale: relu4_2 against relu1_1-relu3_1)
+it reads the style layers, and pass 2 adds up the content MSEs (the loss is linear in them). Pass 2 recomputes each
+tile's forward. With a ``cut`` (a module index of the network), pass 1 keeps each tile's
 autograd graph from the cut on (the deep layers: small maps, most of the arithmetic) and pass 2 recomputes only the
 modules before it: the deep part's backward starts from the kept graph, and its gradient at the cut flows into the
 recomputed shallow part. The recomputed activations are the kept graph's inputs op for op, so the step is the same
@@ -214,8 +217,10 @@ class TiledFeatures:
         self._layer_masks: dict[str, tuple[Tensor, Tensor]] = {}
         # untiled, the one tile is the image and no geometry is needed (any feature stack works)
         self.geo = geometry(extractor.body, extractor.module_names, layers) if tile is not None else None
+        self.tile = tile
         self.tiles = tiles(height, width, tile, self.geo) if self.geo is not None \
             else [Tile(0, height, 0, width, 0, height, 0, width)]
+        self._narrow: dict[tuple[str, ...], tuple[FeatureExtractor, list[Tile]]] = {}
 
     def positions(self, layer: str) -> int | None:
         """Positions of ``layer``'s whole map (what its Gram and MSE are averaged over); ``None`` untiled
@@ -287,15 +292,29 @@ class TiledFeatures:
     def _shallow(self, layers: Sequence[str]) -> list[str]:
         return [n for n in layers if self.cut is None or self._index[n] < self.cut]
 
-    def _features(self, window: Tensor, keep_graph: bool) -> tuple[dict[str, Tensor], Tensor | None]:
-        """A window's features; with ``keep_graph`` (and a cut), those from the cut on with their graph, and the
-        cut's activation as the graph's leaf."""
-        if not keep_graph or self.cut is None:
-            return self.extractor(window), None
-        a, feats = self.extractor.stage(window, 0, self.cut)
+    def reading(self, layers: Iterable[str]) -> tuple[FeatureExtractor, list[Tile]]:
+        """The extractor and tiles of a pass that reads only ``layers``: the network run only as deep as the deepest
+        of them, each tile's window widened only by their halos (the same owned positions, so the shares are the
+        same). Pass 1 of a step whose content layer lies deeper than its style layers (a refinement scale: relu4_2
+        against relu1_1-relu3_1) needs only the style layers: the content MSE is summed in pass 2 instead."""
+        order = self._index
+        names = tuple(sorted(set(layers), key=order.__getitem__))
+        if not names or max(map(order.__getitem__, names)) + 1 >= self.extractor.depth:
+            return self.extractor, self.tiles
+        if names not in self._narrow:
+            geo = self.geo
+            narrow = tiles(self.height, self.width, self.tile, for_layers(geo, names)) \
+                if geo is not None and len(self.tiles) > 1 else self.tiles
+            self._narrow[names] = (self.extractor.for_layers(names), narrow)
+        return self._narrow[names]
+
+    def _kept(self, window: Tensor, cut: int) -> tuple[dict[str, Tensor], Tensor]:
+        """A window's features, those from ``cut`` on with their graph, and the cut's activation as the graph's
+        leaf."""
+        a, feats = self.extractor.stage(window, 0, cut)
         a = a.detach().requires_grad_(True)
         with torch.enable_grad():
-            _, deep = self.extractor.stage(a, self.cut)
+            _, deep = self.extractor.stage(a, cut)
         return {**feats, **deep}, a
 
     @torch.no_grad()
@@ -304,10 +323,15 @@ class TiledFeatures:
              graph: bool = False) -> Sums:
         """Pass 1 over ``images`` ``(B, 3, H, W)``: whole-image Grams, means, MSEs and kept maps, no gradient.
         ``graph`` (with a cut): each tile's deep part and its shares are kept with their graph in ``Sums.graphs``,
-        for :meth:`backward`."""
+        for :meth:`backward`. Without a kept graph the network runs only as deep as the layers asked for need
+        (:meth:`reading`)."""
         total = Sums()
-        for t in self.tiles:
-            feats, leaf = self._features(images[..., t.wr0:t.wr1, t.wc0:t.wc1], graph)
+        cut = self.cut if graph else None
+        extractor, tile_list = (self.extractor, self.tiles) if cut is not None \
+            else self.reading([*grams, *means, *keep, *(content or {})])
+        for t in tile_list:
+            window = images[..., t.wr0:t.wr1, t.wc0:t.wc1]
+            feats, leaf = self._kept(window, cut) if cut is not None else (extractor(window), None)
             if leaf is not None:
                 targets = content or {}
                 with torch.enable_grad():
@@ -324,8 +348,6 @@ class TiledFeatures:
                 for n, v in theirs.items():
                     v = v.detach()
                     mine[n] = mine[n] + v if n in mine else v
-            if len(self.tiles) > 1:
-                release_host_memory(images.device)
             for n in keep:
                 f = feats[n].detach()
                 if self.geo is None or len(self.tiles) == 1:
@@ -336,20 +358,30 @@ class TiledFeatures:
                     total.kept[n] = f.new_empty(shape)
                 lr, lc, gr, gc = self._owned(t, n)
                 total.kept[n][..., gr, gc] = f[..., lr, lc]
+        if len(tile_list) > 1:
+            release_host_memory(images.device)  # once a pass: see backward()
         return total
 
     def backward(self, images: Tensor, d_grams: Mapping[str, Tensor], d_content: Mapping[str, Tensor],
                  content: Mapping[str, Tensor], norm: str = "chw",
                  on_tile: Callable[[int, int], None] | None = None,
-                 d_means: Mapping[str, Tensor] | None = None, graphs: Sequence[tuple[Tensor, Sums]] = ()) -> Tensor:
+                 d_means: Mapping[str, Tensor] | None = None, graphs: Sequence[tuple[Tensor, Sums]] = ()
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
         """Pass 2: the gradient of a loss of the whole-image sums, given its derivatives ``d_grams``
         (``(B, C, C)`` per layer), ``d_content`` (``(B,)`` per layer) and ``d_means`` (``(B, C)`` per layer) with
         respect to them. ``graphs``: pass 1's kept deep parts (:meth:`sums` with ``graph=True``), one per tile:
         each tile then recomputes only the modules before the cut.
 
-        Returns ``(B, 3, H, W)``: each tile's gradient of ``sum(d * its share)``, added over the tiles.
+        Returns ``(B, 3, H, W)``: each tile's gradient of ``sum(d * its share)``, added over the tiles; and the
+        whole-image content MSEs ``{layer: (B,)}`` of the ``d_content`` layers this pass computed (with ``graphs``
+        those before the cut), as :meth:`sums` adds them up: a pass 1 that does not read the content layers leaves
+        them to this pass.
         """
+        # what ran since pass 1 (the loss of the sums; a refinement scale's preview term, a forward+backward at the
+        # base size) left its buffers in the C heap: pass 2's tiles start without them
+        release_host_memory(images.device)
         grad = torch.zeros_like(images)
+        mse: dict[str, Tensor] = {}
         d_means = d_means or {}
         if graphs and len(graphs) != len(self.tiles):
             raise ValueError(f"{len(graphs)} kept graphs for {len(self.tiles)} tiles; allowed: one per tile")
@@ -371,16 +403,22 @@ class TiledFeatures:
                 layers = self._shallow if graphs else list  # the layers this recompute reaches
                 part = self.shares(feats, t, grams=layers(list(d_grams)), norm=norm, means=layers(list(d_means)),
                                    content={n: content[n] for n in layers(list(d_content))})
+                for n, v in part.content.items():
+                    mse[n] = mse[n] + v.detach() if n in mse else v.detach()
                 surrogate = _weighted(part, d_grams, d_content, d_means)
                 if surrogate.requires_grad:
                     outputs, weights = [surrogate, *outputs], [torch.ones_like(surrogate), *weights]
                 (g,) = torch.autograd.grad(outputs, window, weights)
             grad[..., t.wr0:t.wr1, t.wc0:t.wc1] += g
             del window, part, surrogate, g, outputs, weights, feats  # the next tile runs without this one's buffers
-            release_host_memory(images.device)
             if on_tile is not None:
                 on_tile(i + 1, len(self.tiles))
-        return grad
+        # The C heap's free memory goes back to the OS once a pass, not after each tile: the next tile reuses the
+        # last one's freed buffers (the same sizes) instead of faulting in fresh pages. Trimming after every tile
+        # made a 2048 px step in 25 tiles of 416 px 1.29x slower (19.5 s against 15.1 s) for a 0.17 GB lower
+        # peak (bench/RESULTS.md "memory ladder"); the planner's CPU margin for a tiled step counts that 0.17 GB.
+        release_host_memory(images.device)
+        return grad, mse
 
 
 def _weighted(part: Sums, d_grams: Mapping[str, Tensor], d_content: Mapping[str, Tensor],

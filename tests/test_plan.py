@@ -4,6 +4,7 @@ out-of-memory that still happens (a real allocation failure, under an address-sp
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import sys
 import textwrap
@@ -266,7 +267,8 @@ def test_the_ladder_keeps_a_graph_where_it_is_cheaper(costs):
         assert last.tile is not None
         if last.cut is not None:
             assert last.layout.cut == last.cut and "graph kept from" in last.rung
-            assert last.work < P.ScalePlan(**{**last.__dict__, "cut": None, "recompute": 1.0}).work
+            assert last.work < P.ScalePlan(**{**last.__dict__, "cut": None,
+                                              "step_work": P._step_work(costs, last.size, last.tile, None)}).work
             assert "keeps" in ladder.table() and ladder.to_dict()["scales"][-1]["cut"] == last.cut
     assert any(s.cut is not None for b in (3, 4, 6, 8)
                for s in P.plan(costs, cfg, (1380, 2048), budget=b * GB, in_use=GB).scales)
@@ -292,3 +294,43 @@ def test_the_preview_term_counts_and_narrows_the_refinement_scales(costs):
     assert tight.tile is not None and tight.tile[0] % 8 == 0
     ws = [t.window_pixels for t in tiling.tiles(1380, 2048, tight.tile, narrow.geometry)]
     assert tight.window_pixels == sum(ws)
+
+
+def test_cpu_steps_count_page_faults_and_the_planner_weighs_a_fault_free_tile(costs, monkeypatch):
+    """On a CPU a step whose largest activation (relu1's output) is over glibc's mmap limit pays PAGE_FAULTS (its
+    pages faulted in at every use); a GPU's costs never do. The planner counts it, and where a tile whose buffers
+    stay under the limit is cheaper than the largest tile that fits, takes it."""
+    assert costs.largest_bytes == 64 * 4  # relu1's output in float32
+    side = math.isqrt(P.MMAP_LIMIT // 256)
+    assert costs.faults(side**2) == 1.0 and costs.faults((side + 1) ** 2) == P.PAGE_FAULTS
+    assert dataclasses.replace(costs, resident=False).faults(10**9) == 1.0
+    cfg = make_config(size=2048)
+    untiled = P.plan(costs, cfg, (2048, 2048), budget=None, in_use=GB).scales[-1]
+    assert untiled.work == pytest.approx(untiled.steps * (2048**2 * P.PAGE_FAULTS + untiled.preview_pixels))
+    narrow = costs.for_layers(P.refined(cfg).layers, pass_one=P.refined(cfg).style_layers)
+    differ = 0
+    for budget in (GB * b for b in (2.5, 3, 4, 6)):
+        chosen = P.plan(costs, cfg, (2048, 2048), budget=budget, in_use=GB).scales[-1]
+        with monkeypatch.context() as m:
+            m.setattr(P, "MMAP_LIMIT", 10**18)  # no limit: the largest tile that fits, as before
+            largest = P.plan(costs, cfg, (2048, 2048), budget=budget, in_use=GB).scales[-1]
+        assert chosen.peak_bytes <= budget and chosen.tile is not None and largest.tile is not None
+        assert chosen.tile[0] * chosen.tile[1] <= largest.tile[0] * largest.tile[1]
+        assert P._step_work(narrow, (2048, 2048), chosen.tile, chosen.cut) <= \
+            P._step_work(narrow, (2048, 2048), largest.tile, largest.cut)
+        differ += chosen.tile != largest.tile
+    assert differ
+
+
+def test_a_refinement_pass_one_reads_the_style_layers_only(costs):
+    """A refinement scale's tiled pass 1 without a kept graph runs to relu3_1 over relu3_1's windows, not to the
+    content's relu4_2 over its windows: the planner's step work counts the narrower pass."""
+    cfg = make_config(size=2048)
+    layers, style = P.refined(cfg).layers, P.refined(cfg).style_layers
+    narrow, wide = costs.for_layers(layers, pass_one=style), costs.for_layers(layers)
+    assert narrow.pass_one_share() == pytest.approx(P.FORWARD_SHARE["relu3_1"] / P.FORWARD_SHARE["relu4_2"])
+    assert wide.pass_one_share() == 1.0
+    for tile in ((344, 344), (704, 704)):
+        assert P._step_work(narrow, (2048, 2048), tile, None) < P._step_work(wide, (2048, 2048), tile, None)
+    assert costs.cuts() == [None, *sorted((costs.module_names.index(n) + 1 for n in ("pool1", "pool2", "pool3",
+                                                                                       "pool4")), reverse=True)]

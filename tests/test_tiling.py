@@ -11,8 +11,8 @@ import torch
 from conftest import assert_tiled_step_equal, random_image, smooth_image
 from torch.testing import assert_close
 
+from nsf import losses, tiling
 from nsf import optimize as O
-from nsf import tiling
 from nsf.config import make_config
 from nsf.errors import ConfigError
 from nsf.vgg import FeatureExtractor
@@ -181,6 +181,31 @@ def test_cut_out_of_range_is_refused(model):
     ext = extractor(model, DEFAULT)
     with pytest.raises(ValueError, match="allowed: None or a module index"):
         tiling.TiledFeatures(ext, DEFAULT.layers, 64, 64, (32, 32), cut=ext.depth)
+
+
+def test_pass_one_runs_only_as_deep_as_its_layers_with_their_halos(model):
+    """A pass that reads only shallow layers (a refinement scale's pass 1: relu1_1-relu3_1 against relu4_2's content)
+    runs the network to the deepest of them over windows widened by their halos only, and owns the same positions:
+    its Grams are the whole image's, and a step whose content MSE pass 2 sums is still the untiled step."""
+    cfg = DEFAULT.replace(style_layers=("relu1_1", "relu2_1", "relu3_1"))
+    ext = extractor(model, cfg, torch.float64)
+    tf = tiling.TiledFeatures(ext, cfg.layers, 96, 80, (32, 40))
+    shallow, first = tf.reading(cfg.style_layers)
+    assert shallow.depth == ext.module_names.index("relu3_1") + 1 < ext.depth
+    assert [(t.r0, t.r1, t.c0, t.c1) for t in first] == [(t.r0, t.r1, t.c0, t.c1) for t in tf.tiles]
+    assert all(a.wr0 >= b.wr0 and a.wr1 <= b.wr1 and a.wc0 >= b.wc0 and a.wc1 <= b.wc1
+               for a, b in zip(first, tf.tiles))
+    assert sum(t.window_pixels for t in first) < sum(t.window_pixels for t in tf.tiles)
+    assert tf.reading(cfg.layers) == (ext, tf.tiles)  # the content layer is the deepest: nothing to narrow
+    x = random_image(96, 80, seed=3).double()
+    sums = tf.sums(x, grams=cfg.style_layers)
+    whole = ext(x)
+    for n in cfg.style_layers:
+        assert_close(sums.grams[n], losses.gram(whole[n], "chw"), rtol=1e-12, atol=0)
+    content = random_image(96, 80, seed=4).double()
+    targets = O.style_targets(ext, [random_image(64, 64, seed=5).double()], (1.0,), cfg)
+    assert_tiled_step_equal(O.Objective(ext, cfg, content, targets),
+                            O.Objective(ext, cfg, content, targets, tile=(32, 40)), x)
 
 
 def test_stages_compose_to_the_forward(model):

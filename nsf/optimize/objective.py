@@ -222,12 +222,18 @@ class Objective(nn.Module):
         """``(loss, parts, d loss.sum() / dx)``, tile by tile: only one tile's activations are alive at a time."""
         if not self.loss.tiles:
             raise self.loss.tiling_refusal("cannot run tile by tile")
-        sums = self.tiled.sums(x, grams=self._gram_layers, norm=self.gram_norm, content=self.content_targets,
-                               means=self._mean_layers, graph=True)
+        # Without a kept graph pass 1 reads only the style layers (a refinement scale's relu1_1-relu3_1: the network
+        # run to relu3_1 with their small halos, not to the content's relu4_2) and pass 2 sums the content MSEs on
+        # its way. combine() is linear in the MSEs, so their derivatives are the same at any value: zeros stand in
+        # for them until pass 2 has summed them, and their terms are added to the loss then.
+        kept = self.tiled.cut is not None
+        sums = self.tiled.sums(x, grams=self._gram_layers, norm=self.gram_norm,
+                               content=self.content_targets if kept else None, means=self._mean_layers, graph=True)
+        mse_now = sums.content if kept else {n: x.new_zeros(x.shape[0]) for n in self.content_w}
         with torch.enable_grad():
             # the loss as a function of the whole-image sums; autograd gives its derivatives, so the
             # chain rule through combine() is not written a second time
-            leaves_c = {n: v.detach().requires_grad_(True) for n, v in sums.content.items()}
+            leaves_c = {n: v.detach().requires_grad_(True) for n, v in mse_now.items()}
             leaves_g = {n: v.detach().requires_grad_(True) for n, v in sums.grams.items()}
             leaves_m = {n: v.detach().requires_grad_(True) for n, v in sums.means.items()}
             xt = x.detach().requires_grad_(self._reads_pixels)
@@ -237,12 +243,18 @@ class Objective(nn.Module):
         k, g = len(leaves_c), len(leaves_g)
         d_content, d_grams = dict(zip(leaves_c, d[:k])), dict(zip(leaves_g, d[k:k + g]))
         d_means = dict(zip(leaves_m, d[k + g:k + g + len(leaves_m)]))
-        grad = self.tiled.backward(x, d_grams, d_content, self.content_targets, self.gram_norm, on_tile,
-                                   d_means=d_means, graphs=sums.graphs)
+        grad, mse = self.tiled.backward(x, d_grams, d_content, self.content_targets, self.gram_norm, on_tile,
+                                        d_means=d_means, graphs=sums.graphs)
         sums.graphs.clear()
         if self._reads_pixels:
             grad += d[-1]
-        return loss.detach(), parts, grad
+        loss = loss.detach()
+        if not kept:  # the content terms, from the MSEs pass 2 summed
+            content = cast(Tensor, sum(d_content[n] * mse[n] for n in self.content_w))
+            loss = loss + content
+            parts = parts.clone()
+            parts[:, 0] += content
+        return loss, parts, grad
 
 
 __all__ = ["Objective", "PixelLoss", "Preview"]
