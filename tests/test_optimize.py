@@ -565,7 +565,7 @@ def test_schedule_adds_refinement_scales_above_base_size():
                                            (3, (1024, 1024), 20), (4, (2048, 2048), 20)]
     assert [hw for _, hw, _ in O.schedule(3000, 4000, make_config(size=8192))][3:] == [
         (768, 1024), (1536, 2048), (3072, 4096), (6144, 8192)]
-    assert [n for *_, n in O.schedule(100, 100, make_config(size=8192))][3:] == [20, 20, 4, 3]
+    assert [n for *_, n in O.schedule(100, 100, make_config(size=8192))][3:] == [20, 20, 12, 12]
     # a size between doublings ends on itself; the last entry of refine_steps repeats
     assert O.schedule(512, 512, make_config(size=600, refine_steps=(7,)))[3:] == [(3, (600, 600), 7)]
     assert [n for *_, n in O.schedule(512, 512, make_config(size=4096, refine_steps=(5, 2)))][3:] == [5, 2, 2]
