@@ -3,9 +3,11 @@ memory budget, and the per-step cost of exact tiled steps against untiled ones.
 
 Usage:
   python bench/large.py run NAME --size 2048 [--max-memory 4GB] [--set key=value ...]   # one run, a JSON line
+      [--style bench/inputs/starry_night_1280.jpg]              # a style image of its own (a larger reproduction)
   python bench/large.py compare A.png B.png                                            # largest pixel difference
   python bench/large.py step --size 1024 --tile 512                                    # seconds per step
   python bench/large.py table [--record]                                               # rows so far -> RESULTS
+  python bench/large.py scan SMALL_STYLE.png LARGE_STYLE.png [--crop X Y SIDE]  # docs/large_style.jpg
 
 Each run is a child process (`/usr/bin/time -v nsf stylize ...`): its peak RSS is the whole process's,
 the model and torch included. Images go to bench/out/large_NAME.png; rows to bench/out/large.jsonl.
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     c_name, s_name = args.pair.split(":")
-    content, style = IMAGES / f"{c_name}.jpg", IMAGES / f"{s_name}.jpg"
+    content, style = IMAGES / f"{c_name}.jpg", Path(args.style) if args.style else IMAGES / f"{s_name}.jpg"
     out = OUT / f"large_{args.name}.png"
     cmd = ["nsf", "stylize", str(content), str(style), "-o", str(out), "--size", str(args.size), "--no-progress",
            "--max-memory", args.max_memory, "--seed", "0"]
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> None:
              "thumbnail_style": p["thumbnail"]["style_ratio"], "thumbnail_content": p["thumbnail"]["content_ratio"],
              "preview_difference": p["preview_difference"], "close_style": p["close"]["style_ratio"],
              "passed": p["passed"]}
-    row = {"name": args.name, "pair": args.pair, "size": args.size, "max_memory": args.max_memory, "set": args.set,
+    row = {"name": args.name, "pair": args.pair, "style": args.style or None, "size": args.size,
+           "max_memory": args.max_memory, "set": args.set,
            "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "nsf_seconds": meta.get("seconds"),
            "predicted_seconds": round(predicted_s, 1) if predicted_s else None,
            "rungs": [s.get("rung", "") for s in plan.get("scales", [])],
@@ -215,6 +218,33 @@ def figures(args: argparse.Namespace) -> None:
     print("wrote docs/print_sizes.jpg", "and docs/stroke_scale.jpg" if args.strokes else "")
 
 
+def scan(args: argparse.Namespace) -> None:
+    """docs/large_style.jpg: two prints of one size from the same content, one from the 512 px style file and one from
+    a larger reproduction of the painting (``--style`` runs), as thumbnails and as the same crop at full resolution
+    (``--crop X Y SIDE`` in the prints' pixels, shown at 512 px)."""
+    from PIL import Image, ImageDraw
+
+    x, y, side = args.crop
+    rows = []
+    for label, path in zip(args.labels, args.prints):
+        im = Image.open(path).convert("RGB")
+        thumb = im.resize((512, round(512 * im.height / im.width)), Image.Resampling.LANCZOS)
+        crop = im.crop((x, y, x + side, y + side)).resize((512, 512), Image.Resampling.NEAREST)
+        row = Image.new("RGB", (thumb.width + 520, max(thumb.height, 512) + 22), "white")
+        row.paste(thumb, (0, 22))
+        row.paste(crop, (thumb.width + 8, 22))
+        ImageDraw.Draw(row).text((4, 4), f"{label}: the print at 512 px | a {side} px crop at full resolution",
+                                 fill="black")
+        rows.append(row)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    top = 0
+    for r in rows:
+        sheet.paste(r, (0, top))
+        top += r.height
+    sheet.save(REPO / "docs" / "large_style.jpg", quality=88)
+    print("wrote docs/large_style.jpg")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -222,6 +252,7 @@ def main() -> None:
     r.add_argument("name")
     r.add_argument("--size", type=int, required=True)
     r.add_argument("--pair", default="astronaut:starry_night")
+    r.add_argument("--style", default="", help="a style image of its own (a large scan) instead of the pair's")
     r.add_argument("--max-memory", default="auto")
     r.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more nsf stylize options, key=value (--set a=1 b=2 or --set a=1 --set b=2)")
@@ -244,8 +275,12 @@ def main() -> None:
     fg.add_argument("big", help="the print-size result")
     fg.add_argument("--crop", type=int, nargs=3, default=[192, 96, 128], metavar=("X", "Y", "SIDE"))
     fg.add_argument("--strokes", nargs=2, metavar=("PICTURE", "PIXELS"), help="two 1024 px results")
+    sc = sub.add_parser("scan")
+    sc.add_argument("prints", nargs=2, help="the print from the 512 px style, then the one from the larger style")
+    sc.add_argument("--labels", nargs=2, default=["style 512 px", "style 1280 px"])
+    sc.add_argument("--crop", type=int, nargs=3, default=[1100, 700, 256], metavar=("X", "Y", "SIDE"))
     args = ap.parse_args()
-    {"run": run, "compare": compare, "step": step, "table": table, "figures": figures}[args.cmd](args)
+    {"run": run, "compare": compare, "step": step, "table": table, "figures": figures, "scan": scan}[args.cmd](args)
 
 
 if __name__ == "__main__":
