@@ -82,8 +82,9 @@ CPU_MARGINS = {"untiled": 1.25, "tiled": 2.45, "kept": 1.25}
 # is larger paid PAGE_FAULTS times the step without faults: 1.18x at 512 px, 1.50x at 1024 px, 1.39-1.45x at 2048 px
 # (untiled, bf16: the same step with glibc's mmap off, GLIBC_TUNABLES=glibc.malloc.mmap_max=0, which costs 17-40%
 # more peak memory); 704 px tiles at 2048 px cost 1.31x the untiled step, 352-416 px tiles (their largest buffer
-# under the limit) 1.13-1.14x though they compute more pixels (bench/RESULTS.md "memory ladder", 2026-12-07). The planner counts the factor and
-# weighs, on a CPU, the largest tile whose buffers stay under the limit beside the largest that fits.
+# under the limit) 1.13-1.14x though they compute more pixels (bench/RESULTS.md "memory ladder", 2026-12-07). The
+# planner counts the factor and weighs, on a CPU, the largest tile whose buffers stay under the limit beside the
+# largest that fits.
 MMAP_LIMIT = 32 * 2**20
 PAGE_FAULTS = 1.4
 # Tiles smaller than this (owned px per side) spend most of a step on halos: fewer L-BFGS pairs first.
