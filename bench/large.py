@@ -222,7 +222,8 @@ def scan(args: argparse.Namespace) -> None:
     """docs/large_style.jpg: two prints of one size from the same content, one from the 512 px style file and one from
     a larger reproduction of the painting (``--style`` runs), as thumbnails and as the same crop at full resolution
     (``--crop X Y SIDE`` in the prints' pixels, shown at 512 px)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
+    from refine import stack_rows
 
     x, y, side = args.crop
     rows = []
@@ -230,18 +231,8 @@ def scan(args: argparse.Namespace) -> None:
         im = Image.open(path).convert("RGB")
         thumb = im.resize((512, round(512 * im.height / im.width)), Image.Resampling.LANCZOS)
         crop = im.crop((x, y, x + side, y + side)).resize((512, 512), Image.Resampling.NEAREST)
-        row = Image.new("RGB", (thumb.width + 520, max(thumb.height, 512) + 22), "white")
-        row.paste(thumb, (0, 22))
-        row.paste(crop, (thumb.width + 8, 22))
-        ImageDraw.Draw(row).text((4, 4), f"{label}: the print at 512 px | a {side} px crop at full resolution",
-                                 fill="black")
-        rows.append(row)
-    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    top = 0
-    for r in rows:
-        sheet.paste(r, (0, top))
-        top += r.height
-    sheet.save(REPO / "docs" / "large_style.jpg", quality=88)
+        rows.append((f"{label}: the print at 512 px | a {side} px crop at full resolution", thumb, crop))
+    stack_rows(rows).save(REPO / "docs" / "large_style.jpg", quality=88)
     print("wrote docs/large_style.jpg")
 
 

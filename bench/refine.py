@@ -29,6 +29,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -182,7 +183,7 @@ def table(args: argparse.Namespace) -> None:
 def sheet(args: argparse.Namespace) -> None:
     """Side by side, one row per run: its thumbnail (``refine_NAME_thumb.png``) and a crop of the full-size output
     at its own resolution (``--crop TOP LEFT SIDE`` in the output's pixels), the start (the preview) first."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     rows = []
     for name in args.names:
@@ -190,18 +191,29 @@ def sheet(args: argparse.Namespace) -> None:
         thumb = Image.open(OUT / f"refine_{name}_thumb.png").convert("RGB")
         top, left, side = args.crop
         crop = full.crop((left, top, left + side, top + side)).resize((thumb.height, thumb.height), Image.NEAREST)
-        row = Image.new("RGB", (thumb.width + crop.width + 8, thumb.height + 20), "white")
+        rows.append((f"{name}: thumbnail | {side} px crop at full resolution", thumb, crop))
+    stack_rows(rows).save(OUT / f"refine_sheet_{args.out}.jpg", quality=90)
+    print(OUT / f"refine_sheet_{args.out}.jpg")
+
+
+def stack_rows(rows: list) -> Any:
+    """A contact sheet: one row per ``(label, thumbnail, crop)`` (PIL images), the label above, the crop beside the
+    thumbnail, the rows one under another."""
+    from PIL import Image, ImageDraw
+
+    images = []
+    for label, thumb, crop in rows:
+        row = Image.new("RGB", (thumb.width + crop.width + 8, max(thumb.height, crop.height) + 20), "white")
         row.paste(thumb, (0, 20))
         row.paste(crop, (thumb.width + 8, 20))
-        ImageDraw.Draw(row).text((4, 4), f"{name}: thumbnail | {side} px crop at full resolution", fill="black")
-        rows.append(row)
-    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+        ImageDraw.Draw(row).text((4, 4), label, fill="black")
+        images.append(row)
+    out = Image.new("RGB", (max(r.width for r in images), sum(r.height for r in images)), "white")
     y = 0
-    for r in rows:
+    for r in images:
         out.paste(r, (0, y))
         y += r.height
-    out.save(OUT / f"refine_sheet_{args.out}.jpg", quality=90)
-    print(OUT / f"refine_sheet_{args.out}.jpg")
+    return out
 
 
 def main() -> None:
