@@ -82,9 +82,9 @@ class StyleConfig:
                           "scales, each twice the last, up to size (0: scales relative to size alone)")
     # 20 at 1024 and 2048 px: at 2048 px, 6 steps scored style/content 0.26/0.69, 20 steps 0.17/0.56
     # (bench/RESULTS.md "large cpu", u2048 vs u2048r20); at 1024 px, 5/10/20 steps 0.22/0.11/0.098 style.
-    # 12 from 4096 px on: a scale that starts from its predecessor upsampled needs about 12 steps for its texture up
-    # close (relu1_1-relu3_1 at full size against the style at its own size, bar 0.15): 0.35/0.16/0.11 after 4/8/12
-    # steps at 2048 px, and 4 steps at 4096 px scored 0.39 (bench/RESULTS.md "prints")
+    # 12 from 4096 px on: a scale that starts from its predecessor upsampled needs its steps for its texture up close
+    # (relu1_1-relu3_1 at full size against the style at its own size, bar 0.15): 0.35/0.16/0.11 after 4/8/12 steps
+    # at 2048 px; at 4096 px 4 steps scored 0.39 and 12 steps 0.18 (bench/RESULTS.md "prints": more are needed there)
     refine_steps: tuple[int, ...] = _opt((20, 20, 12), "steps at each refinement scale above base_size, "
                                          "coarsest first (the last repeats)")
     refine_content_weight: float = _opt(1.0, "content_weight is multiplied by this in the full-size objective of the "
