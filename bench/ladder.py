@@ -91,9 +91,9 @@ def one(args: argparse.Namespace) -> None:
     ws = [t.window_pixels for t in objective.tiled.tiles]
     predicted = P.step_bytes(scale, hw, tile, cut=cut)
     windows = sum(ws) / (hw[0] * hw[1])
-    work = P._step_work(scale, hw, tile, cut) / (hw[0] * hw[1])
-    if args.wide_pass_one:
-        work = P._step_work(dataclasses.replace(scale, pass_one=()), hw, tile, cut) / (hw[0] * hw[1])
+    # the earlier pass 1 reads every layer: the model's cost without pass_one
+    work = P._step_work(dataclasses.replace(scale, pass_one=()) if args.wide_pass_one else scale, hw, tile, cut) \
+        / (hw[0] * hw[1])
     print(json.dumps({"size": list(hw), "tile": args.tile, "cut": args.cut, "tiles": objective.tiles,
                       "refined": args.refined, "pass_one": "wide" if args.wide_pass_one else "narrow",
                       "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
@@ -148,7 +148,9 @@ def shares(args: argparse.Namespace) -> None:
     model = nsf.style_fusion(device="cpu")
     ext = model.extractor(model.config.layers)
     x = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    names = ["relu1_1", "pool1", "relu2_1", "pool2", "relu3_1", "pool3", "relu4_1", "relu4_2", "pool4", "relu5_1"]
+    from nsf.plan import FORWARD_SHARE
+
+    names = list(FORWARD_SHARE)  # the table these timings fill
     stops = {n: ext.module_names.index(n) + 1 for n in names}
     seconds = {n: 0.0 for n in names}
     with torch.no_grad():

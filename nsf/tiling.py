@@ -345,9 +345,7 @@ class TiledFeatures:
             else:
                 part = self.shares(feats, t, grams=grams, norm=norm, content=content, means=means)
             for mine, theirs in ((total.grams, part.grams), (total.content, part.content), (total.means, part.means)):
-                for n, v in theirs.items():
-                    v = v.detach()
-                    mine[n] = mine[n] + v if n in mine else v
+                _add(mine, theirs)
             for n in keep:
                 f = feats[n].detach()
                 if self.geo is None or len(self.tiles) == 1:
@@ -403,8 +401,7 @@ class TiledFeatures:
                 layers = self._shallow if graphs else list  # the layers this recompute reaches
                 part = self.shares(feats, t, grams=layers(list(d_grams)), norm=norm, means=layers(list(d_means)),
                                    content={n: content[n] for n in layers(list(d_content))})
-                for n, v in part.content.items():
-                    mse[n] = mse[n] + v.detach() if n in mse else v.detach()
+                _add(mse, part.content)
                 surrogate = _weighted(part, d_grams, d_content, d_means)
                 if surrogate.requires_grad:
                     outputs, weights = [surrogate, *outputs], [torch.ones_like(surrogate), *weights]
@@ -419,6 +416,13 @@ class TiledFeatures:
         # peak (bench/RESULTS.md "memory ladder"); the planner's CPU margin for a tiled step counts that 0.17 GB.
         release_host_memory(images.device)
         return grad, mse
+
+
+def _add(total: dict[str, Tensor], part: Mapping[str, Tensor]) -> None:
+    """Add a tile's shares ``part`` into the whole image's ``total``, layer by layer, without their graph."""
+    for n, v in part.items():
+        v = v.detach()
+        total[n] = total[n] + v if n in total else v
 
 
 def _weighted(part: Sums, d_grams: Mapping[str, Tensor], d_content: Mapping[str, Tensor],

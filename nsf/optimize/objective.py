@@ -252,8 +252,7 @@ class Objective(nn.Module):
         if not kept:  # the content terms, from the MSEs pass 2 summed
             content = cast(Tensor, sum(d_content[n] * mse[n] for n in self.content_w))
             loss = loss + content
-            parts = parts.clone()
-            parts[:, 0] += content
+            parts[:, 0] += content  # combine()'s parts are a fresh tensor
         return loss, parts, grad
 
 
