@@ -84,10 +84,16 @@ class StyleConfig:
     # (bench/RESULTS.md "large cpu", u2048 vs u2048r20); at 1024 px, 5/10/20 steps 0.22/0.11/0.098 style.
     # 12 from 4096 px on: a scale that starts from its predecessor upsampled needs its steps for its texture up close
     # (relu1_1-relu3_1 at full size against the style at its own size, bar 0.15): 0.35/0.16/0.11 after 4/8/12 steps
-    # at 2048 px; at 4096 px 4 steps scored 0.39 and 12 steps 0.18 (bench/RESULTS.md "prints": more are needed there)
+    # at 2048 px; at 4096 px 4 steps scored 0.39 and 12 steps 0.18 with refine_content_weight 1: the full-size content
+    # term's pull, not too few steps (20 instead of 12 gained 0.015 at a quarter of the size; see below)
     refine_steps: tuple[int, ...] = _opt((20, 20, 12), "steps at each refinement scale above base_size, "
                                          "coarsest first (the last repeats)")
-    refine_content_weight: float = _opt(1.0, "content_weight is multiplied by this in the full-size objective of the "
+    # 0.25: the full-size content term (relu4_2 at full size) holds the output to the content's own fine structure and
+    # fights the style's strokes there; the composition is the preview term's. Prints 8x the base size (the style and
+    # content at 128 px, base_size 128, 1024 px: the README's 4096 px prints at a quarter) scored up close 0.17-0.18
+    # with 1.0 and 0.06-0.07 with 0.25 on three pairs, thumbnails within 0.004; 20 steps instead of 12 with 1.0 only
+    # 0.114 -> 0.099 (bench/RESULTS.md "content at the refinement scales")
+    refine_content_weight: float = _opt(0.25, "content_weight is multiplied by this in the full-size objective of the "
                                         "refinement scales, where the composition is settled and the style adds "
                                         "detail (the preview term keeps content_weight)")
     # 1 each by default: at 2048 px from 512 px images, 4 on relu4_1 and relu5_1 took style_ratio 0.17 -> 0.10
