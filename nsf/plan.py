@@ -7,8 +7,9 @@ Memory model, per scale of ``B`` images of ``P`` pixels and ``S`` style pixels (
     peak = in_use + 12 (2 m B P + S) + (targets + 10 masks) B P
            + max(act_bytes max(B W, S_window) + fixed + 12 B P step_copies, 12 B P update_copies)
 
-``in_use`` is what the process (CPU: its resident set) or the device (CUDA: allocated tensors) holds
-before the run; ``m`` the L-BFGS pairs (two image-sized float32 vectors each); ``step_copies`` and
+``in_use`` is what the process (CPU: its resident set, plus ``CPU_RUNTIME_BYTES`` it gains beside its tensors during
+a run) or the device (CUDA: allocated tensors) holds before the run; ``m`` the L-BFGS pairs (two image-sized float32
+vectors each); ``step_copies`` and
 ``update_copies`` the other image-sized float32 tensors alive during a step's backward and during the
 L-BFGS update (image, best iterate, content, gradient; the update's temporaries);
 ``targets`` the content-target bytes per pixel; ``act_bytes`` the peak bytes per pixel of a
@@ -77,6 +78,13 @@ UPDATE_COPIES = 12
 # the tiles' freed buffers stay in the heap between tiles, 1.30-1.39x the 1.75 margin's prediction at 352-480 px
 # tiles of a 2048 px refinement step, 1.06x at 704 px (bench/RESULTS.md "memory ladder", 2026-12-07).
 CPU_MARGINS = {"untiled": 1.25, "tiled": 2.45, "kept": 1.25}
+# A CPU run's resident set also grows beside its tensors and a step's buffers: oneDNN's cache of compiled kernels
+# (one per convolution shape it has run, up to 1024: every tile window shape of every scale) and heap fragments that
+# malloc_trim cannot give back. Measured at a tiled step's start after a trim, over the tensors alive then and over
+# the run's own start (bench/resident.py, 2026-12-07, bench/RESULTS.md "memory beside the tensors"): 0.17 GB at
+# 1024 px in 9 tiles, 0.31 GB at 2048 px in 36 tiles, of which the kernel cache 0.08 and 0.16 GB (the difference with
+# ONEDNN_PRIMITIVE_CACHE_CAPACITY=0). Whole runs had peaked that much over plans without it (0.13-0.44 GB).
+CPU_RUNTIME_BYTES = 0.3e9
 # glibc serves a buffer of up to 32 MiB from its heap once one that size was freed (its largest mmap threshold) and
 # maps a larger one afresh, faulting in its pages, at every use. A CPU step whose largest activation (relu1's output)
 # is larger paid PAGE_FAULTS times the step without faults: 1.18x at 512 px, 1.50x at 1024 px, 1.39-1.45x at 2048 px
@@ -465,7 +473,8 @@ def _scale_peak(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, ti
     px = batch * hw[0] * hw[1]
     act = step_bytes(costs, hw, tile, cut=cut, preview_px=preview_px, style_px=style_px, batch=batch)
     state = RGB_BYTES * (2 * history * px + style_px) + (costs.target_bytes + MASK_BYTES * masks) * (px + preview_px)
-    return int(in_use + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
+    runtime = CPU_RUNTIME_BYTES if costs.resident else 0.0
+    return int(in_use + runtime + state + max(act + RGB_BYTES * STEP_COPIES * px, RGB_BYTES * UPDATE_COPIES * px))
 
 
 def step_bytes(costs: Costs, hw: tuple[int, int], tile: tuple[int, int] | None, *, cut: int | None = None,
@@ -584,7 +593,8 @@ def _rung(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, preview_
           ) -> tuple[tuple[int, int] | None, int, int | None] | None:
     """The cheapest way to run a scale within ``budget``: ``(tile, L-BFGS pairs, cut)``. Untiled with ``want`` pairs
     where it fits; else each cut's largest tile next to ``want`` pairs (on a CPU also its largest tile without page
-    faults, ``Costs.faults``), ranked by the step's cost; fewer pairs only where no tile of ``GOOD_TILE`` px fits.
+    faults, ``Costs.faults``), ranked by the step's cost; fewer pairs only where no tile of ``GOOD_TILE`` px fits,
+    then the most pairs next to which one does.
     ``None`` when not even one pair and the smallest tile fit."""
     align = costs.geometry.align
 
@@ -601,8 +611,12 @@ def _rung(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, preview_
                                       "untiled (a step would run tile by tile)")
         m = max(1, m // 2)
         choice = (None, m, None) if fits(None, m) else None
-    while choice is None:
-        # each cut's largest tile, ranked by the step's cost (halos, pass 1, the recompute)
+    if choice is not None:
+        return choice
+
+    def best_tile(m: int) -> tuple[tuple[int, int], int, int | None] | None:
+        """The cheapest tile and cut next to ``m`` pairs: each cut's largest tile, ranked by the step's cost
+        (halos, pass 1, the recompute), among those of ``GOOD_TILE`` px (any tile with one pair)."""
         top = math.ceil(max(hw) / align)
         options: list[tuple[float, tuple[int, int], int | None, int]] = []
         halo = costs.geometry.before + costs.geometry.after
@@ -622,14 +636,15 @@ def _rung(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, preview_
                 even = (_even(hw[0], j * align, align), _even(hw[1], j * align, align))
                 options.append((_step_work(costs, hw, even, cut, batch=batch), even, cut, k * align))
         good = [o for o in options if o[3] >= min(GOOD_TILE, max(hw))] or (options if m == 1 else [])
-        if good:
-            best = min(good, key=lambda o: o[0])
-            choice = (best[1], m, best[2])
-        elif m == 1:
+        if not good:
             return None
-        else:
-            m = max(1, m // 2)
-    return choice
+        best = min(good, key=lambda o: o[0])
+        return best[1], m, best[2]
+
+    # the most pairs next to which a good tile fits (fewer pairs leave more memory for tiles)
+    found = best_tile(want)
+    fewer = largest(lambda m: best_tile(m) is not None, 1, want - 1) if found is None else None
+    return best_tile(fewer) if fewer is not None else found
 
 
 def too_small(cfg: StyleConfig, content: tuple[int, int]) -> ConfigError:
