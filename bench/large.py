@@ -7,7 +7,8 @@ Usage:
   python bench/large.py compare A.png B.png                                            # largest pixel difference
   python bench/large.py step --size 1024 --tile 512                                    # seconds per step
   python bench/large.py table [--record]                                               # rows so far -> RESULTS
-  python bench/large.py scan SMALL_STYLE.png LARGE_STYLE.png [--crop X Y SIDE]  # docs/large_style.jpg
+  python bench/large.py scan SMALL_STYLE.png LARGE_STYLE.png [--crop X Y SIDE] [--labels A B] [--out NAME.jpg]
+      # two prints side by side: thumbnails and a crop at full resolution (default docs/large_style.jpg)
 
 Each run is a child process (`/usr/bin/time -v nsf stylize ...`): its peak RSS is the whole process's,
 the model and torch included. Images go to bench/out/large_NAME.png; rows to bench/out/large.jsonl.
@@ -219,9 +220,9 @@ def figures(args: argparse.Namespace) -> None:
 
 
 def scan(args: argparse.Namespace) -> None:
-    """docs/large_style.jpg: two prints of one size from the same content, one from the 512 px style file and one from
-    a larger reproduction of the painting (``--style`` runs), as thumbnails and as the same crop at full resolution
-    (``--crop X Y SIDE`` in the prints' pixels, shown at 512 px)."""
+    """docs/large_style.jpg (``--out``): two prints of one size from the same content, by default one from the 512 px
+    style file and one from a larger reproduction of the painting (``--style`` runs), as thumbnails and as the same
+    crop at full resolution (``--crop X Y SIDE`` in the prints' pixels, shown at 512 px)."""
     from PIL import Image
     from refine import stack_rows
 
@@ -232,8 +233,8 @@ def scan(args: argparse.Namespace) -> None:
         thumb = im.resize((512, round(512 * im.height / im.width)), Image.Resampling.LANCZOS)
         crop = im.crop((x, y, x + side, y + side)).resize((512, 512), Image.Resampling.NEAREST)
         rows.append((f"{label}: the print at 512 px | a {side} px crop at full resolution", thumb, crop))
-    stack_rows(rows).save(REPO / "docs" / "large_style.jpg", quality=88)
-    print("wrote docs/large_style.jpg")
+    stack_rows(rows).save(REPO / "docs" / args.out, quality=88)
+    print(f"wrote docs/{args.out}")
 
 
 def main() -> None:
@@ -268,6 +269,7 @@ def main() -> None:
     fg.add_argument("--strokes", nargs=2, metavar=("PICTURE", "PIXELS"), help="two 1024 px results")
     sc = sub.add_parser("scan")
     sc.add_argument("prints", nargs=2, help="the print from the 512 px style, then the one from the larger style")
+    sc.add_argument("--out", default="large_style.jpg", help="the figure's name in docs/")
     sc.add_argument("--labels", nargs=2, default=["style 512 px", "style 1280 px"])
     sc.add_argument("--crop", type=int, nargs=3, default=[1100, 700, 256], metavar=("X", "Y", "SIDE"))
     args = ap.parse_args()

@@ -16,6 +16,9 @@ Usage:
   python bench/refine.py start --size 512 --pair chelsea:brick --style-size 256   # a print tuned at half size:
   python bench/refine.py last NAME --size 512 --pair chelsea:brick --style-size 256 --print \
       --set refine_preview_weight=1    # base_size 256, the style at 256 px; thumbnail, up close and full-size scores
+  python bench/refine.py start --size 1024 --base-size 128 --style-size 128 --content-size 128
+  python bench/refine.py last NAME --size 1024 --base-size 128 --style-size 128 --content-size 128 --print \
+      --set refine_steps=20,20,12      # a 4096 px print from 512 px images, at a quarter: 8x its base size
 
 Scores are bench/score.py's (the same network, Gram and ratios), computed one layer at a time so that a
 2048 px output scores in about 4 GB instead of 11. Rows go to bench/out/refine.jsonl.
@@ -47,31 +50,45 @@ def _pair(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def _start_path(args: argparse.Namespace) -> Path:
     small = f"_s{args.style_size}" if args.style_size else ""
+    small += f"_b{args.base_size}" if args.base_size else ""
+    small += f"_c{args.content_size}" if args.content_size else ""
     return OUT / f"refine_start_{args.pair.replace(':', '_')}_{args.size}{small}.pt"
+
+
+def _image(path: Path, side: int) -> torch.Tensor:
+    """The image at ``path``, brought down to ``side`` px long side where given and smaller (0: as it is)."""
+    from nsf.geometry import resize, target_size
+    from nsf.image import load_image, pil_to_tensor
+
+    image = pil_to_tensor(load_image(path))
+    if side and side < max(image.shape[-2:]):
+        image = resize(image, target_size(image.shape[-2], image.shape[-1], side))
+    return image
 
 
 def _style(args: argparse.Namespace, path: Path) -> torch.Tensor:
     """The style image, brought down to ``--style-size`` px long side where given (a 1024 px print from a 512 px
     style, tuned at half size: a 512 px print from a 256 px style)."""
-    from nsf.geometry import resize, target_size
-    from nsf.image import load_image, pil_to_tensor
+    return _image(path, args.style_size)
 
-    style = pil_to_tensor(load_image(path))
-    if args.style_size and args.style_size < max(style.shape[-2:]):
-        style = resize(style, target_size(style.shape[-2], style.shape[-1], args.style_size))
-    return style
+
+def _base(args: argparse.Namespace) -> dict[str, int]:
+    """``base_size``: ``--base-size``, else half the size where that is below the default 512 (a print tuned at
+    half size), else the default."""
+    if args.base_size:
+        return {"base_size": args.base_size}
+    return {"base_size": args.size // 2} if args.size // 2 < 512 else {}
 
 
 def start(args: argparse.Namespace) -> None:
     import nsf
 
-    content, style_path = _pair(args)
-    style = _style(args, style_path)
+    content_path, style_path = _pair(args)
+    content, style = _image(content_path, args.content_size), _style(args, style_path)
     model = nsf.style_fusion(device="cpu")
     t0 = time.perf_counter()
     # the default run at half the size: its own base_size when that is smaller (the base scale of the print)
-    x = model.stylize(content, style, size=args.size // 2, seed=0, as_tensor=True,
-                      **({"base_size": args.size // 2} if args.size // 2 < 512 else {}))
+    x = model.stylize(content, style, size=args.size // 2, seed=0, as_tensor=True, **_base(args))
     OUT.mkdir(parents=True, exist_ok=True)
     torch.save(x, _start_path(args))
     print(json.dumps({"start": args.size // 2, "seconds": round(time.perf_counter() - t0, 1)}))
@@ -91,13 +108,12 @@ def _options(pairs: list[str]) -> dict[str, object]:
 def last(args: argparse.Namespace) -> None:
     import nsf
     from nsf import optimize as O
-    from nsf.image import load_image, pil_to_tensor, save_png
+    from nsf.image import save_png
 
     content_path, style_path = _pair(args)
     model = nsf.style_fusion(device="cpu")
-    base = {"base_size": args.size // 2} if args.size // 2 < 512 else {}
-    cfg = model.resolve_config(size=args.size, seed=0, **{**base, **_options(args.set)})
-    content = pil_to_tensor(load_image(content_path))
+    cfg = model.resolve_config(size=args.size, seed=0, **{**_base(args), **_options(args.set)})
+    content = _image(content_path, args.content_size)
     style = _style(args, style_path)
     plan = O.schedule(content.shape[-2], content.shape[-1], cfg)
     n_steps = plan[-1][2]
@@ -119,7 +135,8 @@ def last(args: argparse.Namespace) -> None:
 
         thumb = resize(out, target_size(out.shape[-2], out.shape[-1], min(cfg.size, cfg.base_size)))
         save_png(thumb, OUT / f"refine_{args.name}_thumb.png", {"refine": args.set})
-    row = {"name": args.name, "pair": args.pair, "size": args.size, "style_size": args.style_size, "set": args.set,
+    row = {"name": args.name, "pair": args.pair, "size": args.size, "style_size": args.style_size,
+           "base_size": cfg.base_size, "content_size": args.content_size, "set": args.set,
            "steps": n_steps, "seconds": round(seconds, 1), **scores,
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
            "image": str(path.relative_to(REPO)), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -243,6 +260,10 @@ def main() -> None:
         q.add_argument("--pair", default="astronaut:starry_night")
         q.add_argument("--style-size", type=int, default=0,
                        help="bring the style down to this long side first (0: as it is)")
+        q.add_argument("--content-size", type=int, default=0,
+                       help="bring the content down to this long side first (0: as it is)")
+        q.add_argument("--base-size", type=int, default=0,
+                       help="base_size (0: half the size where that is below 512, else the default)")
     args = p.parse_args()
     {"start": start, "last": last, "rescore": rescore, "table": table, "sheet": sheet}[args.cmd](args)
 
