@@ -66,9 +66,12 @@ RGB_BYTES = 12  # one float32 RGB pixel
 # run(): image, best iterate, content at the scale, previous gradient and step, gradient; during the
 # L-BFGS update its direction's temporaries), checked against peak RSS in bench/RESULTS.md. The update's own
 # temporaries measured 5 image copies above what the loop holds (2048x2048, 4 pairs: 252 MB peak over the resident set
-# before it, /proc VmHWM, 2026-12-07): 7 held + 5 (16 counted before, 200 MB too many at 2048x2048).
-STEP_COPIES = 7
-UPDATE_COPIES = 12
+# before it, /proc VmHWM, 2026-12-07). Held: the tensors alive at a tiled step's start at 2048x2048 were the image, the
+# best iterate, the content and the previous gradient and step, five copies, and the step adds its gradient
+# (bench/resident.py: 0.512 GB with the weights, the targets and one pair, bench/RESULTS.md "memory beside the
+# tensors"): 6 held (7 before) + 5.
+STEP_COPIES = 6
+UPDATE_COPIES = 11
 # A CPU step's peak resident set against the saved-tensor model (act_bytes per pixel), measured with bench/ladder.py
 # (peak RSS of a step over the resident set before it, bf16 NHWC, 2026-12-07, bench/RESULTS.md "memory ladder"):
 # untiled 1.20x (2048x2048) and 1.23x (1024x1024); tiled 1.53x (704 px tiles) and 1.67x (512 px) of the largest
@@ -242,7 +245,10 @@ def _module_bytes(extractor: FeatureExtractor, x: torch.Tensor, params: set[int]
             if storage.data_ptr() not in params and storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 mine += storage.nbytes()
-            return t
+            # not t itself: a module's output saved as itself makes a cycle through its graph that no backward
+            # breaks here, and the whole graph outlived the measurement (0.085 GB at 256 px, in the memory in use
+            # that the run's plan then read: 0.79 instead of 0.63 GB)
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             a, _ = extractor.stage(a, i, i + 1)
