@@ -90,7 +90,7 @@ class StyleConfig:
                                          "coarsest first (the last repeats)")
     # 0.25: the full-size content term (relu4_2 at full size) holds the output to the content's own fine structure and
     # fights the style's strokes there; the composition is the preview term's. Prints 8x the base size (the style and
-    # content at 128 px, base_size 128, 1024 px: the README's 4096 px prints at a quarter) scored up close 0.17-0.18
+    # content at 128 px, base_size 128, 1024 px: the README's 4096 px prints at a quarter) scored up close 0.11-0.18
     # with 1.0 and 0.06-0.07 with 0.25 on three pairs, thumbnails within 0.004; 20 steps instead of 12 with 1.0 only
     # 0.114 -> 0.099 (bench/RESULTS.md "content at the refinement scales")
     refine_content_weight: float = _opt(0.25, "content_weight is multiplied by this in the full-size objective of the "

@@ -84,8 +84,8 @@ CPU_MARGINS = {"untiled": 1.25, "tiled": 2.45, "kept": 1.25}
 # A CPU run's resident set also grows beside its tensors and a step's buffers: oneDNN's cache of compiled kernels
 # (one per convolution shape it has run, up to 1024: every tile window shape of every scale) and heap fragments that
 # malloc_trim cannot give back. Measured at a tiled step's start after a trim, over the tensors alive then and over
-# the run's own start (bench/resident.py, 2026-12-07, bench/RESULTS.md "memory beside the tensors"): 0.17 GB at
-# 1024 px in 9 tiles, 0.31 GB at 2048 px in 36 tiles, of which the kernel cache 0.08 and 0.16 GB (the difference with
+# the run's own start (bench/resident.py, 2026-12-07, bench/RESULTS.md "memory beside the tensors"): 0.20 GB at
+# 1024 px in 16 tiles, 0.28 GB at 2048 px in 25 tiles, of which the kernel cache 0.10 and 0.17 GB (the difference with
 # ONEDNN_PRIMITIVE_CACHE_CAPACITY=0). Whole runs had peaked that much over plans without it (0.13-0.44 GB).
 CPU_RUNTIME_BYTES = 0.3e9
 # glibc serves a buffer of up to 32 MiB from its heap once one that size was freed (its largest mmap threshold) and
