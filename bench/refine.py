@@ -56,7 +56,8 @@ def _start_path(args: argparse.Namespace) -> Path:
 
 
 def _image(path: Path, side: int) -> torch.Tensor:
-    """The image at ``path``, brought down to ``side`` px long side where given and smaller (0: as it is)."""
+    """The image at ``path``, brought down to ``side`` px long side where given and smaller (0: as it is): e.g. a
+    1024 px print from a 512 px style, tuned at half size, is a 512 px print from a 256 px style (``--style-size``)."""
     from nsf.geometry import resize, target_size
     from nsf.image import load_image, pil_to_tensor
 
@@ -64,12 +65,6 @@ def _image(path: Path, side: int) -> torch.Tensor:
     if side and side < max(image.shape[-2:]):
         image = resize(image, target_size(image.shape[-2], image.shape[-1], side))
     return image
-
-
-def _style(args: argparse.Namespace, path: Path) -> torch.Tensor:
-    """The style image, brought down to ``--style-size`` px long side where given (a 1024 px print from a 512 px
-    style, tuned at half size: a 512 px print from a 256 px style)."""
-    return _image(path, args.style_size)
 
 
 def _base(args: argparse.Namespace) -> dict[str, int]:
@@ -84,7 +79,7 @@ def start(args: argparse.Namespace) -> None:
     import nsf
 
     content_path, style_path = _pair(args)
-    content, style = _image(content_path, args.content_size), _style(args, style_path)
+    content, style = _image(content_path, args.content_size), _image(style_path, args.style_size)
     model = nsf.style_fusion(device="cpu")
     t0 = time.perf_counter()
     # the default run at half the size: its own base_size when that is smaller (the base scale of the print)
@@ -113,8 +108,7 @@ def last(args: argparse.Namespace) -> None:
     content_path, style_path = _pair(args)
     model = nsf.style_fusion(device="cpu")
     cfg = model.resolve_config(size=args.size, seed=0, **{**_base(args), **_options(args.set)})
-    content = _image(content_path, args.content_size)
-    style = _style(args, style_path)
+    content, style = _image(content_path, args.content_size), _image(style_path, args.style_size)
     plan = O.schedule(content.shape[-2], content.shape[-1], cfg)
     n_steps = plan[-1][2]
     x0 = torch.load(_start_path(args), weights_only=True)

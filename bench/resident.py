@@ -64,10 +64,12 @@ def main() -> None:
     content, style = (pil_to_tensor(load_image(IMAGES / f"{n}.jpg")) for n in args.pair.split(":"))
     gc.collect()
     release_host_memory(torch.device("cpu"))
+    start = round(resident_gb(), 3), round(tensor_gb(), 3)
     row: dict[str, object] = {"size": args.size, "max_memory": args.max_memory, "short": args.short,
                               "onednn_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default"),
-                              "start_gb": round(resident_gb(), 3), "start_tensors_gb": round(tensor_gb(), 3)}
+                              "start_gb": start[0], "start_tensors_gb": start[1]}
     steps = [0]
+    at_step: list[float] = []  # resident set, tensors alive at the step
     value_and_grad = objective.Objective.value_and_grad
 
     def counted(self: objective.Objective, x: torch.Tensor, *a: object, **k: object) -> object:
@@ -76,7 +78,8 @@ def main() -> None:
             if steps[0] == 2:  # the first step has run: its tiles' kernels are compiled, its buffers freed
                 gc.collect()
                 release_host_memory(x.device)
-                row.update(step_gb=round(resident_gb(), 3), step_tensors_gb=round(tensor_gb(), 3), tiles=self.tiles)
+                at_step[:] = round(resident_gb(), 3), round(tensor_gb(), 3)
+                row.update(step_gb=at_step[0], step_tensors_gb=at_step[1], tiles=self.tiles)
                 raise Reached
         return value_and_grad(self, x, *a, **k)
 
@@ -86,8 +89,7 @@ def main() -> None:
                   **({"steps": 20, "refine_steps": (2, 4)} if args.short else {}))
         row["error"] = "no tiled scale at this size and budget"
     except Reached:
-        row["beside_tensors_gb"] = round(float(row["step_gb"]) - float(row["step_tensors_gb"])  # type: ignore[arg-type]
-                                         - (float(row["start_gb"]) - float(row["start_tensors_gb"])), 3)  # type: ignore[arg-type]
+        row["beside_tensors_gb"] = round(at_step[0] - at_step[1] - (start[0] - start[1]), 3)
     print(json.dumps(row), flush=True)
 
 
