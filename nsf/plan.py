@@ -551,10 +551,11 @@ def plan(costs: Costs, cfg: StyleConfig, content: tuple[int, int], *, batch: int
     """Plan a run of ``cfg`` on a ``content`` = ``(H, W)`` image (``batch`` of them) within ``budget`` bytes.
 
     Each scale runs untiled where it fits; else tiled, with the largest tile that fits next to the
-    full L-BFGS history, or, where that tile would be under ``GOOD_TILE`` px, next to fewer pairs.
+    full L-BFGS history, or, where that tile would be under ``GOOD_TILE`` px, next to the most pairs that leave room
+    for one.
     Raises :class:`PlanError` naming the largest ``size`` that fits when no tile fits at all.
-    A style loss that cannot tile (:attr:`nsf.style_losses.StyleLoss.tiles`) runs its scales untiled with fewer
-    pairs if need be, and raises a :class:`~nsf.errors.ConfigError` on ``style_loss`` (naming the losses that tile)
+    A style loss that cannot tile (:attr:`nsf.style_losses.StyleLoss.tiles`) runs its scales untiled, with the most
+    pairs that fit, and raises a :class:`~nsf.errors.ConfigError` on ``style_loss`` (naming the losses that tile)
     when even one pair does not fit.
     ``masks``: the run's content masks (regional styles), whose image-sized copies count (``MASK_BYTES``).
     """
@@ -600,7 +601,7 @@ def _rung(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, preview_
     """The cheapest way to run a scale within ``budget``: ``(tile, L-BFGS pairs, cut)``. Untiled with ``want`` pairs
     where it fits; else each cut's largest tile next to ``want`` pairs (on a CPU also its largest tile without page
     faults, ``Costs.faults``), ranked by the step's cost; fewer pairs only where no tile of ``GOOD_TILE`` px fits,
-    then the most pairs next to which one does.
+    then the most pairs next to which one does. A loss that cannot tile: untiled with the most pairs that fit.
     ``None`` when not even one pair and the smallest tile fit."""
     align = costs.geometry.align
 
@@ -608,17 +609,15 @@ def _rung(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, preview_
         return budget is None or \
             _scale_peak(costs, batch, hw, style_px, tile, m, in_use, masks, cut, preview_px) <= budget
 
-    choice: tuple[tuple[int, int] | None, int, int | None] | None = (None, want, None) if fits(None, want) \
-        else None
-    m = want
-    while choice is None and not loss.tiles:
-        if m == 1:
+    if fits(None, want):
+        return None, want, None
+    if not loss.tiles:
+        # untiled with the most pairs that fit, as a tiled scale keeps the most that leave room for a good tile
+        most = largest(lambda m: fits(None, m), 1, want - 1)
+        if most is None:
             raise loss.tiling_refusal(f"does not fit max_memory={format_bytes(budget or 0)} at {hw[1]}x{hw[0]} "
                                       "untiled (a step would run tile by tile)")
-        m = max(1, m // 2)
-        choice = (None, m, None) if fits(None, m) else None
-    if choice is not None:
-        return choice
+        return None, most, None
 
     def best_tile(m: int) -> tuple[tuple[int, int], int, int | None] | None:
         """The cheapest tile and cut next to ``m`` pairs: each cut's largest tile, ranked by the step's cost

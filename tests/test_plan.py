@@ -108,14 +108,17 @@ def test_a_budget_too_small_for_any_tile_names_the_largest_size_that_fits(costs)
 
 
 def test_sliced_runs_untiled_with_fewer_pairs_or_is_refused(model):
-    """The sliced loss sorts over the whole image: the planner gives up L-BFGS pairs rather than tile it, and
-    refuses it (a ConfigError on style_loss naming the losses that tile) where even one pair does not fit; the
-    same budget tiles the mean-covariance loss."""
+    """The sliced loss sorts over the whole image: the planner gives up L-BFGS pairs rather than tile it (the most
+    that fit), and refuses it (a ConfigError on style_loss naming the losses that tile) where even one pair does not
+    fit; the same budget tiles the mean-covariance loss."""
     cfg = make_config(size=2048, base_size=2048, scales=(1.0,), scale_steps=(1.0,), steps=40, style_loss="sliced")
     costs = model.costs(cfg)
     free = P.plan(costs, cfg, (2048, 2048), budget=None, in_use=GB)
-    squeezed = P.plan(costs, cfg, (2048, 2048), budget=free.peak_bytes - 2 * GB, in_use=GB)
+    budget = free.peak_bytes - GB
+    squeezed = P.plan(costs, cfg, (2048, 2048), budget=budget, in_use=GB)
     assert not squeezed.tiled and squeezed.scales[-1].history < free.scales[-1].history
+    # the most pairs that fit: one more (two image-sized copies) would not
+    assert squeezed.peak_bytes <= budget < squeezed.peak_bytes + 2 * P.RGB_BYTES * 2048 * 2048
     with pytest.raises(ConfigError) as e:
         P.plan(costs, cfg, (2048, 2048), budget=4 * GB, in_use=GB)
     assert not isinstance(e.value, PlanError)
