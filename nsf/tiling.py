@@ -363,14 +363,18 @@ class TiledFeatures:
     def backward(self, images: Tensor, d_grams: Mapping[str, Tensor], d_content: Mapping[str, Tensor],
                  content: Mapping[str, Tensor], norm: str = "chw",
                  on_tile: Callable[[int, int], None] | None = None,
-                 d_means: Mapping[str, Tensor] | None = None, graphs: Sequence[tuple[Tensor, Sums]] = ()
-                 ) -> tuple[Tensor, dict[str, Tensor]]:
+                 d_means: Mapping[str, Tensor] | None = None, graphs: Sequence[tuple[Tensor, Sums]] = (),
+                 into: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Pass 2: the gradient of a loss of the whole-image sums, given its derivatives ``d_grams``
         (``(B, C, C)`` per layer), ``d_content`` (``(B,)`` per layer) and ``d_means`` (``(B, C)`` per layer) with
         respect to them. ``graphs``: pass 1's kept deep parts (:meth:`sums` with ``graph=True``), one per tile:
         each tile then recomputes only the modules before the cut.
 
-        Returns ``(B, 3, H, W)``: each tile's gradient of ``sum(d * its share)``, added over the tiles; and the
+        ``into``: a gradient of the images' shape the tiles' are added to, in place (the pixel terms' of a refinement
+        scale: one image-sized buffer, not two, while the tiles run).
+
+        Returns ``(B, 3, H, W)``: each tile's gradient of ``sum(d * its share)``, added over the tiles (into
+        ``into``, if given); and the
         whole-image content MSEs ``{layer: (B,)}`` of the ``d_content`` layers this pass computed (with ``graphs``
         those before the cut), as :meth:`sums` adds them up: a pass 1 that does not read the content layers leaves
         them to this pass.
@@ -378,7 +382,7 @@ class TiledFeatures:
         # what ran since pass 1 (the loss of the sums; a refinement scale's preview term, a forward+backward at the
         # base size) left its buffers in the C heap: pass 2's tiles start without them
         release_host_memory(images.device)
-        grad = torch.zeros_like(images)
+        grad = torch.zeros_like(images) if into is None else into
         mse: dict[str, Tensor] = {}
         d_means = d_means or {}
         if graphs and len(graphs) != len(self.tiles):

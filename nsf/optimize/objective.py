@@ -243,11 +243,13 @@ class Objective(nn.Module):
         k, g = len(leaves_c), len(leaves_g)
         d_content, d_grams = dict(zip(leaves_c, d[:k])), dict(zip(leaves_g, d[k:k + g]))
         d_means = dict(zip(leaves_m, d[k + g:k + g + len(leaves_m)]))
+        # the pixel terms' gradient (the preview term's) is the buffer pass 2 adds its tiles into (dense: autograd
+        # may hand back an expanded one)
+        pixels = d[-1].contiguous() if self._reads_pixels else None
+        del d
         grad, mse = self.tiled.backward(x, d_grams, d_content, self.content_targets, self.gram_norm, on_tile,
-                                        d_means=d_means, graphs=sums.graphs)
+                                        d_means=d_means, graphs=sums.graphs, into=pixels)
         sums.graphs.clear()
-        if self._reads_pixels:
-            grad += d[-1]
         loss = loss.detach()
         if not kept:  # the content terms, from the MSEs pass 2 summed
             content = cast(Tensor, sum(d_content[n] * mse[n] for n in self.content_w))
