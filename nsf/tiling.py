@@ -370,14 +370,13 @@ class TiledFeatures:
         respect to them. ``graphs``: pass 1's kept deep parts (:meth:`sums` with ``graph=True``), one per tile:
         each tile then recomputes only the modules before the cut.
 
-        ``into``: a gradient of the images' shape the tiles' are added to, in place (the pixel terms' of a refinement
-        scale: one image-sized buffer, not two, while the tiles run).
+        ``into``: a gradient of the images' shape that the tiles' gradients are added to, in place (a refinement
+        scale's pixel terms': one image-sized buffer, not two, while the tiles run).
 
-        Returns ``(B, 3, H, W)``: each tile's gradient of ``sum(d * its share)``, added over the tiles (into
-        ``into``, if given); and the
-        whole-image content MSEs ``{layer: (B,)}`` of the ``d_content`` layers this pass computed (with ``graphs``
-        those before the cut), as :meth:`sums` adds them up: a pass 1 that does not read the content layers leaves
-        them to this pass.
+        Returns ``(B, 3, H, W)``: each tile's gradient of ``sum(d * its share)``, added over the tiles (into ``into``
+        where given); and the whole-image content MSEs ``{layer: (B,)}`` of the ``d_content`` layers this pass
+        computed (with ``graphs`` those before the cut), as :meth:`sums` adds them up: a pass 1 that does not read the
+        content layers leaves them to this pass.
         """
         # what ran since pass 1 (the loss of the sums; a refinement scale's preview term, a forward+backward at the
         # base size) left its buffers in the C heap: pass 2's tiles start without them
