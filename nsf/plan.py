@@ -619,6 +619,7 @@ def _rung(costs: Costs, batch: int, hw: tuple[int, int], style_px: int, preview_
                                       "untiled (a step would run tile by tile)")
         return None, most, None
 
+    @functools.cache  # the search for fewer pairs below asks again for the count it settles on
     def best_tile(m: int) -> tuple[tuple[int, int], int, int | None] | None:
         """The cheapest tile and cut next to ``m`` pairs: each cut's largest tile, ranked by the step's cost
         (halos, pass 1, the recompute), among those of ``GOOD_TILE`` px (any tile with one pair)."""
